@@ -1,0 +1,112 @@
+"""Caption phrasings for the shapes dataset.
+
+Training captions come from a small grammar (many word orders, synonyms and
+frames).  The *unseen* phrasings used by the yardstick come from templates and
+synonyms that the training grammar never produces, so accuracy on them
+measures whether the model follows plain English rather than memorised
+wording.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from .shapes import Scene
+
+TRAIN_SIZE = {"small": ("small", "little"), "large": ("large", "big")}
+TRAIN_BACKGROUND = {"gray": ("gray", "grey")}
+TRAIN_POSITION = {
+    "top left": ("top left", "top-left", "upper left"),
+    "top": ("top", "top center", "top middle", "upper middle"),
+    "top right": ("top right", "top-right", "upper right"),
+    "left": ("left", "middle left", "left side"),
+    "center": ("center", "centre", "middle"),
+    "right": ("right", "middle right", "right side"),
+    "bottom left": ("bottom left", "bottom-left", "lower left"),
+    "bottom": ("bottom", "bottom center", "bottom middle", "lower middle"),
+    "bottom right": ("bottom right", "bottom-right", "lower right"),
+}
+# Frames for a position phrase ({p}) and a background phrase ({b}).
+TRAIN_POS_FRAMES = ("in the {p}", "at the {p}", "at the {p} of the image", "{p}")
+TRAIN_BG_FRAMES = ("on a {b} background", "{b} background", "against a {b} background",
+                   "with a {b} background")
+# {obj} is "<size> <colour> <shape>" in some order; {pos} and {bg} are framed phrases.
+TRAIN_TEMPLATES = (
+    "a {obj} {pos} {bg}",
+    "{obj}, {pos}, {bg}",
+    "{bg}, {obj} {pos}",
+    "a {colour} {shape}, {size}, {pos} {bg}",
+    "{size} {colour} {shape} {pos}, {bg}",
+    "a {colour} {shape} ({size}) {pos}, {bg}",
+    "an image of a {obj} {pos} {bg}",
+)
+
+UNSEEN_SIZE = {"small": ("small", "tiny"), "large": ("large", "huge")}
+UNSEEN_POSITION = {
+    "top left": ("upper-left corner", "top left corner"),
+    "top": ("top edge", "top"),
+    "top right": ("upper-right corner", "top right corner"),
+    "left": ("left edge", "left"),
+    "center": ("very center", "center"),
+    "right": ("right edge", "right"),
+    "bottom left": ("lower-left corner", "bottom left corner"),
+    "bottom": ("bottom edge", "bottom"),
+    "bottom right": ("lower-right corner", "bottom right corner"),
+}
+UNSEEN_TEMPLATES = (
+    "there is a {size} {colour} {shape} located in the {pos} area, and the backdrop is {bg}",
+    "{bg} canvas; one {size} {colour} {shape} placed near the {pos}",
+    "picture of a {colour} {shape} that is {size}, sitting in the {pos}, over {bg}",
+    "draw one {colour} {shape}, make it {size}, put it in the {pos}, fill the rest with {bg}",
+    "the whole image is {bg} except for a {size} {colour} {shape} toward the {pos}",
+    "{size} {shape} painted {colour}, positioned {pos}, on plain {bg}",
+)
+
+
+def _pick(rng: np.random.Generator, options: tuple[str, ...]) -> str:
+    return options[rng.integers(len(options))]
+
+
+def _tidy(text: str) -> str:
+    text = re.sub(r"\s+", " ", text)
+    text = re.sub(r"\s+([,;)])", r"\1", text)
+    text = re.sub(r"([,;])(?=[,;])", "", text)
+    text = re.sub(r"\b([aA]) (?=[aeiou])", r"\1n ", text)
+    return text.strip(" ,;")
+
+
+def train_caption(scene: Scene, rng: np.random.Generator, omit_prob: float = 0.0) -> str:
+    """One training caption; with omit_prob, drop one attribute (valid per the spec)."""
+    size = _pick(rng, TRAIN_SIZE[scene.size])
+    bg_word = _pick(rng, TRAIN_BACKGROUND.get(scene.background, (scene.background,)))
+    pos = _pick(rng, TRAIN_POS_FRAMES).format(p=_pick(rng, TRAIN_POSITION[scene.position]))
+    bg = _pick(rng, TRAIN_BG_FRAMES).format(b=bg_word)
+    parts = {"size": size, "colour": scene.colour, "shape": scene.shape, "pos": pos, "bg": bg}
+    if omit_prob and rng.random() < omit_prob:
+        dropped = _pick(rng, ("size", "colour", "pos", "bg"))
+        parts[dropped] = ""
+        if dropped in ("size", "colour"):
+            parts["shape"] = scene.shape
+    words = [parts["size"], parts["colour"]]
+    if rng.random() < 0.3:
+        words.reverse()
+    obj = " ".join([*words, parts["shape"]])
+    text = _pick(rng, TRAIN_TEMPLATES).format(obj=obj, **parts)
+    return _tidy(text.replace("( ) ", "").replace("()", ""))
+
+
+def unseen_caption(scene: Scene, rng: np.random.Generator) -> str:
+    """A caption in wording the training grammar never produces."""
+    size = _pick(rng, UNSEEN_SIZE[scene.size])
+    pos = _pick(rng, UNSEEN_POSITION[scene.position])
+    template = _pick(rng, UNSEEN_TEMPLATES)
+    return _tidy(template.format(size=size, colour=scene.colour, shape=scene.shape,
+                                 pos=pos, bg=scene.background))
+
+
+def canonical_caption(scene: Scene) -> str:
+    """The spec's first example phrasing; used as the default prompt form."""
+    return (f"a {scene.size} {scene.colour} {scene.shape} in the {scene.position} "
+            f"on a {scene.background} background")

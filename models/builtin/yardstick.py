@@ -1,0 +1,127 @@
+"""The built-in model's quality yardstick: prompt accuracy and Frechet distance.
+
+Prompts come in two sets: "seen" (phrased by the training grammar) and
+"unseen" (templates and synonyms the training grammar never produces).
+Generated images are read by the attribute classifier; FD compares classifier
+features of generated images with renders of the same prompts' scenes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import torch
+from scipy import linalg
+
+from .captions import train_caption, unseen_caption
+from .classifier import AttributeClassifier, load_classifier
+from .shapes import ATTRIBUTES, Scene, render, sample_scene, to_tensor
+
+PROMPT_SEED = 20261128
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    name: str
+    prompts: tuple[str, ...]
+    scenes: tuple[Scene, ...]
+    seeds: tuple[int, ...]
+
+    @cached_property
+    def labels(self) -> np.ndarray:
+        return np.array([[s.labels()[a] for a in ATTRIBUTES] for s in self.scenes])
+
+
+def prompt_set(name: str, n: int, seed: int = PROMPT_SEED) -> PromptSet:
+    """The fixed evaluation prompts: `seen` or `unseen` phrasings of random scenes."""
+    phrase = {"seen": train_caption, "unseen": unseen_caption}[name]
+    offset = {"seen": 0, "unseen": 1}[name]
+    rng = np.random.default_rng([seed, offset])
+    scenes = tuple(sample_scene(rng) for _ in range(n))
+    prompts = tuple(phrase(s, rng) for s in scenes)
+    seeds = tuple(int(seed % 100000) * 10 + offset * 100000 + i for i in range(n))
+    return PromptSet(name, prompts, scenes, seeds)
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
+    root = root.real
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
+
+
+class Yardstick:
+    def __init__(self, classifier: AttributeClassifier | None = None) -> None:
+        self.classifier = classifier or load_classifier()
+
+    @torch.inference_mode()
+    def read(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (N, H, W, 3) -> (predicted labels (N, 5), features (N, F))."""
+        preds, feats = [], []
+        for i in range(0, len(images), 512):
+            logits, f = self.classifier(to_tensor(images[i:i + 512]))
+            preds.append(torch.stack([logits[a].argmax(-1) for a in ATTRIBUTES], 1))
+            feats.append(f)
+        return torch.cat(preds).numpy(), torch.cat(feats).double().numpy()
+
+    def accuracy(self, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+        """Per-attribute and all-five prompt accuracy, in percent."""
+        pred, _ = self.read(images)
+        hit = pred == labels
+        out = {a: 100.0 * float(hit[:, i].mean()) for i, a in enumerate(ATTRIBUTES)}
+        out["all_five"] = 100.0 * float(hit.all(1).mean())
+        return out
+
+    def reference_features(self, scenes: tuple[Scene, ...], copies: int = 4,
+                           seed: int = 1) -> np.ndarray:
+        """Features of fresh renders (new jitter) of the given scenes' attributes."""
+        rng = np.random.default_rng(seed)
+        fresh = [sample_scene(rng, shape=s.shape, colour=s.colour, background=s.background,
+                              size=s.size, position=s.position)
+                 for s in scenes for _ in range(copies)]
+        return self.read(render(fresh, self.classifier.cfg.image_size))[1]
+
+    def fd(self, images: np.ndarray, scenes: tuple[Scene, ...]) -> float:
+        return frechet_distance(self.read(images)[1], self.reference_features(scenes))
+
+
+@dataclass(frozen=True)
+class EvalRow:
+    steps: int
+    prompt_set: str
+    accuracy: dict[str, float]
+    fd: float
+    images_per_s: float
+
+
+def evaluate(pipeline, yardstick: Yardstick, steps_list: tuple[int, ...] = (1, 2, 4, 8, 16, 32),
+             n: int = 200, guidance: float | None = None, sampler: str = "euler",
+             sets: tuple[str, ...] = ("seen", "unseen"), max_batch: int = 64,
+             with_fd: bool = True) -> list[EvalRow]:
+    """Generate each prompt set at each step count and score it."""
+    rows = []
+    for name in sets:
+        ps = prompt_set(name, n)
+        for steps in steps_list:
+            images, seconds = pipeline.timed_generate(ps.prompts, ps.seeds, steps=steps,
+                                                      guidance=guidance, sampler=sampler,
+                                                      max_batch=max_batch)
+            fd = yardstick.fd(images, ps.scenes) if with_fd else float("nan")
+            rows.append(EvalRow(steps, name, yardstick.accuracy(images, ps.labels), fd,
+                                len(images) / seconds))
+    return rows
+
+
+def format_table(rows: list[EvalRow]) -> str:
+    head = ["set", "steps", "shape", "colour", "bg", "size", "pos", "all-five", "FD", "img/s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        a = r.accuracy
+        cells = [r.prompt_set, str(r.steps), *(f"{a[k]:.1f}" for k in
+                 ("shape", "colour", "background", "size", "position", "all_five")),
+                 f"{r.fd:.2f}", f"{r.images_per_s:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

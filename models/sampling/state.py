@@ -1,0 +1,134 @@
+"""Per-request sampler state and the batched step over many such states.
+
+Why not diffusers' schedulers: they keep one trajectory's position in the
+scheduler object (`_step_index`), so one instance cannot advance requests that
+sit at different steps in one batch.  Here each request carries its own state
+and the step functions are pure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from ..builtin.text import TextBatch
+from .flow import apply_guidance, euler_step, predict_x0
+from .schedules import flow_timesteps
+
+# v = denoiser(x, t, d, text): one batched forward; members may differ in t, d and text.
+Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, TextBatch], torch.Tensor]
+
+SAMPLERS = ("euler", "flow-euler")
+
+
+@dataclass(frozen=True)
+class SamplerState:
+    """One request's trajectory.  `x` is (C, H, W); times run 1 -> 0."""
+
+    x: torch.Tensor
+    times: tuple[float, ...]
+    cond: TextBatch
+    uncond: TextBatch
+    guidance: float = 1.0
+    sampler: str = "euler"
+    step: int = 0
+    x0: torch.Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if len(self.times) < 2 or any(a <= b for a, b in zip(self.times, self.times[1:])):
+            raise ValueError("times must decrease and hold at least two entries")
+        if len(self.cond) != 1 or len(self.uncond) != 1:
+            raise ValueError("cond and uncond hold exactly one prompt each")
+
+    @property
+    def steps(self) -> int:
+        return len(self.times) - 1
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.steps
+
+    @property
+    def t(self) -> float:
+        return self.times[self.step]
+
+    @property
+    def t_next(self) -> float:
+        return self.times[self.step + 1]
+
+    @property
+    def d(self) -> float:
+        """Step size the shortcut model is conditioned on; 0 asks for the plain velocity."""
+        return self.t - self.t_next if self.sampler == "euler" else 0.0
+
+    @property
+    def uses_guidance(self) -> bool:
+        return self.guidance != 1.0
+
+
+def initial_noise(seed: int, shape: Sequence[int]) -> torch.Tensor:
+    """Seeded on the CPU so a seed gives the same image on every device."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def init_state(seed: int, steps: int, cond: TextBatch, uncond: TextBatch, *,
+               shape: Sequence[int], guidance: float = 1.0, sampler: str = "euler",
+               time_shift: float = 1.0) -> SamplerState:
+    return SamplerState(x=initial_noise(seed, shape),
+                        times=tuple(flow_timesteps(steps, time_shift)),
+                        cond=cond, uncond=uncond, guidance=guidance, sampler=sampler)
+
+
+def guided_velocity(denoiser: Denoiser, states: Sequence[SamplerState],
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+    """One denoiser forward for all states: conditional rows for every state plus
+    unconditional rows only for the states that use guidance."""
+    guided = [i for i, s in enumerate(states) if s.uses_guidance]
+    rows = list(states) + [states[i] for i in guided]
+    x = torch.stack([s.x for s in rows]).to(device)
+    t = torch.tensor([s.t for s in rows], device=device)
+    d = torch.tensor([s.d for s in rows], device=device)
+    text = TextBatch.cat([s.cond for s in states] + [states[i].uncond for i in guided])
+    v = denoiser(x, t, d, text.to(device)).float().cpu()
+    out = v[:len(states)].clone()
+    if guided:
+        scale = torch.tensor([states[i].guidance for i in guided])
+        out[guided] = apply_guidance(out[guided], v[len(states):], scale)
+    return out
+
+
+def advance(state: SamplerState, v: torch.Tensor) -> SamplerState:
+    """Pure: the state after one Euler step with velocity v (C, H, W)."""
+    t = torch.tensor([state.t])
+    t_next = torch.tensor([state.t_next])
+    x = state.x.unsqueeze(0)
+    v = v.unsqueeze(0)
+    return replace(state, x=euler_step(x, v, t, t_next)[0], step=state.step + 1,
+                   x0=predict_x0(x, v, t)[0])
+
+
+def step_batch(denoiser: Denoiser, states: Sequence[SamplerState],
+               device: torch.device | str = "cpu") -> list[SamplerState]:
+    """Advance every (unfinished) state by one step with ONE batched forward."""
+    if any(s.done for s in states):
+        raise ValueError("cannot step a finished state")
+    v = guided_velocity(denoiser, states, device)
+    return [advance(s, v[i]) for i, s in enumerate(states)]
+
+
+def run_to_completion(denoiser: Denoiser, states: Sequence[SamplerState],
+                      max_batch: int = 64, device: torch.device | str = "cpu"
+                      ) -> list[SamplerState]:
+    """Step-level batching in its simplest form: every iteration batches the
+    unfinished states (they may be at different steps); finished ones leave."""
+    states = list(states)
+    while True:
+        todo = [i for i, s in enumerate(states) if not s.done][:max_batch]
+        if not todo:
+            return states
+        for i, s in zip(todo, step_batch(denoiser, [states[i] for i in todo], device)):
+            states[i] = s

@@ -1,0 +1,3 @@
+"""stepserve: an inference server for few-step and quantized diffusion models."""
+
+__version__ = "0.1.0"

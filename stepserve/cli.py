@@ -1,0 +1,34 @@
+"""The `stepserve` console script: one parser, one module per sub-command."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# sub-command -> module under stepserve.commands (imported lazily: torch is slow to import)
+COMMANDS = {
+    "generate": "generate",
+    "train-builtin": "train_builtin",
+    "eval": "evaluate",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stepserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, module in COMMANDS.items():
+        mod = importlib.import_module(f"stepserve.commands.{module}")
+        p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
+        mod.add_arguments(p)
+        p.set_defaults(run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
