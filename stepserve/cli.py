@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # sub-command -> module under stepserve.commands (imported lazily: torch is slow to import)
 COMMANDS = {
+    "serve": "serve",
     "generate": "generate",
     "train-builtin": "train_builtin",
     "eval": "evaluate",
@@ -26,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # On small shared CPUs, OpenMP threads that spin at barriers slow torch ~5x as soon
+    # as any other process wants a core; sleeping waits cost little when uncontended.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     return int(args.run(args) or 0)
 

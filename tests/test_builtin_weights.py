@@ -3,6 +3,7 @@ and generated images follow their prompts."""
 
 import numpy as np
 import pytest
+
 from stepserve.models.builtin.classifier import accuracy_on_renders, load_classifier
 from stepserve.models.builtin.pipeline import DIT_PATH, load_dit
 from stepserve.models.builtin.shapes import render, sample_scene

@@ -1,6 +1,7 @@
 import re
 
 import numpy as np
+
 from stepserve.models.builtin.captions import (
     TRAIN_BACKGROUND,
     TRAIN_POSITION,

@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from stepserve.models.builtin.dit import DiT, DiTConfig
 from stepserve.models.builtin.text import TextBatch
 from stepserve.models.sampling.flow import apply_guidance, euler_step, predict_x0

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+
 from stepserve.models.builtin.shapes import (
     BACKGROUNDS,
     PALETTE,

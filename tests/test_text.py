@@ -1,4 +1,5 @@
 import torch
+
 from stepserve.models.builtin.text import TextBatch
 
 

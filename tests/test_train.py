@@ -1,6 +1,7 @@
 """Training is seeded and resumable: a run split in two equals one uninterrupted run."""
 
 import torch
+
 from stepserve.models.builtin.dit import DiTConfig
 from stepserve.models.builtin.train import TrainConfig, lr_at, train
 

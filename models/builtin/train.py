@@ -34,7 +34,7 @@ from .text import TextBatch, TextEncoder
 
 @dataclass
 class TrainConfig:
-    steps: int = 7000
+    steps: int = 6000
     batch: int = 128
     lr: float = 6e-4
     warmup: int = 250
@@ -172,7 +172,11 @@ def train(cfg: TrainConfig, run_dir: Path, out: Path | None = None,
     else:
         fit_pooled_stats(state.model, pool)
         fit_pooled_stats(state.ema, pool)
-    log = (run_dir / "log.jsonl").open("a")
+    log_path = run_dir / "log.jsonl"
+    kept = [line for line in (log_path.read_text().splitlines() if log_path.exists() else [])
+            if json.loads(line)["step"] <= state.step]  # drop steps lost since the checkpoint
+    log_path.write_text("".join(line + "\n" for line in kept))
+    log = log_path.open("a")
     bar = tqdm(total=cfg.steps, initial=state.step, desc="train-builtin", mininterval=10)
     started = time.perf_counter()
     while state.step < cfg.steps:

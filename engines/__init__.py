@@ -1,0 +1,1 @@
+"""Engines run one batched denoiser forward; the scheduler decides what goes in it."""

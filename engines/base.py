@@ -1,0 +1,41 @@
+"""The engine interface the scheduler drives: encode text, one batched forward, decode."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from stepserve.models.builtin.text import TextBatch
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    engine: str  # registry name, e.g. "torch"
+    model: str  # served model name
+    precision: str
+    device: str
+    image_shape: tuple[int, int, int]  # (C, H, W) of one sample
+    time_shift: float
+    default_steps: int
+    default_guidance: float
+
+
+@runtime_checkable
+class Engine(Protocol):
+    info: EngineInfo
+
+    def encode(self, prompts: list[str]) -> TextBatch:
+        """Batched, cached text encoding."""
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, d: torch.Tensor,
+                text: TextBatch) -> torch.Tensor:
+        """ONE forward for a batch whose members may be at different t / d / prompts."""
+
+    def decode(self, x: torch.Tensor) -> np.ndarray:
+        """Model samples (N, C, H, W) -> uint8 RGB images (N, H, W, 3)."""
+
+    def warmup(self, batch_sizes: tuple[int, ...]) -> None:
+        """Run representative forwards so the first request pays no start-up cost."""

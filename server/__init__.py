@@ -1,0 +1,1 @@
+"""The serving side: HTTP API, scheduler, settings, metrics."""

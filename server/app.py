@@ -1,0 +1,84 @@
+"""The FastAPI application: health, readiness, models, metrics, files, playground."""
+
+from __future__ import annotations
+
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .errors import (
+    APIError,
+    api_error_handler,
+    error_response,
+    http_error_handler,
+    validation_error_handler,
+)
+from .generation import router as generation_router
+from .runtime import EngineBuilder, Runtime, build_engine
+from .settings import Settings
+
+PLAYGROUND = Path(__file__).resolve().parent / "static" / "playground.html"
+
+
+def create_app(settings: Settings | None = None, builder: EngineBuilder = build_engine,
+               load_in_background: bool = True) -> FastAPI:
+    settings = settings or Settings()
+    runtime = Runtime(settings, builder)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        runtime.start(background=load_in_background)
+        yield
+        runtime.shutdown()  # uvicorn has stopped intake; finish what is in flight
+
+    app = FastAPI(title="stepserve", lifespan=lifespan)
+    app.state.runtime = runtime
+    app.add_exception_handler(APIError, api_error_handler)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)
+    app.include_router(generation_router)
+    started = int(time.time())
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        if runtime.ready:
+            return JSONResponse({"status": "ready", "model": settings.model})
+        if runtime.error:
+            return error_response(503, f"model failed to load: {runtime.error}", None,
+                                  "load_failed")
+        return error_response(503, "model is loading", None, "not_ready",
+                              {"Retry-After": "5"})
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list",
+                "data": [{"id": settings.model, "object": "model", "created": started,
+                          "owned_by": "stepserve"}]}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(runtime.metrics.registry),
+                        media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/images/files/{key}")
+    async def image_file(key: str) -> Response:
+        item = runtime.store.get(key)
+        if item is None:
+            raise APIError(404, "image not found or expired", "key", "not_found")
+        return Response(item.data, media_type=item.content_type)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def playground(_: Request) -> HTMLResponse:
+        return HTMLResponse(PLAYGROUND.read_text())
+
+    return app

@@ -1,0 +1,214 @@
+"""POST /v1/images/generations: validate, submit to the core loop, answer or stream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from sse_starlette.sse import EventSourceResponse
+
+from .errors import APIError, error_body
+from .images import CONTENT_TYPES, b64, encode_image
+from .protocol import SIZE_RE, ImageData, ImageGenerationRequest, ImagesResponse, usage_for
+from .runtime import Runtime
+from .scheduler.core import QueueFull
+from .scheduler.events import Completed, Event, Failed, Preview
+from .scheduler.loop import Handle, ShuttingDown
+from .scheduler.request import GenerationParams
+
+router = APIRouter()
+MAX_UPSCALE = 16
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """How finished images are returned."""
+
+    response_format: str
+    output_format: str
+    compression: int | None
+    size: str
+    upscale: int
+
+
+def runtime_of(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+def resolve(body: ImageGenerationRequest, rt: Runtime) -> tuple[GenerationParams, OutputSpec]:
+    """Checks that need the server's settings and model; each error names its field."""
+    s, info = rt.settings, rt.engine.info  # type: ignore[union-attr]
+    if body.model is not None and body.model != s.model:
+        raise APIError(404, f"model {body.model!r} is not served here; available: {s.model!r}",
+                       "model", "model_not_found")
+    _, h, w = info.image_shape
+    upscale = 1
+    if body.size not in (None, "auto"):
+        m = SIZE_RE.match(body.size)
+        assert m is not None
+        width, height = int(m.group(1)), int(m.group(2))
+        if width != height or width % w or not 1 <= width // w <= MAX_UPSCALE:
+            raise APIError(400, f"size {body.size!r} is not supported by {s.model!r}: use "
+                           f"{w}x{h} (native) or a square multiple up to "
+                           f"{w * MAX_UPSCALE}x{h * MAX_UPSCALE}", "size", "invalid_value")
+        upscale = width // w
+    if body.background == "transparent":
+        raise APIError(400, "background 'transparent' is not supported", "background",
+                       "invalid_value")
+    steps = body.num_inference_steps or s.default_steps
+    if steps > s.max_steps:
+        raise APIError(400, f"num_inference_steps must be at most {s.max_steps}",
+                       "num_inference_steps", "invalid_value")
+    if body.n > s.max_batch_size:
+        raise APIError(400, f"n must be at most {s.max_batch_size} on this server", "n",
+                       "invalid_value")
+    params = GenerationParams(
+        prompt=body.prompt, steps=steps,
+        seed=body.seed if body.seed is not None else secrets.randbelow(2**31 - 10),
+        guidance=body.guidance_scale if body.guidance_scale is not None
+        else info.default_guidance,
+        n=body.n, negative_prompt=body.negative_prompt or "", sampler=body.sampler or "euler",
+        priority=body.priority, timeout_s=body.timeout,
+        partial_images=(body.partial_images or 0) if body.stream else 0)
+    spec = OutputSpec(body.response_format or "b64_json", body.output_format or "png",
+                      body.output_compression, f"{w * upscale}x{h * upscale}", upscale)
+    return params, spec
+
+
+def require_ready(rt: Runtime) -> None:
+    if not rt.ready or rt.loop is None:
+        message = f"model failed to load: {rt.error}" if rt.error else "model is loading"
+        raise APIError(503, message, None, "not_ready", {"Retry-After": "5"})
+
+
+def submit(rt: Runtime, params: GenerationParams) -> Handle:
+    require_ready(rt)
+    try:
+        return rt.loop.submit(params)
+    except QueueFull as exc:
+        rt.metrics.requests.labels("rejected").inc()
+        raise APIError(429, str(exc), None, "queue_full",
+                       {"Retry-After": str(rt.settings.retry_after_s)}) from exc
+    except ShuttingDown as exc:
+        raise APIError(503, str(exc), None, "shutting_down") from exc
+    except ValueError as exc:
+        raise APIError(400, str(exc), "n", "invalid_value") from exc
+
+
+async def encode_all(images: np.ndarray, spec: OutputSpec) -> list[bytes]:
+    return await asyncio.to_thread(lambda: [encode_image(im, spec.output_format,
+                                                         spec.compression, spec.upscale)
+                                            for im in images])
+
+
+async def image_data(rt: Runtime, request: Request, images: np.ndarray,
+                     spec: OutputSpec) -> list[ImageData]:
+    encoded = await encode_all(images, spec)
+    if spec.response_format == "b64_json":
+        return [ImageData(b64_json=b64(e)) for e in encoded]
+    base = str(request.base_url).rstrip("/")
+    keys = [rt.store.put(e, CONTENT_TYPES[spec.output_format], spec.output_format)
+            for e in encoded]
+    return [ImageData(url=f"{base}/v1/images/files/{k}") for k in keys]
+
+
+def record_end(rt: Runtime, handle: Handle, event: Event | None) -> None:
+    status = ("ok" if isinstance(event, Completed) else "cancelled" if event is None
+              else "timeout" if event.code == "timeout" else "error")
+    rt.metrics.requests.labels(status).inc()
+    if isinstance(event, Completed):
+        rt.metrics.latency.observe(time.monotonic() - handle.submitted_at)
+        rt.metrics.images.inc(len(event.images))
+
+
+async def next_final(handle: Handle, request: Request) -> Event | None:
+    """The request's final event, or None if the client went away first."""
+    while True:
+        try:
+            event = await asyncio.wait_for(handle.events.get(), timeout=0.25)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                return None
+            continue
+        if not isinstance(event, Preview):
+            return event
+
+
+@router.post("/v1/images/generations", response_model=None)
+async def generate(body: ImageGenerationRequest, request: Request) -> Response:
+    rt = runtime_of(request)
+    require_ready(rt)
+    params, spec = resolve(body, rt)
+    handle = submit(rt, params)
+    if body.stream:
+        return EventSourceResponse(stream(rt, request, handle, spec, body),
+                                   ping=15, send_timeout=30)
+    event: Event | None = None
+    try:
+        event = await next_final(handle, request)
+    finally:
+        if event is None:
+            rt.loop.cancel(handle.id)  # type: ignore[union-attr]
+        record_end(rt, handle, event)
+    if event is None:
+        return Response(status_code=499)
+    if isinstance(event, Failed):
+        return JSONResponse(error_body(event.status_code, event.message, None, event.code),
+                            status_code=event.status_code)
+    assert isinstance(event, Completed)
+    data = await image_data(rt, request, event.images, spec)
+    out = ImagesResponse(created=int(time.time()), data=data, background="opaque",
+                         output_format=spec.output_format, quality=body.quality or "auto",
+                         size=spec.size,
+                         usage=usage_for(params.prompt, params.n, image_tokens(rt)))
+    return JSONResponse(out.model_dump(exclude_none=True))
+
+
+def image_tokens(rt: Runtime) -> int:
+    """Usage accounting: one output token per 4x4 pixels of the generated image."""
+    _, h, w = rt.engine.info.image_shape  # type: ignore[union-attr]
+    return h * w // 16
+
+
+async def stream(rt: Runtime, request: Request, handle: Handle, spec: OutputSpec,
+                 body: ImageGenerationRequest) -> AsyncIterator[dict]:
+    """SSE events: partial images (real x0 previews) then completed (or an error)."""
+    common = {"background": "opaque", "output_format": spec.output_format,
+              "quality": body.quality or "auto", "size": spec.size}
+    final: Event | None = None
+    try:
+        while True:
+            event = await handle.events.get()
+            if isinstance(event, Preview):
+                for i, data in enumerate(await encode_all(event.images, spec)):
+                    payload = {"type": "image_generation.partial_image", "b64_json": b64(data),
+                               "created_at": int(time.time()),
+                               "partial_image_index": event.index, "image_index": i,
+                               "step": event.step, "total_steps": handle.params.steps,
+                               **common}
+                    yield {"event": payload["type"], "data": json.dumps(payload)}
+                continue
+            final = event
+            break
+        if isinstance(final, Failed):
+            err = error_body(final.status_code, final.message, None, final.code)
+            yield {"event": "error", "data": json.dumps({"type": "error", **err})}
+            return
+        assert isinstance(final, Completed)
+        usage = usage_for(handle.params.prompt, handle.params.n, image_tokens(rt)).model_dump()
+        for i, data in enumerate(await encode_all(final.images, spec)):
+            payload = {"type": "image_generation.completed", "b64_json": b64(data),
+                       "created_at": int(time.time()), "image_index": i, "usage": usage,
+                       **common}
+            yield {"event": payload["type"], "data": json.dumps(payload)}
+    finally:
+        if final is None:  # client disconnected mid-stream
+            rt.loop.cancel(handle.id)  # type: ignore[union-attr]
+        record_end(rt, handle, final)

@@ -1,0 +1,56 @@
+"""Prometheus metrics (prometheus-client); names are stepserve_* with units."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from .scheduler.core import StepStats
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("stepserve_requests", "Finished image requests by status",
+                                ["status"], registry=r)
+        self.latency = Histogram("stepserve_request_latency_seconds",
+                                 "End-to-end latency of image requests",
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("stepserve_queue_wait_seconds",
+                                    "Time from arrival to the first denoiser step",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.first_preview = Histogram("stepserve_time_to_first_preview_seconds",
+                                       "Time from arrival to the first streamed preview",
+                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("stepserve_denoiser_batch_size",
+                                    "Samples (images) per denoiser forward",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.forward_s = Histogram("stepserve_denoiser_forward_seconds",
+                                   "Wall time of one batched denoiser forward",
+                                   buckets=LATENCY_BUCKETS, registry=r)
+        self.steps = Counter("stepserve_denoising_steps", "Per-image denoising steps executed",
+                             registry=r)
+        self.queue_depth = Gauge("stepserve_queue_depth", "Requests waiting for admission",
+                                 registry=r)
+        self.running = Gauge("stepserve_running_requests", "Requests being denoised",
+                             registry=r)
+        self.images = Counter("stepserve_images_generated", "Images generated", registry=r)
+        self.text_cache_hits = Counter("stepserve_text_encoder_cache_hits",
+                                       "Prompts served from the text-encoder cache",
+                                       registry=r)
+        self.text_cache_misses = Counter("stepserve_text_encoder_cache_misses",
+                                         "Prompts the text encoder had to encode", registry=r)
+        self.ready = Gauge("stepserve_ready", "1 once the model is loaded and warm",
+                           registry=r)
+        self.warmup_s = Gauge("stepserve_warmup_seconds", "Model load and warm-up time",
+                              registry=r)
+
+    def observe_step(self, stats: StepStats) -> None:
+        if stats.batch_samples:
+            self.batch_size.observe(stats.batch_samples)
+            self.forward_s.observe(stats.forward_s)
+            self.steps.inc(stats.batch_samples)
+        self.queue_depth.set(stats.waiting)
+        self.running.set(stats.running)

@@ -1,0 +1,103 @@
+"""What the app holds at run time: engine, core loop, result store, metrics, readiness.
+
+Loading and warm-up run in a background thread so /health answers at once and
+/ready turns 200 only when the model is warm.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from stepserve.engines.base import Engine
+from stepserve.engines.registry import create_engine
+
+from .metrics import Metrics
+from .results import ResultStore
+from .scheduler.core import SchedulerConfig, SchedulerCore, StepStats
+from .scheduler.loop import EngineLoop
+from .settings import Settings
+
+log = logging.getLogger("stepserve")
+
+EngineBuilder = Callable[[Settings], Engine]
+
+
+def build_engine(settings: Settings) -> Engine:
+    if settings.threads:
+        import torch
+
+        torch.set_num_threads(settings.threads)
+    kwargs = {"model": settings.model, "precision": settings.precision,
+              "device": settings.device, "compile": settings.compile,
+              "text_cache_size": settings.text_cache_size,
+              "default_steps": settings.default_steps}
+    return create_engine(settings.engine, **kwargs)
+
+
+class Runtime:
+    def __init__(self, settings: Settings, builder: EngineBuilder = build_engine) -> None:
+        self.settings = settings
+        self.builder = builder
+        self.metrics = Metrics()
+        self.store = ResultStore(settings.url_ttl_s)
+        self.engine: Engine | None = None
+        self.loop: EngineLoop | None = None
+        self.error: str | None = None
+        self._ready = threading.Event()
+        self._cache_seen = (0, 0)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def start(self, background: bool = True) -> None:
+        if background:
+            threading.Thread(target=self._load, name="stepserve-load", daemon=True).start()
+        else:
+            self._load()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        return self._ready.wait(timeout)
+
+    def _load(self) -> None:
+        start = time.perf_counter()
+        try:
+            engine = self.builder(self.settings)
+            engine.warmup(tuple(self.settings.warmup_batch_sizes))
+        except Exception as exc:
+            log.exception("engine failed to load")
+            self.error = f"{type(exc).__name__}: {exc}"
+            return
+        config = SchedulerConfig(batching=self.settings.batching,
+                                 max_batch_size=self.settings.max_batch_size,
+                                 max_queue=self.settings.max_queue,
+                                 aging_s=self.settings.aging_s)
+        self.engine = engine
+        self.loop = EngineLoop(SchedulerCore(engine, config), on_step=self._observe)
+        self.loop.start()
+        self.metrics.warmup_s.set(time.perf_counter() - start)
+        self.metrics.ready.set(1)
+        self._ready.set()
+        log.info("engine %s ready in %.1f s", engine.info.engine, time.perf_counter() - start)
+
+    def _observe(self, stats: StepStats) -> None:
+        m = self.metrics
+        m.observe_step(stats)
+        for req in stats.finished:
+            if req.first_step_at is not None:
+                m.queue_wait.observe(req.first_step_at - req.arrival)
+            if req.first_preview_at is not None:
+                m.first_preview.observe(req.first_preview_at - req.arrival)
+        encoder = getattr(self.engine, "encoder", None)
+        if encoder is not None:
+            hits, misses = encoder.hits, encoder.misses
+            m.text_cache_hits.inc(max(0, hits - self._cache_seen[0]))
+            m.text_cache_misses.inc(max(0, misses - self._cache_seen[1]))
+            self._cache_seen = (hits, misses)
+
+    def shutdown(self) -> None:
+        if self.loop is not None:
+            self.loop.drain(self.settings.drain_timeout_s)

@@ -1,0 +1,1 @@
+"""Step-level continuous batching: a synchronous core driven by one thread."""

@@ -1,0 +1,208 @@
+"""The synchronous scheduler core: admission, batch forming, one forward, retire.
+
+It owns every live request and has no threads, sockets or device code: the
+loop thread (loop.py) feeds it and drains its events, and tests drive it with
+a fake engine.  Each `step()` runs at most ONE denoiser forward.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from stepserve.engines.base import Engine
+from stepserve.models.sampling.state import init_state, step_batch
+
+from .events import Completed, Event, Failed, Preview
+from .policy import BatchPolicy
+from .request import Request, Status
+
+log = logging.getLogger("stepserve.scheduler")
+
+
+class QueueFull(Exception):
+    """The bounded queue is full: the API answers 429."""
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    batching: str = "step"  # "step": requests join/leave every step; "request": run to completion
+    max_batch_size: int = 32
+    max_queue: int = 256  # most requests waiting or running; beyond: QueueFull
+    aging_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.batching not in ("step", "request"):
+            raise ValueError(f"batching must be 'step' or 'request', not {self.batching!r}")
+        if self.max_batch_size < 1 or self.max_queue < 1:
+            raise ValueError("max_batch_size and max_queue must be >= 1")
+
+
+@dataclass
+class StepStats:
+    """What one iteration did; exporters (Prometheus) read these, the core never does."""
+
+    batch_samples: int = 0
+    batch_requests: int = 0
+    forward_s: float = 0.0
+    encode_s: float = 0.0
+    admitted: int = 0
+    waiting: int = 0
+    running: int = 0
+    finished: list[Request] = field(default_factory=list)
+
+
+class SchedulerCore:
+    def __init__(self, engine: Engine, config: SchedulerConfig,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.engine = engine
+        self.config = config
+        self.policy = BatchPolicy(config.max_batch_size, config.aging_s)
+        self.clock = clock
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.last_stats = StepStats()
+
+    # -- intake ---------------------------------------------------------------------------
+    def submit(self, req: Request) -> None:
+        if len(self.waiting) + len(self.running) >= self.config.max_queue:
+            raise QueueFull(f"queue is full ({self.config.max_queue} requests)")
+        if req.samples > self.config.max_batch_size:
+            raise ValueError(f"n={req.samples} exceeds max batch size "
+                             f"{self.config.max_batch_size}")
+        self.waiting.append(req)
+
+    def cancel(self, request_id: str) -> Request | None:
+        """Remove a request (e.g. its client went away); it leaves before the next forward."""
+        for pool in (self.waiting, self.running):
+            for req in pool:
+                if req.id == request_id:
+                    pool.remove(req)
+                    req.status = Status.CANCELLED
+                    return req
+        return None
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def depth(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # -- one iteration --------------------------------------------------------------------
+    def step(self) -> list[Event]:
+        now = self.clock()
+        stats = StepStats()
+        events: list[Event] = self._expire(now, stats)
+        events += self._admit(now, stats)
+        batch = self._pick(now)
+        if batch:
+            events += self._forward(batch, stats)
+        stats.waiting, stats.running = len(self.waiting), len(self.running)
+        self.last_stats = stats
+        return events
+
+    def _expire(self, now: float, stats: StepStats) -> list[Event]:
+        events: list[Event] = []
+        for pool in (self.waiting, self.running):
+            for req in [r for r in pool if r.deadline is not None and now >= r.deadline]:
+                pool.remove(req)
+                req.status = Status.TIMED_OUT
+                stats.finished.append(req)
+                events.append(Failed(req.id, 504, "timeout",
+                                     f"request timed out after {req.params.timeout_s:g} s "
+                                     f"at step {req.step}/{req.params.steps}"))
+        return events
+
+    def _admit(self, now: float, stats: StepStats) -> list[Event]:
+        """Move waiting requests into the running set, encoding their prompts in one batch."""
+        if self.config.batching == "request" and self.running:
+            return []
+        room = self.config.max_batch_size * (1 if self.config.batching == "request" else 4)
+        room -= sum(r.samples for r in self.running)
+        chosen = []
+        for req in self.policy.order(self.waiting, now):
+            if req.samples <= room:
+                chosen.append(req)
+                room -= req.samples
+        if not chosen:
+            return []
+        start = time.perf_counter()
+        try:
+            prompts = [r.params.prompt for r in chosen] + [r.params.negative_prompt
+                                                           for r in chosen]
+            text = self.engine.encode(prompts)
+        except Exception as exc:  # a bad prompt batch fails only these requests
+            log.exception("text encoding failed")
+            return self._fail(chosen, stats, exc)
+        stats.encode_s = time.perf_counter() - start
+        info = self.engine.info
+        for i, req in enumerate(chosen):
+            cond, uncond = text.select([i]), text.select([len(chosen) + i])
+            p = req.params
+            req.states = [init_state(p.seed + k, p.steps, cond, uncond, shape=info.image_shape,
+                                     guidance=p.guidance, sampler=p.sampler,
+                                     time_shift=info.time_shift) for k in range(p.n)]
+            req.status = Status.RUNNING
+            self.waiting.remove(req)
+            self.running.append(req)
+        stats.admitted = len(chosen)
+        return []
+
+    def _pick(self, now: float) -> list[Request]:
+        if self.config.batching == "request":
+            return list(self.running)
+        return self.policy.pick(self.running, now)
+
+    def _forward(self, batch: list[Request], stats: StepStats) -> list[Event]:
+        states = [s for r in batch for s in r.states]
+        start = time.perf_counter()
+        try:
+            new_states = step_batch(self.engine.denoise, states)
+        except Exception as exc:  # fail only this batch; the server keeps serving
+            log.exception("denoiser forward failed for %d requests", len(batch))
+            return self._fail(batch, stats, exc)
+        stats.forward_s = time.perf_counter() - start
+        stats.batch_samples, stats.batch_requests = len(states), len(batch)
+        now = self.clock()
+        events: list[Event] = []
+        offset = 0
+        for req in batch:
+            req.states = new_states[offset:offset + req.samples]
+            offset += req.samples
+            req.last_served = now
+            if req.first_step_at is None:
+                req.first_step_at = now
+            if req.states[0].done:
+                images = self.engine.decode(torch.stack([s.x for s in req.states]))
+                self.running.remove(req)
+                req.status = Status.FINISHED
+                stats.finished.append(req)
+                events.append(Completed(req.id, images, req.params.steps))
+            elif req.step in req.due_previews:
+                x0 = torch.stack([s.x0 for s in req.states])
+                events.append(Preview(req.id, req.previews_sent, req.step,
+                                      self.engine.decode(x0)))
+                req.previews_sent += 1
+                if req.first_preview_at is None:
+                    req.first_preview_at = now
+        return events
+
+    def _fail(self, reqs: list[Request], stats: StepStats, exc: Exception) -> list[Event]:
+        events: list[Event] = []
+        for req in reqs:
+            for pool in (self.waiting, self.running):
+                if req in pool:
+                    pool.remove(req)
+            req.status = Status.FAILED
+            stats.finished.append(req)
+            events.append(Failed(req.id, 500, "engine_error",
+                                 f"the engine failed on this request's batch: "
+                                 f"{type(exc).__name__}: {exc}"))
+        return events
+

@@ -1,0 +1,151 @@
+"""The core loop thread and the asyncio-facing client.
+
+The asyncio side never touches the core: it posts commands to an inbox and
+awaits per-request event queues; the loop thread owns the core, drains the
+inbox between steps and posts events back with call_soon_threadsafe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .core import QueueFull, SchedulerCore, StepStats
+from .events import Completed, Event, Failed
+from .request import GenerationParams, Request
+
+log = logging.getLogger("stepserve.loop")
+
+
+class ShuttingDown(Exception):
+    """Intake is closed (SIGTERM): the API answers 503."""
+
+
+@dataclass(eq=False)
+class Handle:
+    """The API's view of one request: its id and the queue its events arrive on."""
+
+    id: str
+    params: GenerationParams
+    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    submitted_at: float = field(default_factory=time.monotonic)
+
+
+class EngineLoop:
+    def __init__(self, core: SchedulerCore,
+                 on_step: Callable[[StepStats], None] | None = None) -> None:
+        self.core = core
+        self.on_step = on_step
+        self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._handles: dict[str, tuple[Handle, asyncio.AbstractEventLoop]] = {}
+        self._lock = threading.Lock()  # guards _handles and the in-flight count
+        self._ids = itertools.count()
+        self._accepting = True
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="stepserve-core", daemon=True)
+
+    # -- asyncio side ---------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def inflight(self) -> int:
+        with self._lock:
+            return len(self._handles)
+
+    def submit(self, params: GenerationParams) -> Handle:
+        """Admit a request or raise QueueFull / ShuttingDown / ValueError at once."""
+        if not self._accepting:
+            raise ShuttingDown("server is shutting down")
+        if params.n > self.core.config.max_batch_size:
+            raise ValueError(f"n={params.n} exceeds the server's max batch size "
+                             f"{self.core.config.max_batch_size}")
+        handle = Handle(f"img-{next(self._ids):08d}-{time.time_ns() % 10**6:06d}", params)
+        with self._lock:
+            if len(self._handles) >= self.core.config.max_queue:
+                raise QueueFull(f"queue is full ({self.core.config.max_queue} requests)")
+            self._handles[handle.id] = (handle, asyncio.get_running_loop())
+        self._inbox.put(("submit", Request(handle.id, params, self.core.clock())))
+        self._wake.set()
+        return handle
+
+    def cancel(self, request_id: str) -> None:
+        """The client went away: the request leaves the batch at the next step."""
+        with self._lock:
+            known = self._handles.pop(request_id, None) is not None
+        if known:
+            self._inbox.put(("cancel", request_id))
+            self._wake.set()
+
+    def close_intake(self) -> None:
+        self._accepting = False
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Stop intake, wait until in-flight work finishes, stop the thread."""
+        self.close_intake()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.inflight and (deadline is None or time.monotonic() < deadline):
+            time.sleep(0.05)
+        self.stop()
+        return self.inflight == 0
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=30)
+
+    # -- loop thread ----------------------------------------------------------------------
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "submit":
+                assert isinstance(item, Request)
+                try:
+                    self.core.submit(item)
+                except (QueueFull, ValueError) as exc:
+                    self._deliver([Failed(item.id, 429, "queue_full", str(exc))])
+            else:
+                self.core.cancel(str(item))
+
+    def _deliver(self, events: list[Event]) -> None:
+        for event in events:
+            with self._lock:
+                entry = self._handles.get(event.request_id)
+                if entry is not None and isinstance(event, Completed | Failed):
+                    del self._handles[event.request_id]
+            if entry is not None:
+                handle, loop = entry
+                try:
+                    loop.call_soon_threadsafe(handle.events.put_nowait, event)
+                except RuntimeError:  # the event loop is closed (shutdown)
+                    pass
+
+    def _run(self) -> None:
+        while not self._stop:
+            self._drain_inbox()
+            if not self.core.has_work:
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                events = self.core.step()
+            except Exception:  # the core itself must never die
+                log.exception("scheduler step failed")
+                continue
+            self._deliver(events)
+            if self.on_step is not None:
+                try:
+                    self.on_step(self.core.last_stats)
+                except Exception:
+                    log.exception("step observer failed")

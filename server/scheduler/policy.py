@@ -1,0 +1,30 @@
+"""Batch policy: priority, then arrival, with aging so nothing starves."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .request import Request
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    max_batch_size: int = 32  # most samples (images) in one denoiser forward
+    aging_s: float = 5.0  # each aging_s without service raises a request one priority level
+
+    def key(self, req: Request, now: float) -> tuple[float, float]:
+        waited = max(0.0, now - req.last_served)
+        return (req.params.priority - waited / self.aging_s, req.arrival)
+
+    def order(self, reqs: Iterable[Request], now: float) -> list[Request]:
+        return sorted(reqs, key=lambda r: self.key(r, now))
+
+    def pick(self, reqs: Iterable[Request], now: float) -> list[Request]:
+        """Fill one batch in policy order; a request's images always travel together."""
+        batch, used = [], 0
+        for req in self.order(reqs, now):
+            if used + req.samples <= self.max_batch_size:
+                batch.append(req)
+                used += req.samples
+        return batch

@@ -1,0 +1,80 @@
+"""One typed settings object: defaults < config file < STEPSERVE_* environment < flags.
+
+The config file (TOML or JSON) comes from `--config` or STEPSERVE_CONFIG and
+uses the same keys as the flags, with underscores (`max_batch_size = 16`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field
+from pydantic_settings import (
+    BaseSettings,
+    JsonConfigSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="STEPSERVE_", extra="forbid")
+
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
+    model: str = Field("builtin", description="served model name (built-in model by default)")
+    engine: str = Field("torch", description="engine: torch (onnxruntime/tensorrt later)")
+    precision: Literal["fp32", "bf16", "fp16", "int8", "fp8"] = Field(
+        "fp32", description="numeric precision of the denoiser")
+    device: str = Field("cpu", description="cpu, cuda or cuda:N")
+    batching: Literal["step", "request"] = Field(
+        "step", description="step-level continuous batching or whole-request batching")
+    max_batch_size: int = Field(32, ge=1, le=1024, description="most images in one forward")
+    max_queue: int = Field(256, ge=1, description="most requests waiting or running; then 429")
+    aging_s: float = Field(5.0, gt=0, description="seconds of waiting worth one priority level")
+    default_steps: int = Field(4, ge=1, le=100, description="steps when a request names none")
+    max_steps: int = Field(64, ge=1, le=100, description="most steps a request may ask for")
+    url_ttl_s: float = Field(3600.0, gt=0, description="how long url results stay fetchable")
+    compile: bool = Field(False, description="torch.compile the denoiser")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's)")
+    warmup_batch_sizes: list[int] = Field([1, 8], description="batch sizes run at start-up")
+    drain_timeout_s: float = Field(120.0, gt=0, description="SIGTERM: wait this long for work")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After header value on 429")
+    text_cache_size: int = Field(4096, ge=1, description="prompts kept by the text-encoder LRU")
+    log_level: str = Field("info", description="uvicorn log level")
+
+    _config_file: ClassVar[Path | None] = None
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings],
+                                   init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = cls._config_file
+        if path is not None:
+            if path.suffix == ".toml":
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+            elif path.suffix == ".json":
+                sources.append(JsonConfigSettingsSource(settings_cls, json_file=path))
+            else:
+                raise ValueError(f"config file must be .toml or .json: {path}")
+        return tuple(sources)
+
+    @classmethod
+    def load(cls, config_file: str | Path | None = None, **flags: Any) -> Settings:
+        """Build settings; `flags` holds only the flags the user actually passed."""
+        config_file = config_file or os.environ.get("STEPSERVE_CONFIG")
+        path = Path(config_file) if config_file else None
+        if path is not None and not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        cls._config_file = path
+        try:
+            return cls(**{k: v for k, v in flags.items() if v is not None})
+        finally:
+            cls._config_file = None
