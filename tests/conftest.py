@@ -19,7 +19,28 @@ def encoder():
 
 
 @pytest.fixture(scope="session")
-def pipeline(encoder):
-    from stepserve.models.builtin.pipeline import BuiltinPipeline
+def engine(encoder):
+    from stepserve.engines.torch_engine import TorchEngine
 
-    return BuiltinPipeline(encoder=encoder)
+    return TorchEngine(encoder=encoder)
+
+
+@pytest.fixture(scope="session")
+def generate(engine):
+    """generate(prompts, seeds, steps=..., guidance=...) through the offline scheduler."""
+    from functools import partial
+
+    from stepserve.server.scheduler.offline import generate_offline
+
+    return partial(generate_offline, engine)
+
+
+@pytest.fixture(scope="session")
+def live_server():
+    """One real `stepserve serve` subprocess on the built-in model, shared by e2e tests."""
+    from server_process import ServerProcess
+
+    srv = ServerProcess("--threads", "1", "--max-queue", "16", "--max-batch-size", "16")
+    srv.wait_ready()
+    yield srv
+    srv.stop()

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from stepserve.models.builtin.classifier import accuracy_on_renders, load_classifier
-from stepserve.models.builtin.pipeline import DIT_PATH, load_dit
+from stepserve.models.builtin.loading import DIT_PATH, load_dit
 from stepserve.models.builtin.shapes import render, sample_scene
 from stepserve.models.builtin.yardstick import Yardstick, frechet_distance, prompt_set
 
@@ -55,18 +55,17 @@ def test_prompt_sets_are_fixed_and_distinct():
     assert set(prompt_set("seen", 50).prompts).isdisjoint(prompt_set("unseen", 50).prompts)
 
 
-def test_quality_smoke_four_steps(pipeline, stick):
+def test_quality_smoke_four_steps(generate, stick):
     """32 prompts at 4 steps: the generated images follow their prompts."""
     ps = prompt_set("seen", 32)
-    images = pipeline.generate(ps.prompts, ps.seeds, steps=4)
+    images = generate(ps.prompts, ps.seeds, steps=4)
     acc = stick.accuracy(images, ps.labels)
     assert acc["all_five"] >= 60, acc
 
 
-def test_generation_is_seeded(pipeline):
-    a = pipeline.generate(["a big blue square at the right on a yellow background"], [3], steps=2)
-    b = pipeline.generate(["a big blue square at the right on a yellow background"], [3], steps=2)
-    c = pipeline.generate(["a big blue square at the right on a yellow background"], [4], steps=2)
+def test_generation_is_seeded(generate):
+    prompt = ["a big blue square at the right on a yellow background"]
+    a, b, c = (generate(prompt, [seed], steps=2) for seed in (3, 3, 4))
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 

@@ -20,11 +20,8 @@ PROMPT = "a large yellow triangle at the bottom left on a blue background"
 
 
 @pytest.fixture(scope="module")
-def server():
-    srv = ServerProcess("--threads", "1", "--max-queue", "16", "--max-batch-size", "16")
-    srv.wait_ready()
-    yield srv
-    srv.stop()
+def server(live_server):
+    return live_server
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +45,11 @@ def test_openai_client_generate_follows_prompt(client):
     assert acc["all_five"] >= 50, acc
 
 
-def test_server_matches_generate_without_server(client, pipeline):
+def test_server_matches_generate_without_server(client, generate):
     r = client.images.generate(prompt=PROMPT, response_format="b64_json",
                                extra_body={"num_inference_steps": 4, "seed": 11,
                                            "guidance_scale": 3.0})
-    direct = pipeline.generate([PROMPT], [11], steps=4, guidance=3.0)[0]
+    direct = generate([PROMPT], [11], steps=4, guidance=3.0)[0]
     served = decode(r.data[0].b64_json)
     assert np.abs(served.astype(int) - direct.astype(int)).max() <= 2
 

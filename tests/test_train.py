@@ -24,7 +24,7 @@ def test_resume_equals_uninterrupted(tmp_path, encoder):
 
 
 def test_training_reduces_loss_and_writes_weights(tmp_path, encoder):
-    from stepserve.models.builtin.pipeline import load_dit
+    from stepserve.models.builtin.loading import load_dit
 
     c = cfg(30)
     c.lr = 3e-3

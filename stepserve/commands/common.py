@@ -6,6 +6,8 @@ import argparse
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", default="torch", help="engine (default torch)")
+    p.add_argument("--batching", default="step", choices=["step", "request"])
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="numeric precision of the denoiser (default fp32)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")

@@ -24,18 +24,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     apply_threads(args.threads)
-    from stepserve.models.builtin.pipeline import BuiltinPipeline, load_dit
-    from stepserve.models.builtin.yardstick import Yardstick, evaluate, format_table
+    from functools import partial
 
-    dit = load_dit(args.weights) if args.weights else None
-    pipe = BuiltinPipeline(dit=dit, device=args.device, precision=args.precision,
-                           guidance=args.guidance)
-    pipe.generate(["warm-up"], [0], steps=1)
-    rows = evaluate(pipe, Yardstick(), tuple(int(s) for s in args.steps.split(",")),
-                    n=args.prompts, sampler=args.sampler, max_batch=args.max_batch_size,
+    from stepserve.engines.registry import create_engine
+    from stepserve.models.builtin.yardstick import Yardstick, evaluate, format_table
+    from stepserve.server.scheduler.offline import generate_offline
+
+    engine = create_engine(args.engine, precision=args.precision, device=args.device,
+                           weights=args.weights)
+    engine.warmup((1, args.max_batch_size))
+    generate = partial(generate_offline, engine, max_batch_size=args.max_batch_size,
+                       batching=args.batching)
+    guidance = engine.info.default_guidance if args.guidance is None else args.guidance
+    rows = evaluate(generate, Yardstick(), tuple(int(s) for s in args.steps.split(",")),
+                    n=args.prompts, guidance=guidance, sampler=args.sampler,
                     sets=tuple(args.sets.split(",")))
-    print(f"guidance={pipe.default_guidance} precision={args.precision} sampler={args.sampler} "
-          f"prompts/set={args.prompts}")
+    print(f"engine={args.engine} precision={args.precision} guidance={guidance} "
+          f"sampler={args.sampler} prompts/set={args.prompts}")
     print(format_table(rows))
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2))

@@ -43,18 +43,23 @@ def run(args: argparse.Namespace) -> int:
     apply_threads(args.threads)
     from PIL import Image
 
-    from stepserve.models.builtin.pipeline import BuiltinPipeline
+    from stepserve.engines.registry import create_engine
+    from stepserve.server.scheduler.offline import generate_offline
 
-    pipe = BuiltinPipeline(device=args.device, precision=args.precision)
-    native = f"{pipe.cfg.image_size}x{pipe.cfg.image_size}"
-    if args.size not in (None, native):
-        print(f"error: --size {args.size}: the built-in model makes {native}", file=sys.stderr)
+    try:
+        engine = create_engine(args.engine, precision=args.precision, device=args.device)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
+    _, h, w = engine.info.image_shape
+    if args.size not in (None, f"{w}x{h}"):
+        print(f"error: --size {args.size}: the built-in model makes {w}x{h}", file=sys.stderr)
+        return 2
+    engine.warmup((1, min(len(prompts), args.max_batch_size)))
     seeds = [args.seed + i for i in range(len(prompts))]
-    pipe.generate(prompts[:1], seeds[:1], steps=1, guidance=args.guidance)  # warm-up
     start = time.perf_counter()
-    images = pipe.generate(prompts, seeds, steps=args.steps, guidance=args.guidance,
-                           sampler=args.sampler, max_batch=args.max_batch_size)
+    images = generate_offline(engine, prompts, seeds, args.steps, args.guidance, args.sampler,
+                              args.max_batch_size, args.batching)
     seconds = time.perf_counter() - start
     args.out.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):

@@ -26,14 +26,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def quick_evaluator(encoder, classifier, n: int, guidance: float):
     """All-five accuracy of the EMA model at 1 and 4 steps on seen/unseen prompts."""
-    from stepserve.models.builtin.pipeline import BuiltinPipeline
+    from functools import partial
+
+    from stepserve.engines.torch_engine import TorchEngine
     from stepserve.models.builtin.yardstick import Yardstick, evaluate
+    from stepserve.server.scheduler.offline import generate_offline
 
     stick = Yardstick(classifier)
 
     def run(ema) -> dict[str, float]:
-        pipe = BuiltinPipeline(dit=ema, encoder=encoder, guidance=guidance)
-        rows = evaluate(pipe, stick, steps_list=(1, 4), n=n, with_fd=False)
+        engine = TorchEngine(dit=ema, encoder=encoder, guidance=guidance)
+        rows = evaluate(partial(generate_offline, engine), stick, steps_list=(1, 4), n=n,
+                        guidance=guidance, with_fd=False)
         return {f"{r.prompt_set}@{r.steps}": round(r.accuracy["all_five"], 1) for r in rows}
 
     return run

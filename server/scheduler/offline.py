@@ -1,0 +1,34 @@
+"""Offline generation through the same scheduler core and engines the server uses."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from stepserve.engines.base import Engine
+
+from .core import SchedulerConfig, SchedulerCore
+from .events import Completed, Failed
+from .request import GenerationParams, Request
+
+
+def generate_offline(engine: Engine, prompts: Sequence[str], seeds: Sequence[int], steps: int,
+                     guidance: float | None = None, sampler: str = "euler",
+                     max_batch_size: int = 64, batching: str = "step") -> np.ndarray:
+    """uint8 images (N, H, W, 3), one per prompt, in prompt order."""
+    guidance = engine.info.default_guidance if guidance is None else guidance
+    core = SchedulerCore(engine, SchedulerConfig(batching=batching,
+                                                 max_batch_size=max_batch_size,
+                                                 max_queue=max(1, len(prompts))))
+    for i, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
+        core.submit(Request(str(i), GenerationParams(prompt, steps, seed, guidance,
+                                                     sampler=sampler), arrival=float(i)))
+    images: dict[str, np.ndarray] = {}
+    while core.has_work:
+        for event in core.step():
+            if isinstance(event, Failed):
+                raise RuntimeError(f"prompt {event.request_id} failed: {event.message}")
+            if isinstance(event, Completed):
+                images[event.request_id] = event.images[0]
+    return np.stack([images[str(i)] for i in range(len(prompts))])

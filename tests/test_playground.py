@@ -1,0 +1,67 @@
+"""The playground page in a real headless Chromium against a real server."""
+
+import shutil
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DRIVER = shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER),
+                                reason="needs Debian's chromium and chromium-driver "
+                                       "(.ci/run installs them)")
+
+
+@pytest.fixture
+def browser(tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
+    yield driver
+    driver.quit()
+
+
+def test_playground_streams_previews_then_final_image(live_server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(live_server.url + "/")
+    assert "stepserve playground" in browser.title
+    prompt = browser.find_element(By.ID, "prompt")
+    prompt.clear()
+    prompt.send_keys("a large green square at the top right on a black background")
+    steps = browser.find_element(By.ID, "steps")
+    steps.clear()
+    steps.send_keys("12")
+    browser.find_element(By.ID, "go").click()
+    status = browser.find_element(By.ID, "status")
+    WebDriverWait(browser, 60).until(lambda d: status.get_attribute("data-state") == "done")
+    final = browser.find_element(By.ID, "final").get_attribute("src")
+    preview = browser.find_element(By.ID, "preview").get_attribute("src")
+    assert final.startswith("data:image/png;base64,") and len(final) > 100
+    assert preview.startswith("data:image/png;base64,") and preview != final
+    caption = browser.find_element(By.ID, "preview-caption").text
+    assert caption.startswith("preview 3") and "/12" in caption
+    browser.save_screenshot(str(tmp_path / "playground.png"))
+
+
+def test_playground_shows_errors(live_server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(live_server.url + "/")
+    steps = browser.find_element(By.ID, "steps")
+    steps.clear()
+    steps.send_keys("500")
+    browser.execute_script("document.getElementById('steps').removeAttribute('max')")
+    browser.find_element(By.ID, "go").click()
+    status = browser.find_element(By.ID, "status")
+    WebDriverWait(browser, 30).until(lambda d: status.get_attribute("data-state") == "error")
+    assert "num_inference_steps" in status.text
