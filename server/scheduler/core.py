@@ -78,13 +78,17 @@ class SchedulerCore:
 
     def cancel(self, request_id: str) -> Request | None:
         """Remove a request (e.g. its client went away); it leaves before the next forward."""
-        for pool in (self.waiting, self.running):
-            for req in pool:
-                if req.id == request_id:
-                    pool.remove(req)
-                    req.status = Status.CANCELLED
-                    return req
+        for req in self.waiting + self.running:
+            if req.id == request_id:
+                self._retire(req, Status.CANCELLED)
+                return req
         return None
+
+    def _retire(self, req: Request, status: Status) -> None:
+        for pool in (self.waiting, self.running):
+            if req in pool:
+                pool.remove(req)
+        req.status = status
 
     @property
     def has_work(self) -> bool:
@@ -109,14 +113,13 @@ class SchedulerCore:
 
     def _expire(self, now: float, stats: StepStats) -> list[Event]:
         events: list[Event] = []
-        for pool in (self.waiting, self.running):
-            for req in [r for r in pool if r.deadline is not None and now >= r.deadline]:
-                pool.remove(req)
-                req.status = Status.TIMED_OUT
-                stats.finished.append(req)
-                events.append(Failed(req.id, 504, "timeout",
-                                     f"request timed out after {req.params.timeout_s:g} s "
-                                     f"at step {req.step}/{req.params.steps}"))
+        for req in [r for r in self.waiting + self.running
+                    if r.deadline is not None and now >= r.deadline]:
+            self._retire(req, Status.TIMED_OUT)
+            stats.finished.append(req)
+            events.append(Failed(req.id, 504, "timeout",
+                                 f"request timed out after {req.params.timeout_s:g} s "
+                                 f"at step {req.step}/{req.params.steps}"))
         return events
 
     def _admit(self, now: float, stats: StepStats) -> list[Event]:
@@ -180,8 +183,7 @@ class SchedulerCore:
                 req.first_step_at = now
             if req.states[0].done:
                 images = self.engine.decode(torch.stack([s.x for s in req.states]))
-                self.running.remove(req)
-                req.status = Status.FINISHED
+                self._retire(req, Status.FINISHED)
                 stats.finished.append(req)
                 events.append(Completed(req.id, images, req.params.steps))
             elif req.step in req.due_previews:
@@ -196,10 +198,7 @@ class SchedulerCore:
     def _fail(self, reqs: list[Request], stats: StepStats, exc: Exception) -> list[Event]:
         events: list[Event] = []
         for req in reqs:
-            for pool in (self.waiting, self.running):
-                if req in pool:
-                    pool.remove(req)
-            req.status = Status.FAILED
+            self._retire(req, Status.FAILED)
             stats.finished.append(req)
             events.append(Failed(req.id, 500, "engine_error",
                                  f"the engine failed on this request's batch: "
