@@ -21,6 +21,21 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def server(*args: str, ready_timeout: float = 300) -> Iterator[str]:
+    with server_process(*args, ready_timeout=ready_timeout) as (url, _):
+        yield url
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process, from /proc (Linux)."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+@contextlib.contextmanager
+def server_process(*args: str, ready_timeout: float = 300
+                   ) -> Iterator[tuple[str, subprocess.Popen]]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "stepserve.cli", "serve", "--host",
@@ -37,7 +52,7 @@ def server(*args: str, ready_timeout: float = 300) -> Iterator[str]:
             time.sleep(0.5)
         else:
             raise TimeoutError("server not ready")
-        yield url
+        yield url, proc
     finally:
         proc.terminate()
         try:
