@@ -120,7 +120,8 @@ def render(scenes: list[Scene], resolution: int = 32) -> np.ndarray:
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1], the model's pixel space."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    x = torch.from_numpy(np.ascontiguousarray(images))
+    return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

@@ -34,7 +34,7 @@ from .text import TextBatch, TextEncoder
 
 @dataclass
 class TrainConfig:
-    steps: int = 6000
+    steps: int = 5000
     batch: int = 128
     lr: float = 6e-4
     warmup: int = 250

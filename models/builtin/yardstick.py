@@ -15,7 +15,6 @@ from functools import cached_property
 
 import numpy as np
 import torch
-from scipy import linalg
 
 from .captions import train_caption, unseen_caption
 from .classifier import AttributeClassifier, load_classifier
@@ -50,9 +49,11 @@ def prompt_set(name: str, n: int, seed: int = PROMPT_SEED) -> PromptSet:
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    root, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
-    root = root.real
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
+    # Tr(sqrt(A B)) is the sum of square roots of A B's eigenvalues (real and >= 0 for
+    # covariance matrices); this avoids sqrtm's trouble with rank-deficient covariances.
+    eig = np.linalg.eigvals(cov_a @ cov_b).real.clip(min=0)
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b)
+                 - 2 * np.sqrt(eig).sum())
 
 
 class Yardstick:

@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="DiT training steps")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--classifier-steps", type=int, default=4000)
+    p.add_argument("--classifier-steps", type=int, default=3000)
     p.add_argument("--eval-every", type=int, default=None,
                    help="quick accuracy check every N steps (0: never)")
     p.add_argument("--threads", type=int, default=None)
