@@ -10,6 +10,7 @@ wording.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -42,6 +43,59 @@ TRAIN_TEMPLATES = (
     "a {colour} {shape} ({size}) {pos}, {bg}",
     "an image of a {obj} {pos} {bg}",
 )
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """Vocabulary and templates of one training-caption grammar."""
+
+    size: dict[str, tuple[str, ...]]
+    background: dict[str, tuple[str, ...]]
+    position: dict[str, tuple[str, ...]]
+    pos_frames: tuple[str, ...]
+    bg_frames: tuple[str, ...]
+    templates: tuple[str, ...]
+
+
+V1 = Grammar(TRAIN_SIZE, TRAIN_BACKGROUND, TRAIN_POSITION, TRAIN_POS_FRAMES, TRAIN_BG_FRAMES,
+             TRAIN_TEMPLATES)
+
+# v2 (not yet the shipped checkpoint's): more structures and ways to state the
+# background without the word "background", still disjoint from the unseen set.
+V2 = Grammar(
+    size={"small": ("small", "little", "smaller", "compact"),
+          "large": ("large", "big", "larger", "bigger")},
+    background={"gray": ("gray", "grey")},
+    position={**TRAIN_POSITION,
+              "top left": TRAIN_POSITION["top left"] + ("upper-left", "top left part"),
+              "top right": TRAIN_POSITION["top right"] + ("upper-right", "top right part"),
+              "bottom left": TRAIN_POSITION["bottom left"] + ("lower-left", "bottom left part"),
+              "bottom right": TRAIN_POSITION["bottom right"] + ("lower-right",
+                                                                "bottom right part"),
+              "center": TRAIN_POSITION["center"] + ("centre of the image", "dead centre"),
+              "left": TRAIN_POSITION["left"] + ("left-hand side", "left middle"),
+              "right": TRAIN_POSITION["right"] + ("right-hand side", "right middle"),
+              "top": TRAIN_POSITION["top"] + ("upper part", "top side"),
+              "bottom": TRAIN_POSITION["bottom"] + ("lower part", "bottom side")},
+    pos_frames=TRAIN_POS_FRAMES + ("in the {p} of the frame", "at the {p} of the frame",
+                                   "in the {p} region", "at the image's {p}"),
+    bg_frames=TRAIN_BG_FRAMES + ("on {b}", "against {b}", "on a {b} field",
+                                 "with {b} all around it", "surrounded by {b}",
+                                 "the background is {b}", "background colour {b}",
+                                 "set on {b}", "{b} surroundings"),
+    templates=TRAIN_TEMPLATES + (
+        "there's a {obj} {pos}, {bg}",
+        "an image showing a {obj} {pos}, {bg}",
+        "{pos}: a {obj}, {bg}",
+        "a {shape} in {colour}, {size}, {pos}, {bg}",
+        "a {size} {shape} coloured {colour}, {pos}, {bg}",
+        "one {obj} {pos}. {bg}",
+        "{bg}. a {obj} {pos}",
+        "you can see a {obj} {pos} {bg}",
+        "a single {obj} {pos} {bg}",
+    ),
+)
+GRAMMARS = {"v1": V1, "v2": V2}
 
 UNSEEN_SIZE = {"small": ("small", "tiny"), "large": ("large", "huge")}
 UNSEEN_POSITION = {
@@ -77,12 +131,14 @@ def _tidy(text: str) -> str:
     return text.strip(" ,;")
 
 
-def train_caption(scene: Scene, rng: np.random.Generator, omit_prob: float = 0.0) -> str:
+def train_caption(scene: Scene, rng: np.random.Generator, omit_prob: float = 0.0,
+                  grammar: Grammar = V1) -> str:
     """One training caption; with omit_prob, drop one attribute (valid per the spec)."""
-    size = _pick(rng, TRAIN_SIZE[scene.size])
-    bg_word = _pick(rng, TRAIN_BACKGROUND.get(scene.background, (scene.background,)))
-    pos = _pick(rng, TRAIN_POS_FRAMES).format(p=_pick(rng, TRAIN_POSITION[scene.position]))
-    bg = _pick(rng, TRAIN_BG_FRAMES).format(b=bg_word)
+    g = grammar
+    size = _pick(rng, g.size[scene.size])
+    bg_word = _pick(rng, g.background.get(scene.background, (scene.background,)))
+    pos = _pick(rng, g.pos_frames).format(p=_pick(rng, g.position[scene.position]))
+    bg = _pick(rng, g.bg_frames).format(b=bg_word)
     parts = {"size": size, "colour": scene.colour, "shape": scene.shape, "pos": pos, "bg": bg}
     if omit_prob and rng.random() < omit_prob:
         dropped = _pick(rng, ("size", "colour", "pos", "bg"))
@@ -93,7 +149,7 @@ def train_caption(scene: Scene, rng: np.random.Generator, omit_prob: float = 0.0
     if rng.random() < 0.3:
         words.reverse()
     obj = " ".join([*words, parts["shape"]])
-    text = _pick(rng, TRAIN_TEMPLATES).format(obj=obj, **parts)
+    text = _pick(rng, g.templates).format(obj=obj, **parts)
     return _tidy(text.replace("( ) ", "").replace("()", ""))
 
 

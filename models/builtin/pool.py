@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from .captions import train_caption
+from .captions import GRAMMARS, train_caption
 from .shapes import ATTRIBUTES, VALUES, sample_scene
 from .text import TextBatch, TextEncoder
 
@@ -41,7 +41,7 @@ class CaptionPool:
 
 
 def build_pool(encoder: TextEncoder, size: int, seed: int, omit_prob: float,
-               cache: Path | None = None) -> CaptionPool:
+               cache: Path | None = None, grammar: str = "v1") -> CaptionPool:
     if cache is not None and cache.exists():
         t = load_file(str(cache))
         empty = TextBatch(t["empty_tokens"], torch.ones(1, t["empty_tokens"].shape[1],
@@ -49,7 +49,7 @@ def build_pool(encoder: TextEncoder, size: int, seed: int, omit_prob: float,
         return CaptionPool(t["labels"], t["tokens"], t["lengths"], t["pooled"], empty)
     rng = np.random.default_rng([seed, 7])
     scenes = [sample_scene(rng) for _ in range(size)]
-    captions = [train_caption(s, rng, omit_prob) for s in scenes]
+    captions = [train_caption(s, rng, omit_prob, GRAMMARS[grammar]) for s in scenes]
     labels = torch.tensor([[s.labels()[a] for a in ATTRIBUTES] for s in scenes])
     chunks = []
     for i in tqdm(range(0, size, 512), desc="encoding captions", mininterval=5):

@@ -44,6 +44,7 @@ class TrainConfig:
     ema: float = 0.999
     caption_dropout: float = 0.1
     omit_prob: float = 0.1
+    captions: str = "v1"  # training-caption grammar (captions.GRAMMARS)
     shortcut_fraction: float = 0.25
     shortcut_levels: int = 7  # base step sizes d = 2^-1 .. 2^-levels
     pool_size: int = 48000
@@ -164,7 +165,7 @@ def train(cfg: TrainConfig, run_dir: Path, out: Path | None = None,
     torch.manual_seed(cfg.seed)
     encoder = encoder or TextEncoder()
     pool = build_pool(encoder, cfg.pool_size, cfg.seed, cfg.omit_prob,
-                      cache=run_dir / "caption_pool.safetensors")
+                      cache=run_dir / "caption_pool.safetensors", grammar=cfg.captions)
     state = RunState(cfg)
     ckpt = run_dir / "state.safetensors"
     if ckpt.exists():

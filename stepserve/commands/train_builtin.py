@@ -21,6 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classifier-steps", type=int, default=3000)
     p.add_argument("--eval-every", type=int, default=None,
                    help="quick accuracy check every N steps (0: never)")
+    p.add_argument("--captions", default=None, choices=["v1", "v2"],
+                   help="training-caption grammar (default v1, the shipped checkpoint's)")
     p.add_argument("--threads", type=int, default=None)
 
 
@@ -71,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         print("classifier accuracy on renders:", json.dumps(acc))
     classifier = load_classifier(cls_path)
     cfg = TrainConfig(seed=args.seed)
-    for name in ("steps", "batch", "eval_every"):
+    for name in ("steps", "batch", "eval_every", "captions"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     encoder = TextEncoder()
