@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .scheduler.core import StepStats
@@ -52,5 +54,8 @@ class Metrics:
             self.batch_size.observe(stats.batch_samples)
             self.forward_s.observe(stats.forward_s)
             self.steps.inc(stats.batch_samples)
-        self.queue_depth.set(stats.waiting)
-        self.running.set(stats.running)
+
+    def watch(self, waiting: Callable[[], float], running: Callable[[], float]) -> None:
+        """Gauges read at scrape time, so they are right even while the core is idle."""
+        self.queue_depth.set_function(waiting)
+        self.running.set_function(running)

@@ -76,7 +76,11 @@ class Runtime:
                                  max_queue=self.settings.max_queue,
                                  aging_s=self.settings.aging_s)
         self.engine = engine
-        self.loop = EngineLoop(SchedulerCore(engine, config), on_step=self._observe)
+        core = SchedulerCore(engine, config)
+        self.loop = EngineLoop(core, on_step=self._observe)
+        loop = self.loop
+        self.metrics.watch(waiting=lambda: loop.inflight - len(core.running),
+                           running=lambda: len(core.running))
         self.loop.start()
         self.metrics.warmup_s.set(time.perf_counter() - start)
         self.metrics.ready.set(1)
