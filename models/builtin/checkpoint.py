@@ -5,20 +5,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 
-def save_module(module: nn.Module, path: Path, config: dict, meta: dict | None = None,
-                dtype: torch.dtype | None = None) -> None:
+def save_module(module: nn.Module, path: Path, config: dict,
+                meta: dict | None = None) -> None:
     """Write `path` (.safetensors) and `path` with .json holding config and metadata."""
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     save_file(state, str(path))
     path.with_suffix(".json").write_text(json.dumps({"config": config, **(meta or {})},
                                                     indent=2) + "\n")

@@ -94,10 +94,6 @@ class SchedulerCore:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    @property
-    def depth(self) -> int:
-        return len(self.waiting) + len(self.running)
-
     # -- one iteration --------------------------------------------------------------------
     def step(self) -> list[Event]:
         now = self.clock()
