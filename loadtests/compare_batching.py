@@ -1,6 +1,6 @@
 """Step-level vs whole-request batching at the same offered loads (open loop, mixed steps).
 
-    python loadtests/compare_batching.py --rates 2 4 6 --duration 60 --precision bf16
+    stepserve bench batching --rates 2 4 6 --duration 60 --precision bf16
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import asyncio
 import json
 from pathlib import Path
 
-from launch import server
-from openloop import print_table, run_open_loop
+from .launch import server
+from .openloop import print_table, run_open_loop
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--rates", type=float, nargs="+", default=[2.0, 4.0])
     p.add_argument("--duration", type=float, default=60.0)
@@ -22,7 +22,7 @@ def main() -> None:
     p.add_argument("--precision", default="bf16")
     p.add_argument("--max-batch-size", default="16")
     p.add_argument("--json", type=Path, default=None)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     mix = [int(s) for s in args.steps.split(",")]
     rows = []
     for mode in ("step", "request"):

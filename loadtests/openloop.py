@@ -3,7 +3,7 @@
 Each request streams with one partial image so time to first preview is measured.
 Prints throughput and latency percentiles; `--json` keeps the raw numbers.
 
-    python loadtests/openloop.py --url http://127.0.0.1:8000 --rate 2 --duration 60
+    stepserve bench openloop --url http://127.0.0.1:8000 --rate 2 --duration 60
 """
 
 from __future__ import annotations
@@ -102,14 +102,14 @@ def print_table(rows: list[dict[str, float]], label: str = "") -> None:
               + " |")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--rate", type=float, nargs="+", default=[1.0], help="requests/s")
     p.add_argument("--duration", type=float, default=30.0)
     p.add_argument("--steps", default="2,4,8", help="step counts drawn uniformly")
     p.add_argument("--json", help="write raw samples here")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     mix = [int(s) for s in args.steps.split(",")]
     results = [asyncio.run(run_open_loop(args.url, r, args.duration, mix)) for r in args.rate]
     print_table([r.summary() for r in results])

@@ -1,7 +1,7 @@
 """Serving overhead: the server at saturation vs the raw batched engine, and one request
 on an idle server vs the raw engine's generate call.
 
-    python loadtests/overhead.py --precision bf16 --batch 16 --steps 4 --duration 40
+    stepserve bench overhead --precision bf16 --batch 16 --steps 4 --duration 40
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from pathlib import Path
 
 import httpx
 import torch
-from launch import server
 
 from stepserve.engines.torch_engine import TorchEngine
 from stepserve.models.sampling.state import init_state, run_to_completion
+
+from .launch import server
 
 PROMPT = "a small red circle in the top left on a white background"
 
@@ -78,7 +79,7 @@ def idle_latency(url: str, steps: int) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--precision", default="bf16")
     p.add_argument("--batch", type=int, default=16)
@@ -86,7 +87,7 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=40.0)
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--json", type=Path)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     raw_tput, raw_single = raw_engine(args.precision, args.batch, args.steps, args.rounds)
     with server("--precision", args.precision, "--max-batch-size", str(args.batch),
                 "--max-queue", "1000") as url:

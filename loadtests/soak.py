@@ -1,6 +1,6 @@
 """Soak: many concurrent clients for minutes; only 200s and 429s allowed, memory stays flat.
 
-    python loadtests/soak.py --clients 200 --duration 300 --max-queue 64
+    stepserve bench soak --clients 200 --duration 300 --max-queue 64
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 import httpx
-from launch import rss_mb, server_process
+
+from .launch import rss_mb, server_process
 
 PROMPTS = ["a small red circle in the top left on a white background",
            "a large blue square at the bottom right on a yellow background",
@@ -22,7 +23,7 @@ PROMPTS = ["a small red circle in the top left on a white background",
 
 
 async def client_loop(c: httpx.AsyncClient, url: str, stop: float, counts: collections.Counter,
-                      rng: random.Random) -> None:
+                      rng: random.Random, failures: list[str]) -> None:
     while time.perf_counter() < stop:
         body = {"prompt": rng.choice(PROMPTS), "num_inference_steps": rng.choice([1, 2, 4]),
                 "seed": rng.randrange(10**6)}
@@ -33,10 +34,12 @@ async def client_loop(c: httpx.AsyncClient, url: str, stop: float, counts: colle
                 await asyncio.sleep(float(r.headers.get("retry-after", "1")))
         except httpx.HTTPError as exc:
             counts[type(exc).__name__] += 1
+            failures.append(f"{time.perf_counter() - stop:+.1f}s {type(exc).__name__}: {exc!r}")
 
 
 async def soak(url: str, pid: int, clients: int, duration: float) -> dict:
     counts: collections.Counter = collections.Counter()
+    failures: list[str] = []
     limits = httpx.Limits(max_connections=clients + 10, max_keepalive_connections=clients)
     stop = time.perf_counter() + duration
     samples = []
@@ -48,23 +51,23 @@ async def soak(url: str, pid: int, clients: int, duration: float) -> dict:
 
     async with httpx.AsyncClient(timeout=120, limits=limits) as c:
         await asyncio.gather(sample_memory(), *(client_loop(c, url, stop, counts,
-                                                            random.Random(k))
+                                                            random.Random(k), failures)
                                                 for k in range(clients)))
     warm = [m for t, m in samples if t >= samples[0][0] + duration * 0.1] or [samples[0][1]]
     return {"clients": clients, "duration_s": duration, "status_counts": dict(counts),
             "errors": sum(v for k, v in counts.items() if k not in (200, 429)),
-            "rss_start_mb": warm[0], "rss_end_mb": samples[-1][1],
+            "failures": failures[:20], "rss_start_mb": warm[0], "rss_end_mb": samples[-1][1],
             "rss_growth_pct": 100 * (samples[-1][1] - warm[0]) / warm[0]}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--clients", type=int, default=200)
     p.add_argument("--duration", type=float, default=300)
     p.add_argument("--max-queue", default="64")
     p.add_argument("--precision", default="bf16")
     p.add_argument("--json", type=Path)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     with server_process("--precision", args.precision, "--max-queue", args.max_queue,
                         "--max-batch-size", "32") as (url, proc):
         result = asyncio.run(soak(url, proc.pid, args.clients, args.duration))

@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     warmup_batch_sizes: list[int] = Field([1, 8], description="batch sizes run at start-up")
     drain_timeout_s: float = Field(120.0, gt=0, description="SIGTERM: wait this long for work")
     retry_after_s: int = Field(1, ge=0, description="Retry-After header value on 429")
+    keep_alive_s: float = Field(
+        75.0, gt=0, description="idle HTTP keep-alive; above load-balancer and client idle times")
     text_cache_size: int = Field(4096, ge=1, description="prompts kept by the text-encoder LRU")
     log_level: str = Field("info", description="uvicorn log level")
 

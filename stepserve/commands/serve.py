@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
                             log_level=settings.log_level,
+                            timeout_keep_alive=int(settings.keep_alive_s),
                             timeout_graceful_shutdown=int(settings.drain_timeout_s))
     uvicorn.Server(config).run()
     return 0

@@ -1,0 +1,30 @@
+"""`stepserve bench NAME [ARGS]`: the load tests and serving benchmarks in loadtests/."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+HELP = "benchmarks that print tables: openloop, batching, overhead, soak"
+
+# bench name -> module under stepserve.loadtests; each has main(argv)
+BENCHES = {
+    "openloop": "openloop",
+    "batching": "compare_batching",
+    "overhead": "overhead",
+    "soak": "soak",
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bench", choices=sorted(BENCHES),
+                   help="openloop: Poisson load against a running server; batching: step vs "
+                        "request batching; overhead: server vs raw engine; soak: many clients")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER,
+                   help="the benchmark's own flags (`stepserve bench NAME --help`)")
+
+
+def run(args: argparse.Namespace) -> int:
+    module = importlib.import_module(f"stepserve.loadtests.{BENCHES[args.bench]}")
+    module.main(args.bench_args)
+    return 0

@@ -1,0 +1,31 @@
+"""`stepserve bench openloop` against a live server: the table it prints is real traffic."""
+
+import json
+import subprocess
+import sys
+
+
+def test_openloop_bench_reports_served_requests(live_server, tmp_path):
+    raw = tmp_path / "samples.json"
+    r = subprocess.run([sys.executable, "-m", "stepserve.cli", "bench", "openloop",
+                        "--url", live_server.url, "--rate", "4", "--duration", "3",
+                        "--steps", "1,2", "--json", str(raw)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    header, row = [line for line in r.stdout.splitlines() if line.startswith("|")][:2]
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    cells = dict(zip(cols, (c.strip() for c in row.strip("|").split("|"))))
+    samples = json.loads(raw.read_text())[0]["samples"]
+    assert len(samples) >= 3  # ~12 Poisson arrivals expected in 3 s at 4/s
+    assert all(s["status"] == 200 for s in samples)
+    assert int(cells["ok"]) == len(samples) and int(cells["errors"]) == 0
+    # 2-step requests stream one preview, which arrives before the final image
+    streamed = [s for s in samples if s["steps"] == 2]
+    assert all(0 < s["first_preview_s"] < s["latency_s"] for s in streamed)
+    assert float(cells["p50_s"]) > 0
+
+
+def test_bench_rejects_unknown_benchmark():
+    r = subprocess.run([sys.executable, "-m", "stepserve.cli", "bench", "nope"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "invalid choice" in r.stderr
