@@ -11,6 +11,8 @@ from .base import Engine
 # name -> "module:factory"; the module is imported only when the engine is built.
 _ENGINES: dict[str, str] = {
     "torch": "stepserve.engines.torch_engine:TorchEngine",
+    "onnxruntime": "stepserve.engines.ort_engine:OnnxRuntimeEngine",
+    "tensorrt": "stepserve.engines.tensorrt_engine:TensorRTEngine",
 }
 
 

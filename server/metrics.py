@@ -48,6 +48,9 @@ class Metrics:
                            registry=r)
         self.warmup_s = Gauge("stepserve_warmup_seconds", "Model load and warm-up time",
                               registry=r)
+        self.build_s = Gauge("stepserve_engine_build_seconds",
+                             "Engine export / compile / quantize time paid at start-up "
+                             "(0 when the build came from the cache)", registry=r)
 
     def observe_step(self, stats: StepStats) -> None:
         if stats.batch_samples:

@@ -30,11 +30,22 @@ def build_engine(settings: Settings) -> Engine:
         import torch
 
         torch.set_num_threads(settings.threads)
+    return create_engine(settings.engine, **engine_kwargs(settings))
+
+
+def engine_kwargs(settings: Settings) -> dict:
+    """The settings each engine takes (engines reject options that are not theirs)."""
     kwargs = {"model": settings.model, "precision": settings.precision,
-              "device": settings.device, "compile": settings.compile,
-              "text_cache_size": settings.text_cache_size,
+              "device": settings.device, "text_cache_size": settings.text_cache_size,
               "default_steps": settings.default_steps}
-    return create_engine(settings.engine, **kwargs)
+    if settings.engine == "torch":
+        kwargs["compile"] = settings.compile
+    if settings.engine in ("onnxruntime", "tensorrt"):
+        kwargs.update(quantization=settings.quantization, build_dir=settings.build_dir)
+    if settings.engine == "onnxruntime":
+        kwargs.update(providers=settings.ort_providers, threads=settings.threads,
+                      opt_level=settings.ort_opt_level)
+    return kwargs
 
 
 class Runtime:
@@ -83,6 +94,7 @@ class Runtime:
                            running=lambda: len(core.running))
         self.loop.start()
         self.metrics.warmup_s.set(time.perf_counter() - start)
+        self.metrics.build_s.set(getattr(engine, "build_seconds", 0.0))
         self.metrics.ready.set(1)
         self._ready.set()
         log.info("engine %s ready in %.1f s", engine.info.engine, time.perf_counter() - start)

@@ -26,7 +26,8 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     model: str = Field("builtin", description="served model name (built-in model by default)")
-    engine: str = Field("torch", description="engine: torch (onnxruntime/tensorrt later)")
+    engine: Literal["torch", "onnxruntime", "tensorrt"] = Field(
+        "torch", description="denoiser engine")
     precision: Literal["fp32", "bf16", "fp16", "int8", "fp8"] = Field(
         "fp32", description="numeric precision of the denoiser")
     device: str = Field("cpu", description="cpu, cuda or cuda:N")
@@ -39,6 +40,14 @@ class Settings(BaseSettings):
     max_steps: int = Field(64, ge=1, le=100, description="most steps a request may ask for")
     url_ttl_s: float = Field(3600.0, gt=0, description="how long url results stay fetchable")
     compile: bool = Field(False, description="torch.compile the denoiser")
+    quantization: Literal["static", "dynamic"] = Field(
+        "static", description="int8 with onnxruntime: static QDQ (calibrated) or dynamic")
+    ort_providers: list[str] | None = Field(
+        None, description="onnxruntime execution providers in order (default from device)")
+    ort_opt_level: Literal["disable", "basic", "extended", "all"] = Field(
+        "all", description="onnxruntime graph optimisation level")
+    build_dir: Path | None = Field(
+        None, description="engine build cache (default ~/.cache/stepserve/builds)")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's)")
     warmup_batch_sizes: list[int] = Field([1, 8], description="batch sizes run at start-up")
     drain_timeout_s: float = Field(120.0, gt=0, description="SIGTERM: wait this long for work")

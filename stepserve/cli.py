@@ -13,6 +13,7 @@ COMMANDS = {
     "generate": "generate",
     "train-builtin": "train_builtin",
     "eval": "evaluate",
+    "build": "build",
     "bench": "bench",
 }
 

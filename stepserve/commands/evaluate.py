@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from .common import add_model_flags, apply_threads
+from .common import add_model_flags, apply_threads, engine_from_args
 
 HELP = "quality yardstick: per-attribute and all-five accuracy, FD and images/s per step count"
 
@@ -26,12 +26,10 @@ def run(args: argparse.Namespace) -> int:
     apply_threads(args.threads)
     from functools import partial
 
-    from stepserve.engines.registry import create_engine
     from stepserve.models.builtin.yardstick import Yardstick, evaluate, format_table
     from stepserve.server.scheduler.offline import generate_offline
 
-    engine = create_engine(args.engine, precision=args.precision, device=args.device,
-                           weights=args.weights)
+    engine = engine_from_args(args, weights=args.weights)
     engine.warmup((1, args.max_batch_size))
     generate = partial(generate_offline, engine, max_batch_size=args.max_batch_size,
                        batching=args.batching)
@@ -39,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     rows = evaluate(generate, Yardstick(), tuple(int(s) for s in args.steps.split(",")),
                     n=args.prompts, guidance=guidance, sampler=args.sampler,
                     sets=tuple(args.sets.split(",")))
-    print(f"engine={args.engine} precision={args.precision} guidance={guidance} "
+    quant = f" quantization={args.quantization}" if args.precision == "int8" else ""
+    print(f"engine={args.engine} precision={args.precision}{quant} guidance={guidance} "
           f"sampler={args.sampler} prompts/set={args.prompts}")
     print(format_table(rows))
     if args.json:

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import add_model_flags, apply_threads
+from .common import add_model_flags, apply_threads, engine_from_args
 
 HELP = "generate images without a server"
 
@@ -43,11 +43,10 @@ def run(args: argparse.Namespace) -> int:
     apply_threads(args.threads)
     from PIL import Image
 
-    from stepserve.engines.registry import create_engine
     from stepserve.server.scheduler.offline import generate_offline
 
     try:
-        engine = create_engine(args.engine, precision=args.precision, device=args.device)
+        engine = engine_from_args(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

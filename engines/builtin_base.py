@@ -1,0 +1,57 @@
+"""What every engine for the built-in model shares: weights, text encoder, decode, warm-up.
+
+Engines differ only in how they run the denoiser forward (PyTorch, ONNX Runtime,
+TensorRT), so that is the one method a subclass supplies.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stepserve.models.builtin.dit import DiT
+from stepserve.models.builtin.loading import DIT_PATH, default_guidance, load_dit
+from stepserve.models.builtin.shapes import to_uint8
+from stepserve.models.builtin.text import TextBatch, TextEncoder
+
+from .base import EngineInfo
+
+
+class BuiltinEngine:
+    name = "base"
+
+    def __init__(self, model: str = "builtin", precision: str = "fp32", device: str = "cpu",
+                 text_cache_size: int = 4096, default_steps: int = 4,
+                 weights: Path | None = None, dit: DiT | None = None,
+                 encoder: TextEncoder | None = None, guidance: float | None = None) -> None:
+        self.device = torch.device(device)
+        self.weights = Path(weights) if weights else DIT_PATH
+        self.dit = (dit if dit is not None else load_dit(self.weights)).eval()
+        self.encoder = encoder or TextEncoder(device=device, cache_size=text_cache_size)
+        self.build_seconds = 0.0  # export / compile / quantize time paid at start-up
+        cfg = self.dit.cfg
+        self.info = EngineInfo(engine=self.name, model=model, precision=precision,
+                               device=str(self.device),
+                               image_shape=(cfg.channels, cfg.image_size, cfg.image_size),
+                               time_shift=cfg.time_shift, default_steps=default_steps,
+                               default_guidance=default_guidance(self.weights)
+                               if guidance is None else guidance)
+
+    def encode(self, prompts: list[str]) -> TextBatch:
+        return self.encoder.encode(prompts)
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, d: torch.Tensor,
+                text: TextBatch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, x: torch.Tensor) -> np.ndarray:
+        return to_uint8(x)
+
+    def warmup(self, batch_sizes: tuple[int, ...] = (1, 8)) -> None:
+        c, h, w = self.info.image_shape
+        text = self.encode(["warm-up"])
+        for b in batch_sizes:
+            self.denoise(torch.zeros(b, c, h, w), torch.ones(b), torch.zeros(b),
+                         TextBatch.cat([text] * b))

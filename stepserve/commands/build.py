@@ -1,0 +1,76 @@
+"""`stepserve build`: export / quantize / calibrate / compile an engine ahead of serving.
+
+`serve`, `generate` and `eval` with the same --engine/--precision/--quantization
+then find the build in the cache (and build lazily on first use if none exists).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from .common import add_model_flags, apply_threads, engine_from_args
+
+HELP = "build an engine ahead of serving (ONNX export, int8 calibration, TensorRT plan)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_flags(p)
+    p.add_argument("--list", action="store_true", help="list cached builds and exit")
+    p.add_argument("--check-batch", type=int, default=16,
+                   help="after building, compare with torch fp32 on a batch this big")
+
+
+def check(engine, batch: int) -> dict[str, float]:
+    """Output error against the torch fp32 engine, and forward time, on one mixed batch."""
+    import torch
+
+    from stepserve.engines.torch_engine import TorchEngine
+    from stepserve.models.builtin.yardstick import prompt_set
+
+    reference = TorchEngine(dit=engine.dit, encoder=engine.encoder)
+    gen = torch.Generator().manual_seed(1)
+    c, h, w = engine.info.image_shape
+    x = torch.randn(batch, c, h, w, generator=gen)
+    t = torch.rand(batch, generator=gen)
+    d = torch.full((batch,), 0.25)
+    text = engine.encode(list(prompt_set("unseen", batch, seed=3).prompts))
+    ref = reference.denoise(x, t, d, text)
+    out = engine.denoise(x, t, d, text)
+    start = time.perf_counter()
+    for _ in range(5):
+        engine.denoise(x, t, d, text)
+    forward_s = (time.perf_counter() - start) / 5
+    rel = float(torch.linalg.norm(out.cpu() - ref) / torch.linalg.norm(ref))
+    return {"relative_error_vs_torch_fp32": rel, "forward_s": forward_s,
+            "images_per_s_at_4_steps": batch / (4 * forward_s)}
+
+
+def run(args: argparse.Namespace) -> int:
+    from stepserve.engines.build_cache import BuildCache
+
+    cache = BuildCache(args.build_dir)
+    if args.list:
+        for entry in cache.entries():
+            print(json.dumps(entry))
+        return 0
+    if args.engine == "torch":
+        print("error: the torch engine needs no build; use --engine onnxruntime or tensorrt",
+              file=sys.stderr)
+        return 2
+    apply_threads(args.threads)
+    start = time.perf_counter()
+    try:
+        engine = engine_from_args(args)
+    except (ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    seconds = time.perf_counter() - start
+    where = getattr(engine, "graph_path", None) or cache.root
+    print(f"built engine={args.engine} precision={args.precision} in {seconds:.1f} s "
+          f"(build {engine.build_seconds:.1f} s) -> {where}")
+    result = check(engine, args.check_batch)
+    print(" ".join(f"{k}={v:.4g}" for k, v in result.items()))
+    return 0

@@ -1,0 +1,150 @@
+"""ONNX export, the onnxruntime engine (fp32, int8 dynamic / static QDQ), the build cache
+and `stepserve build`; the TensorRT engine where TensorRT and a GPU exist."""
+
+import asyncio
+import subprocess
+import sys
+
+import httpx
+import onnx
+import pytest
+import torch
+
+from stepserve.engines.build_cache import BuildCache, module_hash
+from stepserve.engines.ort_engine import OnnxRuntimeEngine
+from stepserve.engines.quantize import float_nodes
+from stepserve.engines.registry import create_engine
+from stepserve.models.builtin.loading import load_dit
+from stepserve.server.app import create_app
+from stepserve.server.settings import Settings
+
+PROMPTS = ["a small red circle in the top left on a white background",
+           "big blue square, right side, yellow background",
+           "a green triangle", ""]
+
+
+@pytest.fixture(scope="module")
+def build_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("builds")
+
+
+@pytest.fixture(scope="module")
+def ort_engines(build_dir, encoder):
+    return {(p, q): OnnxRuntimeEngine(precision=p, quantization=q, encoder=encoder,
+                                      build_dir=build_dir, threads=1)
+            for p, q in [("fp32", "static"), ("int8", "dynamic"), ("int8", "static")]}
+
+
+def batch(engine, n, seed=0):
+    """A mixed batch: different times, step sizes and prompt lengths."""
+    gen = torch.Generator().manual_seed(seed)
+    text = engine.encode([PROMPTS[i % len(PROMPTS)] for i in range(n)])
+    return (torch.randn(n, 3, 32, 32, generator=gen), torch.rand(n, generator=gen),
+            torch.tensor([0.0, 0.25, 0.5, 0.125] * n)[:n], text)
+
+
+def rel(a, b):
+    return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
+
+
+@pytest.mark.parametrize("n", [1, 5, 16])
+def test_fp32_graph_matches_torch_at_any_batch_and_text_length(ort_engines, engine, n):
+    args = batch(engine, n, seed=n)
+    assert rel(ort_engines["fp32", "static"].denoise(*args), engine.denoise(*args)) < 1e-5
+
+
+def test_int8_graphs_stay_close_and_static_one_is_qdq(ort_engines, engine):
+    args = batch(engine, 12)
+    ref = engine.denoise(*args)
+    fp32 = rel(ort_engines["fp32", "static"].denoise(*args), ref)
+    for mode in ("dynamic", "static"):
+        err = rel(ort_engines["int8", mode].denoise(*args), ref)
+        assert fp32 * 100 < err < 0.05, (mode, err)  # really quantized, still close
+    static = onnx.load(str(ort_engines["int8", "static"].graph_path))
+    ops = {n.op_type for n in static.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    # the output projection stays float: its last product's input is not dequantized
+    kept = float_nodes(ort_engines["fp32", "static"].graph_path)
+    assert len(kept) == 2 + 12  # first/last token-wise + 12 per-sample products
+
+
+def test_build_cache_reuses_builds_and_keys_on_weights(ort_engines, build_dir, encoder):
+    again = OnnxRuntimeEngine(precision="int8", quantization="static", encoder=encoder,
+                              build_dir=build_dir, threads=1)
+    assert again.graph_path == ort_engines["int8", "static"].graph_path
+    assert again.build_seconds < 1.0  # found, not rebuilt
+    kinds = sorted(e["kind"] for e in BuildCache(build_dir).entries())
+    assert kinds == ["onnx-fp32", "onnx-int8-dynamic", "onnx-int8-static"]
+    other = load_dit()
+    with torch.no_grad():
+        other.patch_out.bias.add_(0.01)
+    assert module_hash(other) != module_hash(load_dit())
+    changed = OnnxRuntimeEngine(dit=other, encoder=encoder, build_dir=build_dir, threads=1)
+    assert changed.graph_path != ort_engines["fp32", "static"].graph_path
+
+
+def test_bad_engine_options_are_clear_errors(build_dir, encoder):
+    with pytest.raises(ValueError, match="fp32 or int8"):
+        OnnxRuntimeEngine(precision="bf16", encoder=encoder, build_dir=build_dir)
+    with pytest.raises(ValueError, match="not available"):
+        OnnxRuntimeEngine(providers=["CUDAExecutionProvider"], encoder=encoder,
+                          build_dir=build_dir)
+    with pytest.raises(ValueError, match="torch engine supports"):
+        create_engine("torch", precision="int8", encoder=encoder)
+
+
+def test_tensorrt_engine_needs_a_gpu_and_says_so(encoder):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present; see test_tensorrt_engine_matches_torch")
+    with pytest.raises(RuntimeError, match="CUDA"):
+        create_engine("tensorrt", device="cpu", encoder=encoder)
+
+
+def test_tensorrt_engine_matches_torch(build_dir, encoder, engine):
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed (CUDA machines only)")
+    if not torch.cuda.is_available():
+        pytest.skip("TensorRT needs a CUDA GPU")
+    trt = create_engine("tensorrt", precision="fp32", device="cuda", encoder=encoder,
+                        build_dir=build_dir, max_batch_size=16)
+    args = batch(engine, 8)
+    assert rel(trt.denoise(*args).cpu(), engine.denoise(*args)) < 1e-3
+
+
+def test_server_serves_with_the_onnxruntime_engine(ort_engines):
+    int8 = ort_engines["int8", "static"]
+    app = create_app(Settings(engine="onnxruntime", precision="int8"), builder=lambda s: int8)
+    app.state.runtime.start(background=False)
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://t") as c:
+            r = await c.post("/v1/images/generations",
+                             json={"prompt": PROMPTS[0], "num_inference_steps": 2, "seed": 3})
+            return r, (await c.get("/metrics")).text
+
+    try:
+        r, metrics = asyncio.run(go())
+    finally:
+        app.state.runtime.shutdown()
+    assert r.status_code == 200 and r.json()["data"][0]["b64_json"]
+    assert "stepserve_engine_build_seconds" in metrics
+
+
+def test_build_command_then_generate_uses_the_build(build_dir, tmp_path):
+    def stepserve(*args):
+        return subprocess.run([sys.executable, "-m", "stepserve.cli", *args],
+                              capture_output=True, text=True, timeout=600)
+
+    flags = ["--engine", "onnxruntime", "--precision", "int8", "--quantization", "dynamic",
+             "--build-dir", str(build_dir), "--threads", "1"]
+    r = stepserve("build", *flags, "--check-batch", "4")
+    assert r.returncode == 0, r.stderr
+    assert "relative_error_vs_torch_fp32=" in r.stdout
+    err = float(r.stdout.split("relative_error_vs_torch_fp32=")[1].split()[0])
+    assert 0 < err < 0.05
+    listed = stepserve("build", "--list", "--build-dir", str(build_dir))
+    assert "onnx-int8-dynamic" in listed.stdout
+    r = stepserve("generate", PROMPTS[0], "--steps", "2", "--out", str(tmp_path), *flags)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "0000.png").is_file()
+    assert stepserve("build", "--engine", "torch").returncode == 2
