@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from stepserve.models.builtin.text import TextBatch
+from stepserve.models.sampling.qsched import QSched
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class EngineInfo:
     time_shift: float
     default_steps: int
     default_guidance: float
+    qsched: QSched | None = None  # sampler correction for a quantized build
 
 
 @runtime_checkable

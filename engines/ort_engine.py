@@ -3,6 +3,7 @@ denoiser, on the CPU, CUDA or TensorRT execution providers."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 
 from stepserve.models.builtin.text import TextBatch
+from stepserve.models.sampling.qsched import QSched
 
 from .build_cache import BuildCache
 from .builtin_base import BuiltinEngine
@@ -20,6 +22,7 @@ from .onnx_export import INPUT_NAMES, OUTPUT_NAME, feeds
 log = logging.getLogger("stepserve")
 
 OPT_LEVELS = ("disable", "basic", "extended", "all")
+QSCHED_FILE = "qsched.json"  # Q-Sched start pair, next to the quantized graph
 
 
 def providers_for(device: str, requested: list[str] | None) -> list[Any]:
@@ -71,6 +74,10 @@ class OnnxRuntimeEngine(BuiltinEngine):
                            encoder=self.encoder)
         self.build_seconds = build.seconds
         self.graph_path = build.path
+        qsched_path = build.path.parent / QSCHED_FILE
+        if precision != "fp32" and qsched_path.is_file():
+            self.info = dataclasses.replace(self.info, qsched=QSched.load(qsched_path))
+            log.info("Q-Sched correction %s", self.info.qsched)
         log.info("onnxruntime graph %s (%s, %.1f s)", build.path,
                  "cached" if build.cached else "built", build.seconds)
         options = ort.SessionOptions()

@@ -1,8 +1,10 @@
-"""The PyTorch engine for the built-in model: fp32, bf16 autocast on CPU, fp16/bf16 on CUDA."""
+"""The PyTorch engine for the built-in model: fp32, bf16 autocast on CPU, fp16/bf16 on CUDA,
+int8 weights through torchao."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Any
 
 import torch
@@ -11,7 +13,19 @@ from stepserve.models.builtin.text import TextBatch
 
 from .builtin_base import BuiltinEngine
 
-_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": None}
+
+
+def int8_weights(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy whose Linear weights are int8 (per-channel scales; activations stay float)."""
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    except ImportError as exc:
+        raise RuntimeError("int8 with the torch engine needs torchao: "
+                           "pip install 'stepserve[int8]'") from exc
+    module = copy.deepcopy(module)
+    quantize_(module, Int8WeightOnlyConfig())
+    return module
 
 
 class TorchEngine(BuiltinEngine):
@@ -27,6 +41,8 @@ class TorchEngine(BuiltinEngine):
         super().__init__(precision=precision, device=device, **kwargs)
         self.dtype = _DTYPES[precision]
         self.dit = self.dit.to(self.device)
+        if precision == "int8":
+            self.dit = int8_weights(self.dit)
         self.forward = torch.compile(self.dit) if compile else self.dit
 
     def _autocast(self) -> contextlib.AbstractContextManager:

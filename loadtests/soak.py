@@ -1,5 +1,8 @@
 """Soak: many concurrent clients for minutes; only 200s and 429s allowed, memory stays flat.
 
+Memory growth is measured from the RSS after the first 20% of the run (the server
+has then seen every batch size under load) to the end; `--json` keeps the series.
+
     stepserve bench soak --clients 200 --duration 300 --max-queue 64
 """
 
@@ -14,6 +17,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 from .launch import rss_mb, server_process
 
@@ -53,11 +57,18 @@ async def soak(url: str, pid: int, clients: int, duration: float) -> dict:
         await asyncio.gather(sample_memory(), *(client_loop(c, url, stop, counts,
                                                             random.Random(k), failures)
                                                 for k in range(clients)))
-    warm = [m for t, m in samples if t >= samples[0][0] + duration * 0.1] or [samples[0][1]]
+    t0 = samples[0][0]
+    series = [(round(t - t0, 1), round(m, 1)) for t, m in samples]
+    warm = [m for t, m in series if t >= duration * 0.2] or [series[0][1]]
+    late = [(t, m) for t, m in series if t >= duration * 0.2]
+    slope = float(np.polyfit([t for t, _ in late], [m for _, m in late], 1)[0] * 60
+                  ) if len(late) > 2 else float("nan")
     return {"clients": clients, "duration_s": duration, "status_counts": dict(counts),
             "errors": sum(v for k, v in counts.items() if k not in (200, 429)),
-            "failures": failures[:20], "rss_start_mb": warm[0], "rss_end_mb": samples[-1][1],
-            "rss_growth_pct": 100 * (samples[-1][1] - warm[0]) / warm[0]}
+            "failures": failures[:20], "rss_start_mb": warm[0], "rss_end_mb": series[-1][1],
+            "rss_peak_mb": max(m for _, m in series),
+            "rss_growth_pct": 100 * (series[-1][1] - warm[0]) / warm[0],
+            "rss_slope_mb_per_min_after_warmup": slope, "rss_series": series}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -71,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     with server_process("--precision", args.precision, "--max-queue", args.max_queue,
                         "--max-batch-size", "32") as (url, proc):
         result = asyncio.run(soak(url, proc.pid, args.clients, args.duration))
-    print(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k != "rss_series"}, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import httpx
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -90,7 +91,16 @@ def test_bad_engine_options_are_clear_errors(build_dir, encoder):
         OnnxRuntimeEngine(providers=["CUDAExecutionProvider"], encoder=encoder,
                           build_dir=build_dir)
     with pytest.raises(ValueError, match="torch engine supports"):
-        create_engine("torch", precision="int8", encoder=encoder)
+        create_engine("torch", precision="fp8", encoder=encoder)
+
+
+def test_torch_int8_weights_are_int8_and_close(engine, encoder):
+    int8 = create_engine("torch", precision="int8", encoder=encoder, dit=engine.dit)
+    assert "Int8" in type(int8.dit.blocks[0].mlp[0].weight).__name__
+    assert type(engine.dit.blocks[0].mlp[0].weight) is torch.nn.Parameter  # source untouched
+    args = batch(engine, 8)
+    err = rel(int8.denoise(*args), engine.denoise(*args))
+    assert 1e-5 < err < 0.02
 
 
 def test_tensorrt_engine_needs_a_gpu_and_says_so(encoder):
@@ -148,3 +158,32 @@ def test_build_command_then_generate_uses_the_build(build_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "0000.png").is_file()
     assert stepserve("build", "--engine", "torch").returncode == 2
+
+
+def test_qsched_search_never_scores_below_no_correction_and_is_applied(ort_engines, tmp_path):
+    import dataclasses
+
+    from stepserve.engines.ort_engine import QSCHED_FILE
+    from stepserve.engines.qsched_search import search_qsched
+    from stepserve.models.sampling.qsched import QSched
+
+    int8 = ort_engines["int8", "dynamic"]
+    result = search_qsched(int8, prompts=4, steps=2, grid=(0.9, 1.0, 1.1))
+    assert len(result.table) == 9
+    assert result.score >= result.identity_score
+    assert all(0 < row[2] <= 1 and row[3] >= 0 for row in result.table)
+    # a stored pair is picked up by a new engine on the same build and reaches the sampler
+    QSched(1.1, 0.9).save(int8.graph_path.parent / QSCHED_FILE)
+    try:
+        again = OnnxRuntimeEngine(precision="int8", quantization="dynamic",
+                                  encoder=int8.encoder, build_dir=int8.graph_path.parents[1],
+                                  threads=1)
+        assert again.info.qsched == QSched(1.1, 0.9)
+        from stepserve.server.scheduler.offline import generate_offline
+
+        with_q = generate_offline(again, PROMPTS[:1], [0], 4)
+        again.info = dataclasses.replace(again.info, qsched=None)
+        without = generate_offline(again, PROMPTS[:1], [0], 4)
+        assert not np.array_equal(with_q, without)
+    finally:
+        (int8.graph_path.parent / QSCHED_FILE).unlink()

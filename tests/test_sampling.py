@@ -1,11 +1,15 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
 from stepserve.models.builtin.dit import DiT, DiTConfig
 from stepserve.models.builtin.text import TextBatch
 from stepserve.models.sampling.flow import apply_guidance, euler_step, predict_x0
+from stepserve.models.sampling.qsched import QSched
 from stepserve.models.sampling.schedules import flow_timesteps, shift_time
 from stepserve.models.sampling.state import (
+    advance,
     init_state,
     run_to_completion,
     step_batch,
@@ -124,3 +128,24 @@ def test_shortcut_step_size_and_flow_euler(model):
     s = state(1, 4)
     assert s.d == pytest.approx(s.t - s.t_next)
     assert state(1, 4, sampler="flow-euler").d == 0.0
+
+
+def test_qsched_ramps_to_one_and_scales_output_and_sample(model):
+    q = QSched(model=1.1, sample=0.9)
+    assert q.at(0, 4) == (1.1, 0.9)
+    assert q.at(3, 4) == (1.0, 1.0)
+    assert q.at(1, 3) == pytest.approx((1.05, 0.95))
+    assert init_state(1, 4, text(1, 3), text(2, 2), shape=(3, 16, 16),
+                      qsched=QSched()).qsched is None  # identity costs nothing
+    plain = state(5, 4, guidance=1.0)
+    corrected = replace(plain, qsched=q)
+    v = torch.randn(3, 16, 16)
+    a, b = advance(plain, v), advance(corrected, v)
+    t, t_next = plain.t, plain.t_next
+    assert torch.allclose(b.x, 0.9 * plain.x + (t_next - t) * 1.1 * v, atol=1e-6)
+    assert not torch.allclose(a.x, b.x)
+    # a mixed batch of corrected and plain requests equals each run alone
+    together = run_to_completion(denoiser(model), [plain, corrected])
+    alone = [run_to_completion(denoiser(model), [s])[0] for s in (plain, corrected)]
+    for x, y in zip(together, alone):
+        assert torch.allclose(x.x, y.x, atol=1e-5)

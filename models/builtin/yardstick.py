@@ -18,7 +18,7 @@ import torch
 
 from .captions import train_caption, unseen_caption
 from .classifier import AttributeClassifier, load_classifier
-from .shapes import ATTRIBUTES, Scene, render, sample_scene, to_tensor
+from .shapes import ATTRIBUTES, PALETTE, Scene, render, sample_scene, to_tensor
 
 PROMPT_SEED = 20261128
 
@@ -78,6 +78,18 @@ class Yardstick:
         out["all_five"] = 100.0 * float(hit.all(1).mean())
         return out
 
+    @torch.inference_mode()
+    def agreement(self, images: np.ndarray, labels: np.ndarray) -> float:
+        """Soft prompt agreement: the classifier's mean probability of each prompted
+        attribute (continuous, so small changes in image quality register)."""
+        probs = []
+        for i in range(0, len(images), 512):
+            logits, _ = self.classifier(to_tensor(images[i:i + 512]))
+            lab = torch.from_numpy(labels[i:i + 512])
+            probs.append(torch.stack([logits[a].softmax(-1).gather(1, lab[:, k:k + 1])[:, 0]
+                                      for k, a in enumerate(ATTRIBUTES)], 1))
+        return float(torch.cat(probs).mean())
+
     def reference_features(self, scenes: tuple[Scene, ...], copies: int = 4,
                            seed: int = 1) -> np.ndarray:
         """Features of fresh renders (new jitter) of the given scenes' attributes."""
@@ -89,6 +101,15 @@ class Yardstick:
 
     def fd(self, images: np.ndarray, scenes: tuple[Scene, ...]) -> float:
         return frechet_distance(self.read(images)[1], self.reference_features(scenes))
+
+
+def palette_error(images: np.ndarray) -> float:
+    """Reference-free image quality: mean distance (0..1) of each pixel to the nearest
+    colour of the dataset's palette; shapes images are flat palette colours, so noise,
+    tints and mushy edges raise it."""
+    palette = torch.tensor(list(PALETTE.values()), dtype=torch.float32) / 255.0
+    pixels = torch.from_numpy(images.reshape(-1, 3)).float() / 255.0
+    return float(torch.cdist(pixels, palette).min(dim=1).values.mean())
 
 
 @dataclass(frozen=True)

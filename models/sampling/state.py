@@ -15,6 +15,7 @@ import torch
 
 from ..builtin.text import TextBatch
 from .flow import apply_guidance, euler_step, predict_x0
+from .qsched import QSched
 from .schedules import flow_timesteps
 
 # v = denoiser(x, t, d, text): one batched forward; members may differ in t, d and text.
@@ -35,6 +36,7 @@ class SamplerState:
     sampler: str = "euler"
     step: int = 0
     x0: torch.Tensor | None = field(default=None, repr=False)
+    qsched: QSched | None = None  # set when a quantized engine with Q-Sched serves
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -77,10 +79,11 @@ def initial_noise(seed: int, shape: Sequence[int]) -> torch.Tensor:
 
 def init_state(seed: int, steps: int, cond: TextBatch, uncond: TextBatch, *,
                shape: Sequence[int], guidance: float = 1.0, sampler: str = "euler",
-               time_shift: float = 1.0) -> SamplerState:
+               time_shift: float = 1.0, qsched: QSched | None = None) -> SamplerState:
     return SamplerState(x=initial_noise(seed, shape),
                         times=tuple(flow_timesteps(steps, time_shift)),
-                        cond=cond, uncond=uncond, guidance=guidance, sampler=sampler)
+                        cond=cond, uncond=uncond, guidance=guidance, sampler=sampler,
+                        qsched=None if qsched is None or qsched.identity else qsched)
 
 
 def guided_velocity(denoiser: Denoiser, states: Sequence[SamplerState],
@@ -107,6 +110,9 @@ def advance(state: SamplerState, v: torch.Tensor) -> SamplerState:
     t_next = torch.tensor([state.t_next])
     x = state.x.unsqueeze(0)
     v = v.unsqueeze(0)
+    if state.qsched is not None:
+        c_model, c_sample = state.qsched.at(state.step, state.steps)
+        x, v = c_sample * x, c_model * v
     return replace(state, x=euler_step(x, v, t, t_next)[0], step=state.step + 1,
                    x0=predict_x0(x, v, t)[0])
 

@@ -146,7 +146,8 @@ class SchedulerCore:
             p = req.params
             req.states = [init_state(p.seed + k, p.steps, cond, uncond, shape=info.image_shape,
                                      guidance=p.guidance, sampler=p.sampler,
-                                     time_shift=info.time_shift) for k in range(p.n)]
+                                     time_shift=info.time_shift, qsched=info.qsched)
+                          for k in range(p.n)]
             req.status = Status.RUNNING
             self.waiting.remove(req)
             self.running.append(req)

@@ -19,6 +19,9 @@ HELP = "build an engine ahead of serving (ONNX export, int8 calibration, TensorR
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_flags(p)
     p.add_argument("--list", action="store_true", help="list cached builds and exit")
+    p.add_argument("--qsched", action="store_true",
+                   help="int8: search the Q-Sched sampler correction and store it with the build")
+    p.add_argument("--qsched-steps", type=int, default=4, help="steps the Q-Sched search uses")
     p.add_argument("--check-batch", type=int, default=16,
                    help="after building, compare with torch fp32 on a batch this big")
 
@@ -48,6 +51,21 @@ def check(engine, batch: int) -> dict[str, float]:
             "images_per_s_at_4_steps": batch / (4 * forward_s)}
 
 
+def save_qsched(engine, steps: int) -> None:
+    import dataclasses
+
+    from stepserve.engines.ort_engine import QSCHED_FILE
+    from stepserve.engines.qsched_search import search_qsched
+
+    engine.info = dataclasses.replace(engine.info, qsched=None)
+    result = search_qsched(engine, steps=steps)
+    path = engine.graph_path.parent / QSCHED_FILE
+    result.best.save(path, steps=steps, score=result.score, identity_score=result.identity_score)
+    engine.info = dataclasses.replace(engine.info, qsched=result.best)
+    print(f"Q-Sched c_m={result.best.model} c_s={result.best.sample} score={result.score:.4f} "
+          f"(no correction: {result.identity_score:.4f}) -> {path}")
+
+
 def run(args: argparse.Namespace) -> int:
     from stepserve.engines.build_cache import BuildCache
 
@@ -71,6 +89,11 @@ def run(args: argparse.Namespace) -> int:
     where = getattr(engine, "graph_path", None) or cache.root
     print(f"built engine={args.engine} precision={args.precision} in {seconds:.1f} s "
           f"(build {engine.build_seconds:.1f} s) -> {where}")
+    if args.qsched:
+        if args.precision == "fp32" or args.engine != "onnxruntime":
+            print("error: --qsched applies to quantized onnxruntime builds", file=sys.stderr)
+            return 2
+        save_qsched(engine, args.qsched_steps)
     result = check(engine, args.check_batch)
     print(" ".join(f"{k}={v:.4g}" for k, v in result.items()))
     return 0
