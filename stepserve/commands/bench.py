@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-HELP = "benchmarks that print tables: openloop, batching, overhead, soak"
+HELP = "benchmarks that print tables: openloop, batching, overhead, soak, engines"
 
 # bench name -> module under stepserve.loadtests; each has main(argv)
 BENCHES = {
@@ -13,13 +13,15 @@ BENCHES = {
     "batching": "compare_batching",
     "overhead": "overhead",
     "soak": "soak",
+    "engines": "engines",
 }
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bench", choices=sorted(BENCHES),
                    help="openloop: Poisson load against a running server; batching: step vs "
-                        "request batching; overhead: server vs raw engine; soak: many clients")
+                        "request batching; overhead: server vs raw engine; soak: many clients; "
+                        "engines: quality and speed per engine and precision")
     p.add_argument("bench_args", nargs=argparse.REMAINDER,
                    help="the benchmark's own flags (`stepserve bench NAME --help`)")
 
