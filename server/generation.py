@@ -14,6 +14,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette.sse import EventSourceResponse
 
+from stepserve.models.caches.config import CacheConfig, CacheConfigError
+
 from .errors import APIError, error_body
 from .images import CONTENT_TYPES, b64, encode_image
 from .protocol import SIZE_RE, ImageData, ImageGenerationRequest, ImagesResponse, usage_for
@@ -69,6 +71,13 @@ def resolve(body: ImageGenerationRequest, rt: Runtime) -> tuple[GenerationParams
     if body.n > s.max_batch_size:
         raise APIError(400, f"n must be at most {s.max_batch_size} on this server", "n",
                        "invalid_value")
+    try:
+        cache = CacheConfig.parse(body.cache, default=CacheConfig.parse(s.cache))
+    except CacheConfigError as exc:
+        raise APIError(400, str(exc), f"cache.{exc.field}" if isinstance(body.cache, dict)
+                       else "cache", "invalid_value") from exc
+    except TypeError as exc:  # a knob of the wrong type
+        raise APIError(400, f"invalid cache options: {exc}", "cache", "invalid_value") from exc
     params = GenerationParams(
         prompt=body.prompt, steps=steps,
         seed=body.seed if body.seed is not None else secrets.randbelow(2**31 - 10),
@@ -76,7 +85,8 @@ def resolve(body: ImageGenerationRequest, rt: Runtime) -> tuple[GenerationParams
         else info.default_guidance,
         n=body.n, negative_prompt=body.negative_prompt or "", sampler=body.sampler or "euler",
         priority=body.priority, timeout_s=body.timeout,
-        partial_images=(body.partial_images or 0) if body.stream else 0)
+        partial_images=(body.partial_images or 0) if body.stream else 0,
+        cache=cache if cache.enabled else None)
     spec = OutputSpec(body.response_format or "b64_json", body.output_format or "png",
                       body.output_compression, f"{w * upscale}x{h * upscale}", upscale)
     return params, spec

@@ -39,6 +39,9 @@ class Metrics:
         self.running = Gauge("stepserve_running_requests", "Requests being denoised",
                              registry=r)
         self.images = Counter("stepserve_images_generated", "Images generated", registry=r)
+        self.cache_skipped = Counter("stepserve_cache_skipped_steps",
+                                     "Per-image denoiser steps a step cache predicted instead "
+                                     "of computing", ["policy"], registry=r)
         self.text_cache_hits = Counter("stepserve_text_encoder_cache_hits",
                                        "Prompts served from the text-encoder cache",
                                        registry=r)
@@ -53,6 +56,8 @@ class Metrics:
                              "(0 when the build came from the cache)", registry=r)
 
     def observe_step(self, stats: StepStats) -> None:
+        for policy, n in stats.skipped.items():
+            self.cache_skipped.labels(policy=policy).inc(n)
         if stats.batch_samples:
             self.batch_size.observe(stats.batch_samples)
             self.forward_s.observe(stats.forward_s)

@@ -39,6 +39,8 @@ class ImageGenerationRequest(BaseModel):
     sampler: Literal["euler", "flow-euler"] | None = None
     priority: int = Field(0, ge=-100, le=100)
     timeout: float | None = Field(None, gt=0, le=3600)
+    # step cache: a policy name, or {"policy": ..., "order": 2, "interval": 2, ...}
+    cache: str | dict[str, str | int | float | None] | None = None
 
     @field_validator("size")
     @classmethod

@@ -122,6 +122,9 @@ def test_url_response_is_served_then_expires():
                                                                "partial_images"),
     ({"timeout": 0}, "timeout"), ({"background": "transparent"}, "background"),
     ({"prompt": ""}, "prompt"), ({"bogus_field": 1}, "bogus_field"),
+    ({"cache": "bogus"}, "cache"), ({"cache": {"policy": "ab-cache", "order": 9}}, "cache.order"),
+    ({"cache": {"policy": "ab-cache", "speed": 2}}, "cache.speed"),
+    ({"cache": {"policy": "ab-cache", "order": "x"}}, "cache"),
 ])
 def test_bad_fields_get_400_naming_the_field(app, body, param):
     r = gen(app, **body)
@@ -212,3 +215,12 @@ def test_streaming_error_event(app):
 def test_playground_page(app):
     r = call(app, "GET", "/")
     assert r.status_code == 200 and "stepserve playground" in r.text
+
+
+def test_cache_field_skips_steps_and_is_counted(app):
+    r = gen(app, num_inference_steps=16, cache={"policy": "ab-cache", "interval": 4})
+    assert r.status_code == 200, r.text
+    metrics = call(app, "GET", "/metrics").text
+    skipped = [line for line in metrics.splitlines()
+               if line.startswith('stepserve_cache_skipped_steps_total{policy="ab-cache"}')]
+    assert skipped and float(skipped[0].split()[-1]) == 16 - 5  # computes 0, 4, 8, 12, 15

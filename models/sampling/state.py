@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..builtin.text import TextBatch
+from ..caches import ab_cache
+from ..caches.config import CacheConfig
 from .flow import apply_guidance, euler_step, predict_x0
 from .qsched import QSched
 from .schedules import flow_timesteps
@@ -37,6 +39,8 @@ class SamplerState:
     step: int = 0
     x0: torch.Tensor | None = field(default=None, repr=False)
     qsched: QSched | None = None  # set when a quantized engine with Q-Sched serves
+    cache: CacheConfig | None = None  # step-cache policy; its state below follows the request
+    cache_state: ab_cache.ABState | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -79,11 +83,14 @@ def initial_noise(seed: int, shape: Sequence[int]) -> torch.Tensor:
 
 def init_state(seed: int, steps: int, cond: TextBatch, uncond: TextBatch, *,
                shape: Sequence[int], guidance: float = 1.0, sampler: str = "euler",
-               time_shift: float = 1.0, qsched: QSched | None = None) -> SamplerState:
+               time_shift: float = 1.0, qsched: QSched | None = None,
+               cache: CacheConfig | None = None) -> SamplerState:
+    cache = cache if cache is not None and cache.enabled else None
     return SamplerState(x=initial_noise(seed, shape),
                         times=tuple(flow_timesteps(steps, time_shift)),
                         cond=cond, uncond=uncond, guidance=guidance, sampler=sampler,
-                        qsched=None if qsched is None or qsched.identity else qsched)
+                        qsched=None if qsched is None or qsched.identity else qsched,
+                        cache=cache, cache_state=ab_cache.ABState() if cache else None)
 
 
 def guided_velocity(denoiser: Denoiser, states: Sequence[SamplerState],
@@ -117,13 +124,35 @@ def advance(state: SamplerState, v: torch.Tensor) -> SamplerState:
                    x0=predict_x0(x, v, t)[0])
 
 
+def needs_forward(state: SamplerState) -> bool:
+    """False when the state's cache predicts this step's output instead of computing it."""
+    if state.cache is None or state.cache_state is None:
+        return True
+    return ab_cache.must_compute(state.cache, state.cache_state, state.step, state.steps,
+                                 state.t)
+
+
 def step_batch(denoiser: Denoiser, states: Sequence[SamplerState],
                device: torch.device | str = "cpu") -> list[SamplerState]:
-    """Advance every (unfinished) state by one step with ONE batched forward."""
+    """Advance every (unfinished) state by one step with at most ONE batched forward;
+    states whose cache skips this step take no row in it."""
     if any(s.done for s in states):
         raise ValueError("cannot step a finished state")
-    v = guided_velocity(denoiser, states, device)
-    return [advance(s, v[i]) for i, s in enumerate(states)]
+    need = [i for i, s in enumerate(states) if needs_forward(s)]
+    v_need = guided_velocity(denoiser, [states[i] for i in need], device) if need else None
+    row = {i: k for k, i in enumerate(need)}
+    out = []
+    for i, s in enumerate(states):
+        if i in row:
+            v = v_need[row[i]]
+            if s.cache_state is not None:
+                s = replace(s, cache_state=ab_cache.record(s.cache_state, s.t, v,
+                                                           s.cache.order))
+        else:
+            v = ab_cache.predict(s.cache_state, s.t, s.cache.order)
+            s = replace(s, cache_state=ab_cache.skipped(s.cache_state))
+        out.append(advance(s, v))
+    return out
 
 
 def run_to_completion(denoiser: Denoiser, states: Sequence[SamplerState],

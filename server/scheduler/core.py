@@ -15,13 +15,17 @@ from dataclasses import dataclass, field
 import torch
 
 from stepserve.engines.base import Engine
-from stepserve.models.sampling.state import init_state, step_batch
+from stepserve.models.sampling.state import init_state, needs_forward, step_batch
 
 from .events import Completed, Event, Failed, Preview
 from .policy import BatchPolicy
 from .request import Request, Status
 
 log = logging.getLogger("stepserve.scheduler")
+
+
+def _no_forward(*args: object) -> torch.Tensor:
+    raise AssertionError("a fully skipped step must not call the denoiser")
 
 
 class QueueFull(Exception):
@@ -54,6 +58,7 @@ class StepStats:
     waiting: int = 0
     running: int = 0
     finished: list[Request] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)  # cache policy -> skipped image-steps
 
 
 class SchedulerCore:
@@ -100,6 +105,7 @@ class SchedulerCore:
         stats = StepStats()
         events: list[Event] = self._expire(now, stats)
         events += self._admit(now, stats)
+        events += self._skip_ahead(stats)
         batch = self._pick(now)
         if batch:
             events += self._forward(batch, stats)
@@ -146,7 +152,8 @@ class SchedulerCore:
             p = req.params
             req.states = [init_state(p.seed + k, p.steps, cond, uncond, shape=info.image_shape,
                                      guidance=p.guidance, sampler=p.sampler,
-                                     time_shift=info.time_shift, qsched=info.qsched)
+                                     time_shift=info.time_shift, qsched=info.qsched,
+                                     cache=p.cache)
                           for k in range(p.n)]
             req.status = Status.RUNNING
             self.waiting.remove(req)
@@ -159,6 +166,23 @@ class SchedulerCore:
             return list(self.running)
         return self.policy.pick(self.running, now)
 
+    def _skip_ahead(self, stats: StepStats) -> list[Event]:
+        """Advance, without a forward, every request whose cache skips its next step(s):
+        it takes no batch slot for them."""
+        events: list[Event] = []
+        for req in list(self.running):
+            while req in self.running and not any(needs_forward(s) for s in req.states):
+                self._count_skips(req.states, stats)
+                new_states = step_batch(_no_forward, req.states)
+                events += self._advanced(req, new_states, stats, self.clock())
+        return events
+
+    @staticmethod
+    def _count_skips(states: list, stats: StepStats) -> None:
+        for s in states:
+            if not needs_forward(s):
+                stats.skipped[s.cache.policy] = stats.skipped.get(s.cache.policy, 0) + 1
+
     def _forward(self, batch: list[Request], stats: StepStats) -> list[Event]:
         states = [s for r in batch for s in r.states]
         start = time.perf_counter()
@@ -168,29 +192,36 @@ class SchedulerCore:
             log.exception("denoiser forward failed for %d requests", len(batch))
             return self._fail(batch, stats, exc)
         stats.forward_s = time.perf_counter() - start
-        stats.batch_samples, stats.batch_requests = len(states), len(batch)
+        self._count_skips(states, stats)
+        stats.batch_samples = sum(needs_forward(s) for s in states)
+        stats.batch_requests = len(batch)
         now = self.clock()
         events: list[Event] = []
         offset = 0
         for req in batch:
-            req.states = new_states[offset:offset + req.samples]
+            events += self._advanced(req, new_states[offset:offset + req.samples], stats, now)
             offset += req.samples
-            req.last_served = now
-            if req.first_step_at is None:
-                req.first_step_at = now
-            if req.states[0].done:
-                images = self.engine.decode(torch.stack([s.x for s in req.states]))
-                self._retire(req, Status.FINISHED)
-                stats.finished.append(req)
-                events.append(Completed(req.id, images, req.params.steps))
-            elif req.step in req.due_previews:
-                x0 = torch.stack([s.x0 for s in req.states])
-                events.append(Preview(req.id, req.previews_sent, req.step,
-                                      self.engine.decode(x0)))
-                req.previews_sent += 1
-                if req.first_preview_at is None:
-                    req.first_preview_at = now
         return events
+
+    def _advanced(self, req: Request, states: list, stats: StepStats, now: float
+                  ) -> list[Event]:
+        """Take a request's new states; emit its completion or a due preview."""
+        req.states = states
+        req.last_served = now
+        if req.first_step_at is None:
+            req.first_step_at = now
+        if req.states[0].done:
+            images = self.engine.decode(torch.stack([s.x for s in req.states]))
+            self._retire(req, Status.FINISHED)
+            stats.finished.append(req)
+            return [Completed(req.id, images, req.params.steps)]
+        if req.step in req.due_previews:
+            x0 = torch.stack([s.x0 for s in req.states])
+            req.previews_sent += 1
+            if req.first_preview_at is None:
+                req.first_preview_at = now
+            return [Preview(req.id, req.previews_sent - 1, req.step, self.engine.decode(x0))]
+        return []
 
     def _fail(self, reqs: list[Request], stats: StepStats, exc: Exception) -> list[Event]:
         events: list[Event] = []

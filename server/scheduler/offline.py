@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from stepserve.engines.base import Engine
+from stepserve.models.caches.config import CacheConfig
 
 from .core import SchedulerConfig, SchedulerCore
 from .events import Completed, Failed
@@ -15,15 +16,16 @@ from .request import GenerationParams, Request
 
 def generate_offline(engine: Engine, prompts: Sequence[str], seeds: Sequence[int], steps: int,
                      guidance: float | None = None, sampler: str = "euler",
-                     max_batch_size: int = 64, batching: str = "step") -> np.ndarray:
+                     max_batch_size: int = 64, batching: str = "step",
+                     cache: CacheConfig | None = None) -> np.ndarray:
     """uint8 images (N, H, W, 3), one per prompt, in prompt order."""
     guidance = engine.info.default_guidance if guidance is None else guidance
     core = SchedulerCore(engine, SchedulerConfig(batching=batching,
                                                  max_batch_size=max_batch_size,
                                                  max_queue=max(1, len(prompts))))
     for i, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
-        core.submit(Request(str(i), GenerationParams(prompt, steps, seed, guidance,
-                                                     sampler=sampler), arrival=float(i)))
+        params = GenerationParams(prompt, steps, seed, guidance, sampler=sampler, cache=cache)
+        core.submit(Request(str(i), params, arrival=float(i)))
     images: dict[str, np.ndarray] = {}
     while core.has_work:
         for event in core.step():

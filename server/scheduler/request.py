@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from stepserve.models.caches.config import CacheConfig
 from stepserve.models.sampling.state import SamplerState
 
 
@@ -35,6 +36,7 @@ class GenerationParams:
     priority: int = 0  # lower runs first (as in vLLM)
     timeout_s: float | None = None
     partial_images: int = 0
+    cache: CacheConfig | None = None  # step-cache policy (None: no cache)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.n < 1 or self.partial_images < 0:

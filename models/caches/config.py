@@ -1,0 +1,67 @@
+"""Which cache a request uses and with which knobs; validated once, at the API edge.
+
+One frozen config per request (from its `cache` field or the server's `--cache`
+default); the per-request state that the policy keeps lives with the request's
+sampler state, so it follows the request from batch to batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+POLICIES = ("none", "ab-cache", "first-blocks", "teacache", "lazydit", "deepcache")
+AVAILABLE = ("none", "ab-cache")  # the others are being built (issue 5)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    policy: str = "none"
+    # ab-cache: extrapolation order k (1 = reuse the last output), and when to compute:
+    # one full compute every `interval` steps, or (with a threshold) whenever the
+    # error estimate reaches it; never more than max_skips skipped steps in a row
+    order: int = 2
+    interval: int = 2
+    threshold: float | None = None
+    max_skips: int = 3
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise CacheConfigError("policy", f"unknown cache policy {self.policy!r}; "
+                                             f"one of {', '.join(POLICIES)}")
+        if self.policy not in AVAILABLE:
+            raise CacheConfigError("policy", f"cache policy {self.policy!r} is not available "
+                                             f"yet; available: {', '.join(AVAILABLE)}")
+        if not 1 <= self.order <= 3:
+            raise CacheConfigError("order", "order must be 1, 2 or 3")
+        if self.interval < 1:
+            raise CacheConfigError("interval", "interval must be at least 1")
+        if self.threshold is not None and not self.threshold > 0:
+            raise CacheConfigError("threshold", "threshold must be positive")
+        if self.max_skips < 1:
+            raise CacheConfigError("max_skips", "max_skips must be at least 1")
+
+    @property
+    def enabled(self) -> bool:
+        return self.policy != "none"
+
+    @staticmethod
+    def parse(value: str | dict[str, Any] | None, default: CacheConfig | None = None
+              ) -> CacheConfig:
+        """A policy name, or {"policy": name, knob: value, ...}; None gives the default."""
+        if value is None:
+            return default or CacheConfig()
+        if isinstance(value, str):
+            return CacheConfig(policy=value)
+        known = {f.name for f in fields(CacheConfig)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise CacheConfigError(unknown[0], f"unknown cache option {unknown[0]!r}; "
+                                               f"known: {', '.join(sorted(known))}")
+        return CacheConfig(**value)
+
+
+class CacheConfigError(ValueError):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field

@@ -1,0 +1,107 @@
+"""Step caches inside step-level batching: AB-Cache maths, schedules, batch slots, API."""
+
+import pytest
+import torch
+
+from fakes import FakeEngine
+from stepserve.models.caches import ab_cache
+from stepserve.models.caches.config import CacheConfig, CacheConfigError
+from stepserve.server.scheduler.core import SchedulerConfig, SchedulerCore
+from stepserve.server.scheduler.events import Completed, Preview
+from stepserve.server.scheduler.request import GenerationParams, Request
+
+
+def test_lagrange_weights_are_adams_bashforth_for_equal_steps():
+    assert ab_cache.lagrange_weights((0.5, 0.75), 0.25) == pytest.approx([2, -1])
+    assert ab_cache.lagrange_weights((0.5, 0.75, 1.0), 0.25) == pytest.approx([3, -3, 1])
+
+
+def test_extrapolation_is_exact_for_polynomials_on_unequal_steps():
+    times = (0.41, 0.63, 0.97)  # newest first, unequal gaps (shifted schedules)
+    f = lambda t: torch.tensor([1.0 + 2.0 * t - 3.0 * t * t])  # noqa: E731
+    state = ab_cache.ABState(times, tuple(f(t) for t in times))
+    assert torch.allclose(ab_cache.predict(state, 0.2, 3), f(0.2), atol=1e-5)
+    linear = ab_cache.ABState(times[:2], tuple(f(t) - f(t) + 5 * t for t in times[:2]))
+    assert torch.allclose(ab_cache.predict(linear, 0.1, 2), torch.tensor([0.5]), atol=1e-6)
+    # the adaptive error estimate vanishes when the lower order already agrees
+    const = ab_cache.ABState(times, (torch.ones(1),) * 3)
+    assert ab_cache.error_estimate(const, 0.2, 3) < 1e-6
+
+
+def compute_pattern(cfg, steps):
+    state, pattern = ab_cache.ABState(), []
+    for step in range(steps):
+        t = 1 - step / steps
+        if ab_cache.must_compute(cfg, state, step, steps, t):
+            state = ab_cache.record(state, t, torch.ones(1), cfg.order)
+            pattern.append(1)
+        else:
+            state = ab_cache.skipped(state)
+            pattern.append(0)
+    return pattern
+
+
+def test_fixed_interval_schedule_keeps_first_and_last_and_caps_skips():
+    assert compute_pattern(CacheConfig("ab-cache", interval=2), 8) == [1, 0, 1, 0, 1, 0, 1, 1]
+    p = compute_pattern(CacheConfig("ab-cache", interval=3, max_skips=2), 16)
+    assert p[0] == p[-1] == 1 and sum(p) == 6  # 16 steps -> 6 forwards: 2.67x less compute
+    p = compute_pattern(CacheConfig("ab-cache", interval=8, max_skips=2), 16)
+    assert "000" not in "".join(map(str, p))
+    assert compute_pattern(CacheConfig("ab-cache", interval=2), 1) == [1]
+
+
+def test_config_parsing_and_errors_name_the_knob():
+    assert CacheConfig.parse(None).policy == "none"
+    assert CacheConfig.parse("ab-cache").order == 2
+    assert CacheConfig.parse({"policy": "ab-cache", "order": 3}).order == 3
+    for value, field in [("bogus", "policy"), ({"policy": "ab-cache", "order": 5}, "order"),
+                         ({"policy": "ab-cache", "speed": 1}, "speed"),
+                         ("first-blocks", "policy")]:
+        with pytest.raises(CacheConfigError) as err:
+            CacheConfig.parse(value)
+        assert err.value.field == field
+
+
+def cached_request(rid, steps, cache=None, partial=0):
+    return Request(rid, GenerationParams("p", steps, seed=1, guidance=1.0, cache=cache,
+                                         partial_images=partial), 0.0)
+
+
+def drain(core):
+    events, stats = [], []
+    while core.has_work:
+        events += core.step()
+        stats.append(core.last_stats)
+    return events, stats
+
+
+def test_skipping_requests_take_no_batch_slot_and_are_counted():
+    engine = FakeEngine()
+    core = SchedulerCore(engine, SchedulerConfig(max_batch_size=8))
+    cache = CacheConfig("ab-cache", interval=3)
+    core.submit(cached_request("cached", 16, cache, partial=3))
+    core.submit(cached_request("plain", 16))
+    events, stats = drain(core)
+    assert {e.request_id for e in events if isinstance(e, Completed)} == {"cached", "plain"}
+    assert len([e for e in events if isinstance(e, Preview)]) == 3  # previews still on time
+    assert sum(engine.batches) == 6 + 16  # cached: 6 forwards; plain: all 16
+    assert sum(s.skipped.get("ab-cache", 0) for s in stats) == 10
+    assert all(b in (1, 2) for b in engine.batches)
+
+
+def test_cached_images_stay_close_and_extrapolation_beats_plain_reuse(generate):
+    prompts = ["a small red circle in the top left on a white background",
+               "a large blue square at the bottom right on a yellow background"]
+    seeds = [3, 4]
+    ref = generate(prompts, seeds, steps=16).astype(float)
+
+    def err(cfg):
+        from stepserve.server.scheduler.offline import generate_offline
+
+        out = generate_offline(generate.args[0], prompts, seeds, 16, cache=cfg).astype(float)
+        return float(((out - ref) ** 2).sum() ** 0.5 / (ref ** 2).sum() ** 0.5)
+
+    reuse = err(CacheConfig("ab-cache", order=1, interval=2))
+    ab2 = err(CacheConfig("ab-cache", order=2, interval=2))
+    assert 0 < ab2 < reuse
+    assert ab2 < 0.05
