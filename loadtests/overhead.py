@@ -49,7 +49,8 @@ def raw_engine(precision: str, batch: int, steps: int, rounds: int) -> tuple[flo
     return throughput, statistics.median(singles)
 
 
-async def saturate(url: str, clients: int, steps: int, duration: float) -> float:
+async def saturate(url: str, clients: int, steps: int, duration: float,
+                   extra: dict | None = None) -> float:
     done = 0
     stop = time.perf_counter() + duration
 
@@ -59,7 +60,7 @@ async def saturate(url: str, clients: int, steps: int, duration: float) -> float
         while time.perf_counter() < stop:
             r = await c.post(f"{url}/v1/images/generations",
                              json={"prompt": PROMPT, "num_inference_steps": steps,
-                                   "seed": k * 100000 + i})
+                                   "seed": k * 100000 + i, **(extra or {})})
             done += r.status_code == 200
             i += 1
 

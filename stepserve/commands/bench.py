@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-HELP = "benchmarks that print tables: openloop, batching, overhead, soak, engines"
+HELP = "benchmarks that print tables: openloop, batching, overhead, soak, engines, caches"
 
 # bench name -> module under stepserve.loadtests; each has main(argv)
 BENCHES = {
@@ -14,6 +14,7 @@ BENCHES = {
     "overhead": "overhead",
     "soak": "soak",
     "engines": "engines",
+    "caches": "caches",
 }
 
 
@@ -21,7 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bench", choices=sorted(BENCHES),
                    help="openloop: Poisson load against a running server; batching: step vs "
                         "request batching; overhead: server vs raw engine; soak: many clients; "
-                        "engines: quality and speed per engine and precision")
+                        "engines: quality and speed per engine and precision; caches: "
+                        "step caches' compute saved vs quality")
     p.add_argument("bench_args", nargs=argparse.REMAINDER,
                    help="the benchmark's own flags (`stepserve bench NAME --help`)")
 
