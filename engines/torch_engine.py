@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from stepserve.models.builtin.text import TextBatch
+from stepserve.models.caches.block_cache import BlockState, RowCache, cached_forward
 
 from .builtin_base import BuiltinEngine
 
@@ -56,3 +57,13 @@ class TorchEngine(BuiltinEngine):
         with self._autocast():
             return self.forward(x.to(self.device), t.to(self.device), d.to(self.device),
                                 text.to(self.device)).float()
+
+    @torch.inference_mode()
+    def denoise_cached(self, x: torch.Tensor, t: torch.Tensor, d: torch.Tensor,
+                       text: TextBatch, rows: list[RowCache | None]
+                       ) -> tuple[torch.Tensor, list[BlockState | None]]:
+        """The forward with per-row block caches (runs the DiT's blocks itself)."""
+        with self._autocast():
+            v, states = cached_forward(self.dit, x.to(self.device), t.to(self.device),
+                                       d.to(self.device), text.to(self.device), rows)
+        return v.float(), states

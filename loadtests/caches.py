@@ -32,21 +32,34 @@ POLICIES: dict[str, dict | None] = {
     "ab-cache k=2 every 3": {"policy": "ab-cache", "order": 2, "interval": 3},
     "ab-cache k=3 every 3": {"policy": "ab-cache", "order": 3, "interval": 3},
     "ab-cache k=2 adaptive 0.05": {"policy": "ab-cache", "order": 2, "threshold": 0.05},
+    "first-blocks 0.08": {"policy": "first-blocks", "block_threshold": 0.08},
+    "first-blocks 0.15": {"policy": "first-blocks", "block_threshold": 0.15},
+    "teacache 0.1": {"policy": "teacache", "block_threshold": 0.1},
+    "teacache 0.3": {"policy": "teacache", "block_threshold": 0.3},
 }
 
 
 class CountingEngine:
-    """Wraps an engine and counts denoiser rows (the compute a cache saves)."""
+    """Wraps an engine and counts denoiser work in block-rows (the compute a cache saves):
+    a full forward of one row costs `depth`, a block cache's partial one less."""
 
     def __init__(self, engine: TorchEngine) -> None:
         self.engine, self.info, self.rows = engine, engine.info, 0
+        self.depth = len(engine.dit.blocks)
 
     def __getattr__(self, name: str):
         return getattr(self.engine, name)
 
     def denoise(self, x, t, d, text):
-        self.rows += x.shape[0]
+        self.rows += x.shape[0] * self.depth
         return self.engine.denoise(x, t, d, text)
+
+    def denoise_cached(self, x, t, d, text, rows):
+        v, states = self.engine.denoise_cached(x, t, d, text, rows)
+        before = sum(r.state.skipped_blocks for r in rows if r is not None)
+        after = sum(s.skipped_blocks for s in states if s is not None)
+        self.rows += x.shape[0] * self.depth - (after - before)
+        return v, states
 
 
 def quality_rows(engine: CountingEngine, stick: Yardstick, steps_list: list[int], n: int,

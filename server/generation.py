@@ -78,6 +78,10 @@ def resolve(body: ImageGenerationRequest, rt: Runtime) -> tuple[GenerationParams
                        else "cache", "invalid_value") from exc
     except TypeError as exc:  # a knob of the wrong type
         raise APIError(400, f"invalid cache options: {exc}", "cache", "invalid_value") from exc
+    if cache.block_level and not hasattr(rt.engine, "denoise_cached"):
+        raise APIError(400, f"cache policy {cache.policy!r} needs an engine that runs the DiT "
+                       f"blocks itself (torch); this server runs {info.engine!r}", "cache",
+                       "unsupported_value")
     params = GenerationParams(
         prompt=body.prompt, steps=steps,
         seed=body.seed if body.seed is not None else secrets.randbelow(2**31 - 10),

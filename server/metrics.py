@@ -42,6 +42,9 @@ class Metrics:
         self.cache_skipped = Counter("stepserve_cache_skipped_steps",
                                      "Per-image denoiser steps a step cache predicted instead "
                                      "of computing", ["policy"], registry=r)
+        self.cache_skipped_blocks = Counter("stepserve_cache_skipped_blocks",
+                                            "DiT blocks (per image row) a block cache reused "
+                                            "instead of computing", ["policy"], registry=r)
         self.text_cache_hits = Counter("stepserve_text_encoder_cache_hits",
                                        "Prompts served from the text-encoder cache",
                                        registry=r)
@@ -58,6 +61,8 @@ class Metrics:
     def observe_step(self, stats: StepStats) -> None:
         for policy, n in stats.skipped.items():
             self.cache_skipped.labels(policy=policy).inc(n)
+        for policy, n in stats.skipped_blocks.items():
+            self.cache_skipped_blocks.labels(policy=policy).inc(n)
         if stats.batch_samples:
             self.batch_size.observe(stats.batch_samples)
             self.forward_s.observe(stats.forward_s)

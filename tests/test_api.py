@@ -125,6 +125,7 @@ def test_url_response_is_served_then_expires():
     ({"cache": "bogus"}, "cache"), ({"cache": {"policy": "ab-cache", "order": 9}}, "cache.order"),
     ({"cache": {"policy": "ab-cache", "speed": 2}}, "cache.speed"),
     ({"cache": {"policy": "ab-cache", "order": "x"}}, "cache"),
+    ({"cache": "first-blocks"}, "cache"),  # the fake engine cannot run DiT blocks
 ])
 def test_bad_fields_get_400_naming_the_field(app, body, param):
     r = gen(app, **body)

@@ -5,6 +5,7 @@ import torch
 
 from fakes import FakeEngine
 from stepserve.models.caches import ab_cache
+from stepserve.models.caches.block_cache import BlockState, RowCache, cached_forward
 from stepserve.models.caches.config import CacheConfig, CacheConfigError
 from stepserve.server.scheduler.core import SchedulerConfig, SchedulerCore
 from stepserve.server.scheduler.events import Completed, Preview
@@ -56,7 +57,7 @@ def test_config_parsing_and_errors_name_the_knob():
     assert CacheConfig.parse({"policy": "ab-cache", "order": 3}).order == 3
     for value, field in [("bogus", "policy"), ({"policy": "ab-cache", "order": 5}, "order"),
                          ({"policy": "ab-cache", "speed": 1}, "speed"),
-                         ("first-blocks", "policy")]:
+                         ("lazydit", "policy"), ({"policy": "teacache", "warmup": 0}, "warmup")]:
         with pytest.raises(CacheConfigError) as err:
             CacheConfig.parse(value)
         assert err.value.field == field
@@ -105,3 +106,46 @@ def test_cached_images_stay_close_and_extrapolation_beats_plain_reuse(generate):
     ab2 = err(CacheConfig("ab-cache", order=2, interval=2))
     assert 0 < ab2 < reuse
     assert ab2 < 0.05
+
+
+def row(policy, state=None, step=1, steps=16, **knobs):
+    return RowCache(CacheConfig(policy, **knobs), state or BlockState(), step, steps)
+
+
+def test_block_caches_are_exact_when_nothing_changes_and_skip_blocks(engine):
+    dit = engine.dit
+    gen = torch.Generator().manual_seed(0)
+    text = engine.encode(["a small red circle in the top left on a white background",
+                          "a large blue square on a yellow background"])
+    x, t, d = torch.randn(2, 3, 32, 32, generator=gen), torch.tensor([0.7, 0.4]), torch.zeros(2)
+    with torch.inference_mode():
+        full = dit(x, t, d, text)
+    plain, states = cached_forward(dit, x, t, d, text, [None, None])
+    assert torch.allclose(plain, full, atol=1e-5) and states == [None, None]
+    depth = len(dit.blocks)
+    for policy, skipped in [("first-blocks", depth - 1), ("teacache", depth)]:
+        # step 0 is forced (warm-up): computed in full, caches filled
+        out0, st0 = cached_forward(dit, x, t, d, text, [row(policy, step=0), None])
+        assert torch.allclose(out0, full, atol=1e-5)
+        # the same input again: the test passes, blocks are reused, output unchanged
+        out1, st1 = cached_forward(dit, x, t, d, text, [row(policy, st0[0]), None])
+        assert st1[0].skipped_blocks == skipped and st1[1] is None
+        assert torch.allclose(out1, full, atol=1e-4)
+        # a forced step (the last one) never skips
+        _, st2 = cached_forward(dit, x, t, d, text, [row(policy, st0[0], step=15), None])
+        assert st2[0].skipped_blocks == 0
+        # a big change in the input fails the test: computed in full
+        _, st3 = cached_forward(dit, -x, t.flip(0), d, text, [row(policy, st0[0]), None])
+        assert st3[0].skipped_blocks == 0
+
+
+def test_block_caches_through_the_scheduler_stay_close(generate):
+    from stepserve.server.scheduler.offline import generate_offline
+
+    prompts = ["a small red circle in the top left on a white background",
+               "a large blue square at the bottom right on a yellow background"]
+    ref = generate(prompts, [3, 4], steps=16).astype(float)
+    for policy in ("first-blocks", "teacache"):
+        out = generate_offline(generate.args[0], prompts, [3, 4], 16,
+                               cache=CacheConfig(policy, block_threshold=0.1)).astype(float)
+        assert float(((out - ref) ** 2).sum() ** 0.5 / (ref ** 2).sum() ** 0.5) < 0.1, policy

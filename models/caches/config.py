@@ -11,7 +11,8 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 POLICIES = ("none", "ab-cache", "first-blocks", "teacache", "lazydit", "deepcache")
-AVAILABLE = ("none", "ab-cache")  # the others are being built (issue 5)
+AVAILABLE = ("none", "ab-cache", "first-blocks", "teacache")  # lazydit, deepcache: to come
+BLOCK_POLICIES = ("first-blocks", "teacache")  # need an engine that runs DiT blocks itself
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,11 @@ class CacheConfig:
     interval: int = 2
     threshold: float | None = None
     max_skips: int = 3
+    # block caches: relative-L1 threshold, blocks always computed, forced warm-up steps
+    block_threshold: float = 0.08
+    first_blocks: int = 1
+    last_blocks: int = 0
+    warmup: int = 1
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -40,6 +46,16 @@ class CacheConfig:
             raise CacheConfigError("threshold", "threshold must be positive")
         if self.max_skips < 1:
             raise CacheConfigError("max_skips", "max_skips must be at least 1")
+        if not self.block_threshold > 0:
+            raise CacheConfigError("block_threshold", "block_threshold must be positive")
+        if self.first_blocks < 1 or self.last_blocks < 0:
+            raise CacheConfigError("first_blocks", "first_blocks must be >= 1, last_blocks >= 0")
+        if self.warmup < 1:
+            raise CacheConfigError("warmup", "warmup must be at least 1 (step 0 is computed)")
+
+    @property
+    def block_level(self) -> bool:
+        return self.policy in BLOCK_POLICIES
 
     @property
     def enabled(self) -> bool:

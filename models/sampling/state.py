@@ -15,6 +15,7 @@ import torch
 
 from ..builtin.text import TextBatch
 from ..caches import ab_cache
+from ..caches.block_cache import BlockState, RowCache
 from ..caches.config import CacheConfig
 from .flow import apply_guidance, euler_step, predict_x0
 from .qsched import QSched
@@ -22,6 +23,11 @@ from .schedules import flow_timesteps
 
 # v = denoiser(x, t, d, text): one batched forward; members may differ in t, d and text.
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, TextBatch], torch.Tensor]
+# (v, new row states) = block_denoiser(x, t, d, text, rows): the same forward with per-row
+# block caches (engines that run DiT blocks themselves, e.g. torch)
+BlockDenoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, TextBatch,
+                          list[RowCache | None]],
+                         tuple[torch.Tensor, list[BlockState | None]]]
 
 SAMPLERS = ("euler", "flow-euler")
 
@@ -41,6 +47,11 @@ class SamplerState:
     qsched: QSched | None = None  # set when a quantized engine with Q-Sched serves
     cache: CacheConfig | None = None  # step-cache policy; its state below follows the request
     cache_state: ab_cache.ABState | None = field(default=None, repr=False)
+    block_state: tuple[BlockState, BlockState] | None = field(default=None, repr=False)
+
+    @property
+    def skipped_blocks(self) -> int:
+        return sum(b.skipped_blocks for b in self.block_state) if self.block_state else 0
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -90,25 +101,47 @@ def init_state(seed: int, steps: int, cond: TextBatch, uncond: TextBatch, *,
                         times=tuple(flow_timesteps(steps, time_shift)),
                         cond=cond, uncond=uncond, guidance=guidance, sampler=sampler,
                         qsched=None if qsched is None or qsched.identity else qsched,
-                        cache=cache, cache_state=ab_cache.ABState() if cache else None)
+                        cache=cache,
+                        cache_state=ab_cache.ABState() if cache and not cache.block_level
+                        else None,
+                        block_state=(BlockState(), BlockState()) if cache and cache.block_level
+                        else None)
 
 
 def guided_velocity(denoiser: Denoiser, states: Sequence[SamplerState],
-                    device: torch.device | str = "cpu") -> torch.Tensor:
+                    device: torch.device | str = "cpu",
+                    block_denoiser: BlockDenoiser | None = None
+                    ) -> tuple[torch.Tensor, list[SamplerState]]:
     """One denoiser forward for all states: conditional rows for every state plus
-    unconditional rows only for the states that use guidance."""
+    unconditional rows only for the states that use guidance. Returns the (guided)
+    velocities and the states with their block caches updated."""
     guided = [i for i, s in enumerate(states) if s.uses_guidance]
     rows = list(states) + [states[i] for i in guided]
     x = torch.stack([s.x for s in rows]).to(device)
     t = torch.tensor([s.t for s in rows], device=device)
     d = torch.tensor([s.d for s in rows], device=device)
     text = TextBatch.cat([s.cond for s in states] + [states[i].uncond for i in guided])
-    v = denoiser(x, t, d, text.to(device)).float().cpu()
+    states = list(states)
+    if any(s.block_state is not None for s in states):
+        if block_denoiser is None:
+            raise ValueError("a block cache needs an engine that runs the DiT blocks itself")
+        row_caches = [RowCache(s.cache, s.block_state[k], s.step, s.steps)
+                      if s.block_state is not None else None
+                      for k, s in [(0, s) for s in states] + [(1, states[i]) for i in guided]]
+        v, new_rows = block_denoiser(x, t, d, text.to(device), row_caches)
+        for i, s in enumerate(states):
+            if s.block_state is not None:
+                uncond = (new_rows[len(states) + guided.index(i)] if i in guided
+                          else s.block_state[1])
+                states[i] = replace(s, block_state=(new_rows[i], uncond))
+    else:
+        v = denoiser(x, t, d, text.to(device))
+    v = v.float().cpu()
     out = v[:len(states)].clone()
     if guided:
         scale = torch.tensor([states[i].guidance for i in guided])
         out[guided] = apply_guidance(out[guided], v[len(states):], scale)
-    return out
+    return out, states
 
 
 def advance(state: SamplerState, v: torch.Tensor) -> SamplerState:
@@ -133,18 +166,20 @@ def needs_forward(state: SamplerState) -> bool:
 
 
 def step_batch(denoiser: Denoiser, states: Sequence[SamplerState],
-               device: torch.device | str = "cpu") -> list[SamplerState]:
+               device: torch.device | str = "cpu",
+               block_denoiser: BlockDenoiser | None = None) -> list[SamplerState]:
     """Advance every (unfinished) state by one step with at most ONE batched forward;
     states whose cache skips this step take no row in it."""
     if any(s.done for s in states):
         raise ValueError("cannot step a finished state")
     need = [i for i, s in enumerate(states) if needs_forward(s)]
-    v_need = guided_velocity(denoiser, [states[i] for i in need], device) if need else None
+    v_need, computed = (guided_velocity(denoiser, [states[i] for i in need], device,
+                                        block_denoiser) if need else (None, []))
     row = {i: k for k, i in enumerate(need)}
     out = []
     for i, s in enumerate(states):
         if i in row:
-            v = v_need[row[i]]
+            s, v = computed[row[i]], v_need[row[i]]
             if s.cache_state is not None:
                 s = replace(s, cache_state=ab_cache.record(s.cache_state, s.t, v,
                                                            s.cache.order))
@@ -156,8 +191,8 @@ def step_batch(denoiser: Denoiser, states: Sequence[SamplerState],
 
 
 def run_to_completion(denoiser: Denoiser, states: Sequence[SamplerState],
-                      max_batch: int = 64, device: torch.device | str = "cpu"
-                      ) -> list[SamplerState]:
+                      max_batch: int = 64, device: torch.device | str = "cpu",
+                      block_denoiser: BlockDenoiser | None = None) -> list[SamplerState]:
     """Step-level batching in its simplest form: every iteration batches the
     unfinished states (they may be at different steps); finished ones leave."""
     states = list(states)
@@ -165,5 +200,6 @@ def run_to_completion(denoiser: Denoiser, states: Sequence[SamplerState],
         todo = [i for i, s in enumerate(states) if not s.done][:max_batch]
         if not todo:
             return states
-        for i, s in zip(todo, step_batch(denoiser, [states[i] for i in todo], device)):
+        for i, s in zip(todo, step_batch(denoiser, [states[i] for i in todo], device,
+                                         block_denoiser)):
             states[i] = s

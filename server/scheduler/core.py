@@ -59,6 +59,7 @@ class StepStats:
     running: int = 0
     finished: list[Request] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)  # cache policy -> skipped image-steps
+    skipped_blocks: dict[str, int] = field(default_factory=dict)  # policy -> skipped blocks
 
 
 class SchedulerCore:
@@ -187,12 +188,18 @@ class SchedulerCore:
         states = [s for r in batch for s in r.states]
         start = time.perf_counter()
         try:
-            new_states = step_batch(self.engine.denoise, states)
+            new_states = step_batch(self.engine.denoise, states,
+                                    block_denoiser=getattr(self.engine, "denoise_cached", None))
         except Exception as exc:  # fail only this batch; the server keeps serving
             log.exception("denoiser forward failed for %d requests", len(batch))
             return self._fail(batch, stats, exc)
         stats.forward_s = time.perf_counter() - start
         self._count_skips(states, stats)
+        for old, new in zip(states, new_states):
+            if new.skipped_blocks > old.skipped_blocks:
+                policy = new.cache.policy
+                stats.skipped_blocks[policy] = (stats.skipped_blocks.get(policy, 0)
+                                                + new.skipped_blocks - old.skipped_blocks)
         stats.batch_samples = sum(needs_forward(s) for s in states)
         stats.batch_requests = len(batch)
         now = self.clock()

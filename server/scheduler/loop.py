@@ -143,9 +143,9 @@ class EngineLoop:
             except Exception:  # the core itself must never die
                 log.exception("scheduler step failed")
                 continue
-            self._deliver(events)
-            if self.on_step is not None:
+            if self.on_step is not None:  # metrics first: a finished client may scrape
                 try:
                     self.on_step(self.core.last_stats)
                 except Exception:
                     log.exception("step observer failed")
+            self._deliver(events)
