@@ -18,8 +18,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
-from torch import nn
+from stepserve.models.builtin.checkpoint import module_hash
+
+__all__ = ["BuildCache", "module_hash"]
 
 MANIFEST = "manifest.json"
 
@@ -27,17 +28,6 @@ MANIFEST = "manifest.json"
 def default_root() -> Path:
     env = os.environ.get("STEPSERVE_BUILD_DIR")
     return Path(env) if env else Path.home() / ".cache" / "stepserve" / "builds"
-
-
-def module_hash(module: nn.Module) -> str:
-    """Digest of a module's parameters and buffers: the same weights give the same key,
-    whether they came from a file or from memory."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
-        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def digest(key: dict) -> str:

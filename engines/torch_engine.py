@@ -11,6 +11,7 @@ import torch
 
 from stepserve.models.builtin.text import TextBatch
 from stepserve.models.caches.block_cache import BlockState, RowCache, cached_forward
+from stepserve.models.caches.lazydit import load_gates_for
 
 from .builtin_base import BuiltinEngine
 
@@ -41,6 +42,9 @@ class TorchEngine(BuiltinEngine):
             raise ValueError("fp16 needs a CUDA device; use bf16 on CPU")
         super().__init__(precision=precision, device=device, **kwargs)
         self.dtype = _DTYPES[precision]
+        self.gates = load_gates_for(self.dit)  # LazyDiT gates trained for these weights
+        if self.gates is not None:
+            self.gates = self.gates.to(self.device)
         self.dit = self.dit.to(self.device)
         if precision == "int8":
             self.dit = int8_weights(self.dit)
@@ -65,5 +69,6 @@ class TorchEngine(BuiltinEngine):
         """The forward with per-row block caches (runs the DiT's blocks itself)."""
         with self._autocast():
             v, states = cached_forward(self.dit, x.to(self.device), t.to(self.device),
-                                       d.to(self.device), text.to(self.device), rows)
+                                       d.to(self.device), text.to(self.device), rows,
+                                       self.gates)
         return v.float(), states

@@ -36,6 +36,7 @@ POLICIES: dict[str, dict | None] = {
     "first-blocks 0.15": {"policy": "first-blocks", "block_threshold": 0.15},
     "teacache 0.1": {"policy": "teacache", "block_threshold": 0.1},
     "teacache 0.3": {"policy": "teacache", "block_threshold": 0.3},
+    "lazydit 0.5": {"policy": "lazydit", "gate_threshold": 0.5},
 }
 
 
@@ -137,8 +138,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     engine = CountingEngine(TorchEngine(precision=args.precision))
+    policies = {k: v for k, v in POLICIES.items()
+                if engine.gates is not None or (v or {}).get("policy") != "lazydit"}
     rows = quality_rows(engine, Yardstick(), [int(s) for s in args.steps.split(",")],
-                        args.prompts, POLICIES)
+                        args.prompts, policies)
     cols = ["steps", "policy", "compute_saved_x", "all_five", "fd", "images_per_s"]
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:

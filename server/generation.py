@@ -82,6 +82,10 @@ def resolve(body: ImageGenerationRequest, rt: Runtime) -> tuple[GenerationParams
         raise APIError(400, f"cache policy {cache.policy!r} needs an engine that runs the DiT "
                        f"blocks itself (torch); this server runs {info.engine!r}", "cache",
                        "unsupported_value")
+    if cache.policy == "lazydit" and getattr(rt.engine, "gates", None) is None:
+        raise APIError(400, "cache policy 'lazydit' needs LazyDiT gates trained for this "
+                       "model's weights (stepserve train-builtin --lazydit)", "cache",
+                       "unsupported_value")
     params = GenerationParams(
         prompt=body.prompt, steps=steps,
         seed=body.seed if body.seed is not None else secrets.randbelow(2**31 - 10),

@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     max_steps: int = Field(64, ge=1, le=100, description="most steps a request may ask for")
     url_ttl_s: float = Field(3600.0, gt=0, description="how long url results stay fetchable")
     compile: bool = Field(False, description="torch.compile the denoiser")
-    cache: Literal["none", "ab-cache", "first-blocks", "teacache"] = Field(
+    cache: Literal["none", "ab-cache", "first-blocks", "teacache", "lazydit"] = Field(
         "none", description="default step-cache policy (a request's `cache` field overrides)")
     quantization: Literal["static", "dynamic"] = Field(
         "static", description="int8 with onnxruntime: static QDQ (calibrated) or dynamic")

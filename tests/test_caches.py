@@ -1,5 +1,6 @@
 """Step caches inside step-level batching: AB-Cache maths, schedules, batch slots, API."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -57,7 +58,7 @@ def test_config_parsing_and_errors_name_the_knob():
     assert CacheConfig.parse({"policy": "ab-cache", "order": 3}).order == 3
     for value, field in [("bogus", "policy"), ({"policy": "ab-cache", "order": 5}, "order"),
                          ({"policy": "ab-cache", "speed": 1}, "speed"),
-                         ("lazydit", "policy"), ({"policy": "teacache", "warmup": 0}, "warmup")]:
+                         ("deepcache", "policy"), ({"policy": "teacache", "warmup": 0}, "warmup")]:
         with pytest.raises(CacheConfigError) as err:
             CacheConfig.parse(value)
         assert err.value.field == field
@@ -149,3 +150,28 @@ def test_block_caches_through_the_scheduler_stay_close(generate):
         out = generate_offline(generate.args[0], prompts, [3, 4], 16,
                                cache=CacheConfig(policy, block_threshold=0.1)).astype(float)
         assert float(((out - ref) ** 2).sum() ** 0.5 / (ref ** 2).sum() ** 0.5) < 0.1, policy
+
+
+def test_lazydit_gates_train_and_reuse_modules(engine):
+    from stepserve.models.caches.lazydit import GateTrainConfig, train_gates
+
+    dit = engine.dit
+    cfg = GateTrainConfig(steps=3, batch=4, prompts=2, step_counts=(3,), penalty=0.5)
+    gates, meta = train_gates(dit, engine, cfg)
+    assert meta["pairs"] == 2 * 2 and all(np.isfinite(r["rel_mse"]) for r in meta["log"])
+    assert not any(p.requires_grad for p in dit.parameters())  # base frozen
+    text = engine.encode(["a small red circle in the top left on a white background"] * 2)
+    gen = torch.Generator().manual_seed(0)
+    x, t, d = torch.randn(2, 3, 32, 32, generator=gen), torch.tensor([0.7, 0.7]), torch.zeros(2)
+    with torch.inference_mode():
+        full = dit(x, t, d, text)
+    _, st0 = cached_forward(dit, x, t, d, text, [row("lazydit", step=0)] * 2, gates)
+    # threshold 0: every allowed module is reused; the same input gives the same output
+    rows = [row("lazydit", st0[0], gate_threshold=0.0), None]
+    out, st1 = cached_forward(dit, x, t, d, text, rows, gates)
+    assert st1[0].skipped_blocks == len(dit.blocks) and st1[1] is None
+    assert torch.allclose(out, full, atol=1e-4)
+    # threshold 1: nothing is reused
+    out, st2 = cached_forward(dit, x, t, d, text, [row("lazydit", st0[0], gate_threshold=1.0),
+                                                   None], gates)
+    assert st2[0].skipped_blocks == 0 and torch.allclose(out, full, atol=1e-4)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -31,3 +33,14 @@ def load_state(module: nn.Module, path: Path) -> nn.Module:
     state = {k: v.to(reference[k].dtype) for k, v in state.items()}
     module.load_state_dict(state)
     return module
+
+
+def module_hash(module: nn.Module) -> str:
+    """Digest of a module's parameters and buffers: the same weights give the same key,
+    whether they came from a file or from memory."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -4,6 +4,8 @@
   after the first n, compare their residual with the one from this row's
   previous step (relative L1); under the threshold, skip the middle blocks
   and add the middle residual cached at the last full step.
+- lazydit: learned gates per block (lazydit.py) decide per row whether
+  attention and MLP are recomputed or reused from the row's previous step.
 - teacache: accumulate the relative L1 change of block 0's time-modulated
   input across steps; while the sum stays under the threshold, skip the whole
   block stack and add its cached residual; a computed step resets the sum.
@@ -20,9 +22,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..builtin.dit import DiT, modulate
+from ..builtin.dit import DiT, DiTInputs, modulate
 from ..builtin.text import TextBatch
 from .config import CacheConfig
+from .lazydit import LazyGates, lazy_forward
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,8 @@ class BlockState:
     stack_residual: torch.Tensor | None = None  # teacache: residual of all blocks
     accumulated: float = 0.0
     skips_in_row: int = 0
-    skipped_blocks: int = 0
+    skipped_blocks: int = 0  # block-equivalents reused (lazydit: attn + mlp halves)
+    lazy_prev: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None  # lazydit
 
 
 @dataclass(frozen=True)
@@ -57,14 +61,21 @@ def _rel_l1(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @torch.inference_mode()
 def cached_forward(dit: DiT, x: torch.Tensor, t: torch.Tensor, d: torch.Tensor,
-                   text: TextBatch, rows: list[RowCache | None]
+                   text: TextBatch, rows: list[RowCache | None],
+                   gates: LazyGates | None = None
                    ) -> tuple[torch.Tensor, list[BlockState | None]]:
     """The DiT forward with per-row block caches; rows[i] None means no cache."""
     h, inp = dit.embed(x, t, d, text)
     h0 = h
     depth = len(dit.blocks)
     new: list[BlockState | None] = [r.state if r else None for r in rows]
-    skip_stack: set[int] = set()
+    lazy = [i for i, r in enumerate(rows) if r and r.cfg.policy == "lazydit"]
+    if lazy:
+        if gates is None:
+            raise ValueError("lazydit needs trained gates (models/builtin/weights/lazydit)")
+        h = h.clone()
+        h[lazy] = _lazy_rows(dit, gates, h0, inp, [rows[i] for i in lazy], lazy, new)
+    skip_stack: set[int] = set(lazy)  # lazy rows have run their blocks already
     # teacache decisions need only block 0's modulation of the embedded input
     tea = [i for i, r in enumerate(rows) if r and r.cfg.policy == "teacache"]
     if tea:
@@ -88,7 +99,7 @@ def cached_forward(dit: DiT, x: torch.Tensor, t: torch.Tensor, d: torch.Tensor,
     fb = {i: rows[i].cfg for i in active if rows[i] and rows[i].cfg.policy == "first-blocks"}
     skip_middle: set[int] = set()
     before_middle: dict[int, torch.Tensor] = {}
-    h = h.clone()
+    h = h.clone() if not lazy else h
     for b, block in enumerate(dit.blocks):
         run = [i for i in active if not (i in skip_middle and _middle(fb[i], b, depth))]
         if run:
@@ -113,12 +124,38 @@ def cached_forward(dit: DiT, x: torch.Tensor, t: torch.Tensor, d: torch.Tensor,
                     new[i] = replace(st, first_residual=res, skips_in_row=0)
             if b == depth - cfg.last_blocks - 1 and i in before_middle:
                 new[i] = replace(new[i], middle_residual=h[i] - before_middle[i])
-    for i in skip_stack:
+    for i in skip_stack - set(lazy):
         h[i] = h0[i] + rows[i].state.stack_residual
     for i in tea:
         if i not in skip_stack:
             new[i] = replace(new[i], stack_residual=h[i] - h0[i])
     return dit.head(h, inp), new
+
+
+def _lazy_rows(dit: DiT, gates: LazyGates, h0: torch.Tensor, inp: DiTInputs,
+               rows: list[RowCache], index: list[int], new: list[BlockState | None]
+               ) -> torch.Tensor:
+    """Run the lazydit rows through every block with their gates; update their states."""
+    sub = torch.tensor(index)
+    sub_inp = DiTInputs(inp.c[sub], inp.ctx[sub], inp.ctx_mask[sub])
+    allow = torch.tensor([not r.forced and r.state.lazy_prev is not None for r in rows])
+    prev = None
+    if bool(allow.any()):
+        zeros = torch.zeros_like(h0[sub][0])
+        prev = [tuple(torch.stack([r.state.lazy_prev[b][k] if r.state.lazy_prev is not None
+                                   else zeros for r in rows]) for k in range(2))
+                for b in range(len(dit.blocks))]
+    h, outs, decisions = lazy_forward(dit, gates, h0[sub], sub_inp, prev,
+                                      threshold=rows[0].cfg.gate_threshold, allow=allow)
+    if prev is None:
+        decisions = torch.zeros_like(decisions)
+    for k, (i, r) in enumerate(zip(index, rows)):
+        reused = float(decisions[:, :, k].sum()) / 2  # attn + mlp = one block
+        mine = tuple((a[k], f[k]) for a, f in outs)
+        new[i] = replace(r.state, lazy_prev=mine,
+                         skips_in_row=r.state.skips_in_row + 1 if reused else 0,
+                         skipped_blocks=r.state.skipped_blocks + int(reused))
+    return h
 
 
 def _middle(cfg: CacheConfig, b: int, depth: int) -> bool:

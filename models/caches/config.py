@@ -11,8 +11,8 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 POLICIES = ("none", "ab-cache", "first-blocks", "teacache", "lazydit", "deepcache")
-AVAILABLE = ("none", "ab-cache", "first-blocks", "teacache")  # lazydit, deepcache: to come
-BLOCK_POLICIES = ("first-blocks", "teacache")  # need an engine that runs DiT blocks itself
+AVAILABLE = ("none", "ab-cache", "first-blocks", "teacache", "lazydit")  # deepcache: U-Nets
+BLOCK_POLICIES = ("first-blocks", "teacache", "lazydit")  # engines that run DiT blocks
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class CacheConfig:
     first_blocks: int = 1
     last_blocks: int = 0
     warmup: int = 1
+    gate_threshold: float = 0.5  # lazydit: reuse a module when its skip probability is over
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:

@@ -24,6 +24,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--captions", default=None, choices=["v1", "v2"],
                    help="training-caption grammar (default v1, the shipped checkpoint's)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--lazydit", action="store_true",
+                   help="also train the LazyDiT gates for the trained DiT (base frozen)")
+    p.add_argument("--lazydit-only", action="store_true",
+                   help="only train the LazyDiT gates, for the DiT already in --out")
 
 
 def quick_evaluator(encoder, classifier, n: int, guidance: float):
@@ -72,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
                                                "accuracy_on_renders": acc})
         print("classifier accuracy on renders:", json.dumps(acc))
     classifier = load_classifier(cls_path)
+    if args.lazydit_only:
+        return train_lazydit(out)
     cfg = TrainConfig(seed=args.seed)
     for name in ("steps", "batch", "eval_every", "captions"):
         if getattr(args, name) is not None:
@@ -82,4 +88,17 @@ def run(args: argparse.Namespace) -> int:
     train(cfg, args.run_dir, out=out / "dit.safetensors", encoder=encoder, evaluator=evaluator)
     plot_training(args.run_dir / "log.jsonl", out / "training.png")
     print(f"weights written to {out}")
+    return train_lazydit(out) if args.lazydit else 0
+
+
+def train_lazydit(out) -> int:
+    """LazyDiT gates for the DiT in `out`, written beside it (lazydit.safetensors)."""
+    from stepserve.engines.torch_engine import TorchEngine
+    from stepserve.models.builtin.loading import load_dit
+    from stepserve.models.caches.lazydit import save_gates, train_gates
+
+    dit = load_dit(out / "dit.safetensors")
+    gates, meta = train_gates(dit, TorchEngine(dit=dit))
+    save_gates(gates, dit, out / "lazydit.safetensors", meta)
+    print(f"LazyDiT gates written to {out / 'lazydit.safetensors'}: {meta['log'][-1]}")
     return 0
