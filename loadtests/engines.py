@@ -30,8 +30,11 @@ VARIANTS = [
     ("torch int8 (torchao weights)", "torch", "int8", None, False),
     ("onnxruntime fp32", "onnxruntime", "fp32", "static", False),
     ("onnxruntime int8 dynamic", "onnxruntime", "int8", "dynamic", False),
+    ("onnxruntime int8 dynamic + Q-Sched", "onnxruntime", "int8", "dynamic", True),
     ("onnxruntime int8 static QDQ", "onnxruntime", "int8", "static", False),
     ("onnxruntime int8 static QDQ + Q-Sched", "onnxruntime", "int8", "static", True),
+    # control: does the int8 build's Q-Sched pair help the float model just as much?
+    ("torch fp32 + static int8's Q-Sched", "torch", "fp32", None, True),
 ]
 
 
@@ -42,6 +45,10 @@ def build(variant: tuple, encoder: TextEncoder, build_dir: Path | None):
         kwargs.update(quantization=quantization, build_dir=build_dir,
                       threads=torch.get_num_threads())
     engine = create_engine(name, **kwargs)
+    if name == "torch" and qsched:  # borrow the static int8 build's pair
+        int8 = create_engine("onnxruntime", precision="int8", quantization="static",
+                             encoder=encoder, build_dir=build_dir)
+        engine.info = dataclasses.replace(engine.info, qsched=int8.info.qsched)
     if not qsched:
         engine.info = dataclasses.replace(engine.info, qsched=None)
     elif engine.info.qsched is None:

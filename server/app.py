@@ -20,6 +20,7 @@ from .errors import (
     validation_error_handler,
 )
 from .generation import router as generation_router
+from .jobs import router as jobs_router
 from .runtime import EngineBuilder, Runtime, build_engine
 from .settings import Settings
 
@@ -43,6 +44,7 @@ def create_app(settings: Settings | None = None, builder: EngineBuilder = build_
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.include_router(generation_router)
+    app.include_router(jobs_router)
     started = int(time.time())
 
     @app.get("/health")

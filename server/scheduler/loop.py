@@ -76,6 +76,19 @@ class EngineLoop:
         self._wake.set()
         return handle
 
+    def progress(self, request_id: str) -> tuple[str, int, int | None]:
+        """(phase, completed steps, queue position) of a live request, read without
+        stopping the core: "queued" (position 0 = next to be admitted) or "running"."""
+        core = self.core
+        waiting = core.policy.order(list(core.waiting), core.clock())
+        for pos, req in enumerate(waiting):
+            if req.id == request_id:
+                return "queued", 0, pos
+        for req in list(core.running):
+            if req.id == request_id:
+                return "running", req.step, None
+        return "queued", 0, None  # still in the inbox, ahead of the next step
+
     def cancel(self, request_id: str) -> None:
         """The client went away: the request leaves the batch at the next step."""
         with self._lock:
