@@ -19,6 +19,7 @@ from stepserve.models.caches.config import CacheConfig, CacheConfigError
 from .errors import APIError, error_body
 from .images import CONTENT_TYPES, b64, encode_image
 from .protocol import SIZE_RE, ImageData, ImageGenerationRequest, ImagesResponse, usage_for
+from .result_cache import result_key
 from .runtime import Runtime
 from .scheduler.core import QueueFull
 from .scheduler.events import Completed, Event, Failed, Preview
@@ -106,8 +107,23 @@ def require_ready(rt: Runtime) -> None:
         raise APIError(503, message, None, "not_ready", {"Retry-After": "5"})
 
 
-def submit(rt: Runtime, params: GenerationParams) -> Handle:
+def submit(rt: Runtime, params: GenerationParams, seeded: bool = False) -> Handle:
+    """Queue the request, or answer it from the exact result cache (seeded requests)."""
     require_ready(rt)
+    key = result_key(rt.engine.info, params) if seeded and rt.results.max_bytes else None
+    if key is not None:
+        images = rt.results.get(key)
+        rt.metrics.result_cache.labels("hit" if images is not None else "miss").inc()
+        if images is not None:
+            handle = Handle(f"img-cached-{secrets.token_hex(6)}", params)
+            handle.events.put_nowait(Completed(handle.id, images, params.steps))
+            return handle
+    handle = _queue(rt, params)
+    handle.result_key = key
+    return handle
+
+
+def _queue(rt: Runtime, params: GenerationParams) -> Handle:
     try:
         return rt.loop.submit(params)
     except QueueFull as exc:
@@ -138,6 +154,8 @@ async def image_data(rt: Runtime, request: Request, images: np.ndarray,
 
 
 def record_end(rt: Runtime, handle: Handle, event: Event | None) -> None:
+    if isinstance(event, Completed) and handle.result_key is not None:
+        rt.results.put(handle.result_key, event.images)
     status = ("ok" if isinstance(event, Completed) else "cancelled" if event is None
               else "timeout" if event.code == "timeout" else "error")
     rt.metrics.requests.labels(status).inc()
@@ -164,7 +182,7 @@ async def generate(body: ImageGenerationRequest, request: Request) -> Response:
     rt = runtime_of(request)
     require_ready(rt)
     params, spec = resolve(body, rt)
-    handle = submit(rt, params)
+    handle = submit(rt, params, seeded=body.seed is not None)
     if body.stream:
         return EventSourceResponse(stream(rt, request, handle, spec, body),
                                    ping=15, send_timeout=30)

@@ -133,7 +133,7 @@ async def create_job(body: ImageGenerationRequest, request: Request) -> JSONResp
         raise APIError(400, "jobs are polled, not streamed: drop `stream` (or use "
                        "/v1/images/generations)", "stream", "invalid_value")
     params, spec = resolve(body, rt)
-    handle = submit(rt, params)
+    handle = submit(rt, params, seeded=body.seed is not None)
     # public id "job-..."; the loop knows the request by the handle's "img-..." id
     job = Job(handle.id.replace("img-", "job-", 1), handle, spec)
     store = store_of(rt)

@@ -39,6 +39,9 @@ class Metrics:
         self.running = Gauge("stepserve_running_requests", "Requests being denoised",
                              registry=r)
         self.images = Counter("stepserve_images_generated", "Images generated", registry=r)
+        self.result_cache = Counter("stepserve_result_cache_lookups",
+                                    "Exact result cache lookups (seeded requests) by outcome",
+                                    ["outcome"], registry=r)
         self.cache_skipped = Counter("stepserve_cache_skipped_steps",
                                      "Per-image denoiser steps a step cache predicted instead "
                                      "of computing", ["policy"], registry=r)

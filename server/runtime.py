@@ -15,6 +15,7 @@ from stepserve.engines.base import Engine
 from stepserve.engines.registry import create_engine
 
 from .metrics import Metrics
+from .result_cache import ResultCache
 from .results import ResultStore
 from .scheduler.core import SchedulerConfig, SchedulerCore, StepStats
 from .scheduler.loop import EngineLoop
@@ -54,6 +55,8 @@ class Runtime:
         self.builder = builder
         self.metrics = Metrics()
         self.store = ResultStore(settings.url_ttl_s)
+        self.results = ResultCache(int(settings.result_cache_mb * 2**20),
+                                   settings.result_cache_ttl_s)
         self.engine: Engine | None = None
         self.loop: EngineLoop | None = None
         self.error: str | None = None

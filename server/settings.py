@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(1, ge=0, description="Retry-After header value on 429")
     keep_alive_s: float = Field(
         75.0, gt=0, description="idle HTTP keep-alive; above load-balancer and client idle times")
+    result_cache_mb: float = Field(
+        256.0, ge=0, description="exact result cache size (requests with a seed); 0: off")
+    result_cache_ttl_s: float = Field(3600.0, gt=0, description="how long cached results live")
     text_cache_size: int = Field(4096, ge=1, description="prompts kept by the text-encoder LRU")
     log_level: str = Field("info", description="uvicorn log level")
 

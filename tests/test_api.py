@@ -225,3 +225,29 @@ def test_cache_field_skips_steps_and_is_counted(app):
     skipped = [line for line in metrics.splitlines()
                if line.startswith('stepserve_cache_skipped_steps_total{policy="ab-cache"}')]
     assert skipped and float(skipped[0].split()[-1]) == 16 - 5  # computes 0, 4, 8, 12, 15
+
+
+def test_exact_result_cache_returns_stored_images_without_a_forward():
+    engine = FakeEngine((3, 8, 8))
+    app = make_app(engine)
+    try:
+        first = gen(app, seed=5, num_inference_steps=3)
+        forwards = len(engine.batches)
+        again = gen(app, seed=5, num_inference_steps=3)
+        assert again.status_code == 200 and len(engine.batches) == forwards  # no forward
+        assert again.json()["data"] == first.json()["data"]
+        gen(app, seed=5, num_inference_steps=2)  # any parameter differs: computed
+        gen(app, num_inference_steps=3)  # no seed: never cached
+        assert len(engine.batches) == forwards + 2 + 3
+        metrics = call(app, "GET", "/metrics").text
+        assert 'stepserve_result_cache_lookups_total{outcome="hit"} 1.0' in metrics
+        assert 'stepserve_result_cache_lookups_total{outcome="miss"} 2.0' in metrics
+    finally:
+        app.state.runtime.shutdown()
+    off = make_app(FakeEngine((3, 8, 8)), result_cache_mb=0)
+    try:
+        gen(off, seed=5)
+        gen(off, seed=5)
+        assert len(off.state.runtime.engine.batches) == 2 * 4
+    finally:
+        off.state.runtime.shutdown()

@@ -35,6 +35,7 @@ class Handle:
     params: GenerationParams
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     submitted_at: float = field(default_factory=time.monotonic)
+    result_key: str | None = None  # exact-result-cache key (requests with a seed)
 
 
 class EngineLoop:
