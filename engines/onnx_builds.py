@@ -33,7 +33,7 @@ class OnnxBuild:
 def onnx_graph(dit: DiT, precision: str = "fp32", quantization: str = "static",
                cache: BuildCache | None = None, encoder: TextEncoder | None = None,
                calibration: CalibrationConfig = DEFAULT_CALIBRATION,
-               calibrate_method: str = "minmax") -> OnnxBuild:
+               calibrate_method: str = "minmax", for_tensorrt: bool = False) -> OnnxBuild:
     if precision not in ("fp32", "int8"):
         raise ValueError(f"ONNX builds support precision fp32 or int8, not {precision!r}")
     if quantization not in MODES:
@@ -50,7 +50,7 @@ def onnx_graph(dit: DiT, precision: str = "fp32", quantization: str = "static",
         fp32 = cache.path("onnx-fp32", key)
     if precision == "fp32":
         return _done(fp32 / GRAPH, start, built)
-    kind = f"onnx-int8-{quantization}"
+    kind = f"onnx-int8-{quantization}" + ("-tensorrt" if for_tensorrt else "")
     import onnxruntime
 
     qkey = {**key, "quantization": quantization, "recipe": RECIPE,
@@ -72,7 +72,8 @@ def onnx_graph(dit: DiT, precision: str = "fp32", quantization: str = "static",
             log.info("quantizing the denoiser to int8 (static QDQ, %d calibration inputs "
                      "from %d prompts x steps %s)", len(rows), calibration.prompts,
                      list(calibration.steps))
-            quantize_static_int8(fp32 / GRAPH, scratch / GRAPH, rows, calibrate_method)
+            quantize_static_int8(fp32 / GRAPH, scratch / GRAPH, rows, calibrate_method,
+                                 symmetric=for_tensorrt)
     return _done(cache.path(kind, qkey) / GRAPH, start, built=True)
 
 

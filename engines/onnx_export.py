@@ -59,7 +59,9 @@ def export_denoiser(dit: DiT, path: Path) -> None:
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's notes on axis renaming
-        torch.onnx.export(graph, example_inputs(dit), str(path), dynamo=True,
+        device = next(dit.parameters()).device
+        example = tuple(a.to(device) for a in example_inputs(dit))
+        torch.onnx.export(graph, example, str(path), dynamo=True,
                           opset_version=OPSET, input_names=list(INPUT_NAMES),
                           output_names=[OUTPUT_NAME], dynamic_shapes=dynamic,
                           external_data=False, verbose=False)

@@ -115,5 +115,6 @@ class OnnxRuntimeEngine(BuiltinEngine):
                                tuple(v.shape), v.data_ptr())
         binding.bind_output(OUTPUT_NAME, "cuda", dev.index or 0, np.float32, tuple(out.shape),
                             out.data_ptr())
+        torch.cuda.current_stream(dev).synchronize()  # inputs written by torch are ready
         self.session.run_with_iobinding(binding)
         return out

@@ -75,7 +75,9 @@ def _reader(feeds: Sequence[dict[str, np.ndarray]]):
 
 
 def quantize_static_int8(src: Path, dst: Path, calibration: Sequence[dict[str, np.ndarray]],
-                         method: str = "minmax") -> None:
+                         method: str = "minmax", symmetric: bool = False) -> None:
+    """symmetric=True: signed int8 activations with zero points 0, the only QDQ form
+    TensorRT's explicit quantization accepts; onnxruntime's CPU kernels prefer uint8."""
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -88,8 +90,11 @@ def quantize_static_int8(src: Path, dst: Path, calibration: Sequence[dict[str, n
     pre = dst.with_suffix(".pre.onnx")
     _preprocess(src, pre)
     quantize_static(str(pre), str(dst), _reader(calibration), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    per_channel=True, calibrate_method=methods[method],
+                    activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, per_channel=True,
+                    calibrate_method=methods[method],
+                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True}
+                    if symmetric else None,
                     op_types_to_quantize=list(QUANTIZED_OPS),
                     nodes_to_exclude=float_nodes(pre))
     pre.unlink()

@@ -64,7 +64,7 @@ class TensorRTEngine(BuiltinEngine):
     name = "tensorrt"
 
     def __init__(self, precision: str = "fp16", device: str = "cuda",
-                 max_batch_size: int = 64, opt_batch_size: int = 16,
+                 max_batch_size: int = 128, opt_batch_size: int = 16,
                  quantization: str = "static", build_dir: Path | str | None = None,
                  workspace_gb: float = 4.0, **kwargs: Any) -> None:
         if precision not in PRECISIONS:
@@ -84,10 +84,11 @@ class TensorRTEngine(BuiltinEngine):
                "tensorrt": trt.__version__, "gpu": torch.cuda.get_device_name(self.device),
                "profile": {k: [list(s) for s in v] for k, v in shapes.items()}}
         start = time.perf_counter()
+        graph = self._graph(precision, cache)
+        key["source_graph"] = graph.parent.name  # a digest of everything the graph depends on
         found = cache.lookup("tensorrt", key)
         if found is None:
             with cache.building("tensorrt", key) as scratch:
-                graph = self._graph(precision, cache)
                 (scratch / PLAN).write_bytes(self._build(graph, precision, shapes,
                                                          workspace_gb))
             found = cache.path("tensorrt", key)
@@ -100,7 +101,8 @@ class TensorRTEngine(BuiltinEngine):
 
     def _graph(self, precision: str, cache: BuildCache) -> Path:
         if precision == "int8":
-            return onnx_graph(self.dit, "int8", "static", cache, self.encoder).path
+            return onnx_graph(self.dit, "int8", "static", cache, self.encoder,
+                              for_tensorrt=True).path
         if precision == "fp8":
             from .fp8 import fp8_onnx_graph
 
@@ -142,7 +144,9 @@ class TensorRTEngine(BuiltinEngine):
         values = [v.to(dev).contiguous() for v in values]
         out = torch.empty(x.shape, dtype=torch.float32, device=dev)
         for name, v in zip(INPUT_NAMES, values):
-            self.context.set_input_shape(name, tuple(v.shape))
+            if not self.context.set_input_shape(name, tuple(v.shape)):
+                raise ValueError(f"batch shape {tuple(v.shape)} of {name!r} is outside the "
+                                 "TensorRT profile (raise max_batch_size and rebuild)")
             self.context.set_tensor_address(name, v.data_ptr())
         self.context.set_tensor_address(OUTPUT_NAME, out.data_ptr())
         self.stream.wait_stream(torch.cuda.current_stream(dev))

@@ -20,7 +20,7 @@ from .errors import APIError, error_body
 from .images import CONTENT_TYPES, b64, encode_image
 from .protocol import SIZE_RE, ImageData, ImageGenerationRequest, ImagesResponse, usage_for
 from .result_cache import result_key
-from .runtime import Runtime
+from .runtime import Runtime, cache_support_error
 from .scheduler.core import QueueFull
 from .scheduler.events import Completed, Event, Failed, Preview
 from .scheduler.loop import Handle, ShuttingDown
@@ -79,14 +79,9 @@ def resolve(body: ImageGenerationRequest, rt: Runtime) -> tuple[GenerationParams
                        else "cache", "invalid_value") from exc
     except TypeError as exc:  # a knob of the wrong type
         raise APIError(400, f"invalid cache options: {exc}", "cache", "invalid_value") from exc
-    if cache.block_level and not hasattr(rt.engine, "denoise_cached"):
-        raise APIError(400, f"cache policy {cache.policy!r} needs an engine that runs the DiT "
-                       f"blocks itself (torch); this server runs {info.engine!r}", "cache",
-                       "unsupported_value")
-    if cache.policy == "lazydit" and getattr(rt.engine, "gates", None) is None:
-        raise APIError(400, "cache policy 'lazydit' needs LazyDiT gates trained for this "
-                       "model's weights (stepserve train-builtin --lazydit)", "cache",
-                       "unsupported_value")
+    problem = cache_support_error(rt.engine, cache)
+    if problem:
+        raise APIError(400, problem, "cache", "unsupported_value")
     params = GenerationParams(
         prompt=body.prompt, steps=steps,
         seed=body.seed if body.seed is not None else secrets.randbelow(2**31 - 10),

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from stepserve.engines.base import Engine
 from stepserve.engines.registry import create_engine
+from stepserve.models.caches.config import CacheConfig
 
 from .metrics import Metrics
 from .result_cache import ResultCache
@@ -43,10 +44,24 @@ def engine_kwargs(settings: Settings) -> dict:
         kwargs["compile"] = settings.compile
     if settings.engine in ("onnxruntime", "tensorrt"):
         kwargs.update(quantization=settings.quantization, build_dir=settings.build_dir)
+    if settings.engine == "tensorrt":
+        # a guided request adds an unconditional row: a forward holds up to 2x the images
+        kwargs["max_batch_size"] = 2 * settings.max_batch_size
     if settings.engine == "onnxruntime":
         kwargs.update(providers=settings.ort_providers, threads=settings.threads,
                       opt_level=settings.ort_opt_level)
     return kwargs
+
+
+def cache_support_error(engine: Engine, cache: CacheConfig) -> str | None:
+    """Why this engine cannot run this cache policy, or None."""
+    if cache.block_level and not hasattr(engine, "denoise_cached"):
+        return (f"cache policy {cache.policy!r} needs an engine that runs the DiT blocks "
+                f"itself (torch); this server runs {engine.info.engine!r}")
+    if cache.policy == "lazydit" and getattr(engine, "gates", None) is None:
+        return ("cache policy 'lazydit' needs LazyDiT gates trained for this model's "
+                "weights (stepserve train-builtin --lazydit-only)")
+    return None
 
 
 class Runtime:
@@ -80,6 +95,9 @@ class Runtime:
         start = time.perf_counter()
         try:
             engine = self.builder(self.settings)
+            problem = cache_support_error(engine, CacheConfig.parse(self.settings.cache))
+            if problem:
+                raise ValueError(f"--cache {self.settings.cache}: {problem}")
             engine.warmup(tuple(self.settings.warmup_batch_sizes))
         except Exception as exc:
             log.exception("engine failed to load")

@@ -124,8 +124,10 @@ def test_url_response_is_served_then_expires():
     ({"prompt": ""}, "prompt"), ({"bogus_field": 1}, "bogus_field"),
     ({"cache": "bogus"}, "cache"), ({"cache": {"policy": "ab-cache", "order": 9}}, "cache.order"),
     ({"cache": {"policy": "ab-cache", "speed": 2}}, "cache.speed"),
-    ({"cache": {"policy": "ab-cache", "order": "x"}}, "cache"),
+    ({"cache": {"policy": "ab-cache", "order": "x"}}, "cache.order"),
     ({"cache": "first-blocks"}, "cache"),  # the fake engine cannot run DiT blocks
+    ({"cache": {"policy": "ab-cache", "order": 2.0}}, "cache.order"),
+    ({"cache": {"policy": "lazydit", "gate_threshold": 2}}, "cache.gate_threshold"),
 ])
 def test_bad_fields_get_400_naming_the_field(app, body, param):
     r = gen(app, **body)
@@ -251,3 +253,17 @@ def test_exact_result_cache_returns_stored_images_without_a_forward():
         assert len(off.state.runtime.engine.batches) == 2 * 4
     finally:
         off.state.runtime.shutdown()
+
+
+def test_server_cache_default_applies_and_is_checked_at_start():
+    app = make_app(FakeEngine((3, 8, 8)), cache="ab-cache")
+    try:
+        # knobs without a policy refine the server's default policy
+        assert gen(app, num_inference_steps=16, cache={"interval": 4}).status_code == 200
+        metrics = call(app, "GET", "/metrics").text
+        assert 'stepserve_cache_skipped_steps_total{policy="ab-cache"} 11.0' in metrics
+    finally:
+        app.state.runtime.shutdown()
+    bad = make_app(FakeEngine((3, 8, 8)), cache="teacache")
+    r = call(bad, "GET", "/ready")
+    assert r.status_code == 503 and "needs an engine that runs the DiT" in r.text

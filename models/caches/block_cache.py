@@ -2,8 +2,8 @@
 
 - first-blocks (FBCache / DBCache): always run the first n and last m blocks;
   after the first n, compare their residual with the one from this row's
-  previous step (relative L1); under the threshold, skip the middle blocks
-  and add the middle residual cached at the last full step.
+  last computed step (relative L1); under the threshold, skip the middle
+  blocks and add the middle residual cached at that step.
 - lazydit: learned gates per block (lazydit.py) decide per row whether
   attention and MLP are recomputed or reused from the row's previous step.
 - teacache: accumulate the relative L1 change of block 0's time-modulated
@@ -38,7 +38,7 @@ class BlockState:
     stack_residual: torch.Tensor | None = None  # teacache: residual of all blocks
     accumulated: float = 0.0
     skips_in_row: int = 0
-    skipped_blocks: int = 0  # block-equivalents reused (lazydit: attn + mlp halves)
+    skipped_blocks: float = 0.0  # block-equivalents reused (lazydit: attn + mlp halves)
     lazy_prev: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None  # lazydit
 
 
@@ -90,11 +90,12 @@ def cached_forward(dit: DiT, x: torch.Tensor, t: torch.Tensor, d: torch.Tensor,
             if (not r.forced and st.stack_residual is not None
                     and acc < r.cfg.block_threshold):
                 skip_stack.add(i)
-                new[i] = replace(st, prev_modulated=mod[k], accumulated=acc,
+                new[i] = replace(st, prev_modulated=mod[k].clone(), accumulated=acc,
                                  skips_in_row=st.skips_in_row + 1,
                                  skipped_blocks=st.skipped_blocks + depth)
             else:
-                new[i] = replace(st, prev_modulated=mod[k], accumulated=0.0, skips_in_row=0)
+                new[i] = replace(st, prev_modulated=mod[k].clone(), accumulated=0.0,
+                                 skips_in_row=0)
     active = [i for i in range(len(rows)) if i not in skip_stack]
     fb = {i: rows[i].cfg for i in active if rows[i] and rows[i].cfg.policy == "first-blocks"}
     skip_middle: set[int] = set()
@@ -116,19 +117,19 @@ def cached_forward(dit: DiT, x: torch.Tensor, t: torch.Tensor, d: torch.Tensor,
                     skip_middle.add(i)
                     h[i] = h[i] + st.middle_residual
                     n_mid = depth - cfg.first_blocks - cfg.last_blocks
-                    new[i] = replace(st, first_residual=res,
-                                     skips_in_row=st.skips_in_row + 1,
+                    # keep the last computed step's residual as the reference (FBCache)
+                    new[i] = replace(st, skips_in_row=st.skips_in_row + 1,
                                      skipped_blocks=st.skipped_blocks + n_mid)
                 else:
                     before_middle[i] = h[i].clone()
-                    new[i] = replace(st, first_residual=res, skips_in_row=0)
+                    new[i] = replace(st, first_residual=res.clone(), skips_in_row=0)
             if b == depth - cfg.last_blocks - 1 and i in before_middle:
-                new[i] = replace(new[i], middle_residual=h[i] - before_middle[i])
+                new[i] = replace(new[i], middle_residual=(h[i] - before_middle[i]).clone())
     for i in skip_stack - set(lazy):
         h[i] = h0[i] + rows[i].state.stack_residual
     for i in tea:
         if i not in skip_stack:
-            new[i] = replace(new[i], stack_residual=h[i] - h0[i])
+            new[i] = replace(new[i], stack_residual=(h[i] - h0[i]).clone())
     return dit.head(h, inp), new
 
 
@@ -138,7 +139,9 @@ def _lazy_rows(dit: DiT, gates: LazyGates, h0: torch.Tensor, inp: DiTInputs,
     """Run the lazydit rows through every block with their gates; update their states."""
     sub = torch.tensor(index)
     sub_inp = DiTInputs(inp.c[sub], inp.ctx[sub], inp.ctx_mask[sub])
-    allow = torch.tensor([not r.forced and r.state.lazy_prev is not None for r in rows])
+    allow = torch.tensor([not r.forced and r.state.lazy_prev is not None for r in rows],
+                         device=h0.device)
+    thresholds = torch.tensor([r.cfg.gate_threshold for r in rows], device=h0.device)
     prev = None
     if bool(allow.any()):
         zeros = torch.zeros_like(h0[sub][0])
@@ -146,15 +149,15 @@ def _lazy_rows(dit: DiT, gates: LazyGates, h0: torch.Tensor, inp: DiTInputs,
                                    else zeros for r in rows]) for k in range(2))
                 for b in range(len(dit.blocks))]
     h, outs, decisions = lazy_forward(dit, gates, h0[sub], sub_inp, prev,
-                                      threshold=rows[0].cfg.gate_threshold, allow=allow)
+                                      threshold=thresholds, allow=allow)
     if prev is None:
         decisions = torch.zeros_like(decisions)
     for k, (i, r) in enumerate(zip(index, rows)):
         reused = float(decisions[:, :, k].sum()) / 2  # attn + mlp = one block
-        mine = tuple((a[k], f[k]) for a, f in outs)
+        mine = tuple((a[k].clone(), f[k].clone()) for a, f in outs)  # not views of the batch
         new[i] = replace(r.state, lazy_prev=mine,
                          skips_in_row=r.state.skips_in_row + 1 if reused else 0,
-                         skipped_blocks=r.state.skipped_blocks + int(reused))
+                         skipped_blocks=r.state.skipped_blocks + reused)
     return h
 
 

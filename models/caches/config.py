@@ -33,7 +33,17 @@ class CacheConfig:
     gate_threshold: float = 0.5  # lazydit: reuse a module when its skip probability is over
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
+        for name in ("order", "interval", "max_skips", "first_blocks", "last_blocks", "warmup"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise CacheConfigError(name, f"{name} must be an integer, not {value!r}")
+        for name in ("block_threshold", "gate_threshold", "threshold"):
+            value = getattr(self, name)
+            if value is None and name == "threshold":
+                continue
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise CacheConfigError(name, f"{name} must be a number, not {value!r}")
+        if not isinstance(self.policy, str) or self.policy not in POLICIES:
             raise CacheConfigError("policy", f"unknown cache policy {self.policy!r}; "
                                              f"one of {', '.join(POLICIES)}")
         if self.policy not in AVAILABLE:
@@ -53,6 +63,8 @@ class CacheConfig:
             raise CacheConfigError("first_blocks", "first_blocks must be >= 1, last_blocks >= 0")
         if self.warmup < 1:
             raise CacheConfigError("warmup", "warmup must be at least 1 (step 0 is computed)")
+        if not 0 <= self.gate_threshold <= 1:
+            raise CacheConfigError("gate_threshold", "gate_threshold must be in [0, 1]")
 
     @property
     def block_level(self) -> bool:
@@ -65,7 +77,8 @@ class CacheConfig:
     @staticmethod
     def parse(value: str | dict[str, Any] | None, default: CacheConfig | None = None
               ) -> CacheConfig:
-        """A policy name, or {"policy": name, knob: value, ...}; None gives the default."""
+        """A policy name, or {"policy": name, knob: value, ...}; None gives the default,
+        and a dict without a policy sets knobs of the default policy."""
         if value is None:
             return default or CacheConfig()
         if isinstance(value, str):
@@ -75,6 +88,8 @@ class CacheConfig:
         if unknown:
             raise CacheConfigError(unknown[0], f"unknown cache option {unknown[0]!r}; "
                                                f"known: {', '.join(sorted(known))}")
+        if "policy" not in value:
+            value = {**value, "policy": (default or CacheConfig()).policy}
         return CacheConfig(**value)
 
 

@@ -47,7 +47,7 @@ class LazyGates(nn.Module):
 
 def lazy_block(block: DiTBlock, gates: LazyGates, b: int, x: torch.Tensor, inp: DiTInputs,
                prev: tuple[torch.Tensor, torch.Tensor] | None, soft: bool = False,
-               threshold: float = 0.5, allow: torch.Tensor | None = None
+               threshold: float | torch.Tensor = 0.5, allow: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
     """One block whose attention / MLP outputs may be reused from the previous step.
 
@@ -69,8 +69,9 @@ def lazy_block(block: DiTBlock, gates: LazyGates, b: int, x: torch.Tensor, inp: 
 
 
 def _module(fn: nn.Module, gates: LazyGates, kind: str, b: int, m: torch.Tensor,
-            g: torch.Tensor, prev: torch.Tensor | None, soft: bool, threshold: float,
-            allow: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+            g: torch.Tensor, prev: torch.Tensor | None, soft: bool,
+            threshold: float | torch.Tensor, allow: torch.Tensor | None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     p = gates.skip_prob(kind, b, m)
     if prev is None:
         return g[:, None] * fn(m), p
@@ -89,7 +90,7 @@ def _module(fn: nn.Module, gates: LazyGates, kind: str, b: int, m: torch.Tensor,
 
 def lazy_forward(dit: DiT, gates: LazyGates, h: torch.Tensor, inp: DiTInputs,
                  prev: list[tuple[torch.Tensor, torch.Tensor]] | None, soft: bool = False,
-                 threshold: float = 0.5, allow: torch.Tensor | None = None
+                 threshold: float | torch.Tensor = 0.5, allow: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
     """Every block lazily: h, per-block module outputs, (depth, 2, B) skip probs/decisions."""
     outs, probs = [], []

@@ -19,7 +19,8 @@ class QSched:
     sample: float = 1.0  # c_s at the first step
 
     def at(self, step: int, steps: int) -> tuple[float, float]:
-        """(c_m, c_s) at `step` of `steps`: the start pair at step 0, 1 at the last."""
+        """(c_m, c_s) at `step` of `steps`: the start pair at step 0, 1 at the last
+        (a 1-step run uses the start pair)."""
         ramp = step / (steps - 1) if steps > 1 else 0.0
         return (self.model + (1.0 - self.model) * ramp,
                 self.sample + (1.0 - self.sample) * ramp)

@@ -50,8 +50,8 @@ class SamplerState:
     block_state: tuple[BlockState, BlockState] | None = field(default=None, repr=False)
 
     @property
-    def skipped_blocks(self) -> int:
-        return sum(b.skipped_blocks for b in self.block_state) if self.block_state else 0
+    def skipped_blocks(self) -> float:
+        return sum(b.skipped_blocks for b in self.block_state) if self.block_state else 0.0
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -179,7 +179,7 @@ def step_batch(denoiser: Denoiser, states: Sequence[SamplerState],
     out = []
     for i, s in enumerate(states):
         if i in row:
-            s, v = computed[row[i]], v_need[row[i]]
+            s, v = computed[row[i]], v_need[row[i]].clone()  # not a view of the batch
             if s.cache_state is not None:
                 s = replace(s, cache_state=ab_cache.record(s.cache_state, s.t, v,
                                                            s.cache.order))

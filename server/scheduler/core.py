@@ -59,7 +59,7 @@ class StepStats:
     running: int = 0
     finished: list[Request] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)  # cache policy -> skipped image-steps
-    skipped_blocks: dict[str, int] = field(default_factory=dict)  # policy -> skipped blocks
+    skipped_blocks: dict[str, float] = field(default_factory=dict)  # policy -> skipped blocks
 
 
 class SchedulerCore:
@@ -172,10 +172,14 @@ class SchedulerCore:
         it takes no batch slot for them."""
         events: list[Event] = []
         for req in list(self.running):
-            while req in self.running and not any(needs_forward(s) for s in req.states):
-                self._count_skips(req.states, stats)
-                new_states = step_batch(_no_forward, req.states)
-                events += self._advanced(req, new_states, stats, self.clock())
+            try:
+                while req in self.running and not any(needs_forward(s) for s in req.states):
+                    self._count_skips(req.states, stats)
+                    new_states = step_batch(_no_forward, req.states)
+                    events += self._advanced(req, new_states, stats, self.clock())
+            except Exception as exc:  # fail only this request
+                log.exception("cache step failed for %s", req.id)
+                events += self._fail([req], stats, exc)
         return events
 
     @staticmethod

@@ -13,8 +13,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batching", default="step", choices=["step", "request"])
     p.add_argument("--precision", default="fp32",
                    choices=["fp32", "bf16", "fp16", "int8", "fp8"],
-                   help="numeric precision of the denoiser (default fp32); int8 needs "
-                        "--engine onnxruntime or tensorrt, fp8 tensorrt")
+                   help="numeric precision of the denoiser (default fp32); int8: onnxruntime "
+                        "or tensorrt (torch: int8 weights via torchao), fp8: tensorrt")
     p.add_argument("--quantization", default="static", choices=["static", "dynamic"],
                    help="int8 with onnxruntime: static QDQ (calibrated, default) or dynamic")
     p.add_argument("--build-dir", type=Path, default=None,
@@ -43,7 +43,7 @@ def engine_from_args(args: argparse.Namespace, **extra: Any):
 
     settings = Settings(engine=args.engine, precision=args.precision, device=args.device,
                         quantization=args.quantization, build_dir=args.build_dir,
-                        threads=args.threads)
+                        threads=args.threads, max_batch_size=args.max_batch_size)
     kwargs = engine_kwargs(settings)
     kwargs.pop("default_steps")
     return create_engine(args.engine, **kwargs, **extra)
