@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
 from stepserve.models.builtin.text import TextBatch
+from stepserve.models.caches.config import CacheConfig
 from stepserve.models.sampling.qsched import QSched
 
 
@@ -38,6 +40,18 @@ class Engine(Protocol):
 
     def decode(self, x: torch.Tensor) -> np.ndarray:
         """Model samples (N, C, H, W) -> uint8 RGB images (N, H, W, 3)."""
+
+    # The sampling contract the scheduler drives (flow_sampling.FlowSampling for the
+    # built-in model). A state exposes .step, .done, .x and .x0 (the preview).
+    def init_state(self, seed: int, steps: int, cond: Any, uncond: Any, *, guidance: float,
+                   sampler: str = "euler", cache: CacheConfig | None = None) -> Any:
+        """One request image's own sampler state."""
+
+    def step_batch(self, states: Sequence[Any]) -> list[Any]:
+        """Advance every state one step with at most ONE batched forward."""
+
+    def needs_forward(self, state: Any) -> bool:
+        """False when the state's step cache predicts its next step instead."""
 
     def warmup(self, batch_sizes: tuple[int, ...]) -> None:
         """Run representative forwards so the first request pays no start-up cost."""

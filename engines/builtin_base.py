@@ -17,9 +17,10 @@ from stepserve.models.builtin.shapes import to_uint8
 from stepserve.models.builtin.text import TextBatch, TextEncoder
 
 from .base import EngineInfo
+from .flow_sampling import FlowSampling
 
 
-class BuiltinEngine:
+class BuiltinEngine(FlowSampling):
     name = "base"
 
     def __init__(self, model: str = "builtin", precision: str = "fp32", device: str = "cpu",

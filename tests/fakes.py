@@ -6,12 +6,13 @@ import numpy as np
 import torch
 
 from stepserve.engines.base import EngineInfo
+from stepserve.engines.flow_sampling import FlowSampling
 from stepserve.models.builtin.text import TextBatch
 
 BOOM = "boom"  # a prompt containing this makes the forward raise
 
 
-class FakeEngine:
+class FakeEngine(FlowSampling):
     def __init__(self, shape: tuple[int, int, int] = (3, 4, 4)) -> None:
         self.info = EngineInfo(engine="fake", model="fake", precision="fp32", device="cpu",
                                image_shape=shape, time_shift=1.0, default_steps=4,

@@ -15,17 +15,12 @@ from dataclasses import dataclass, field
 import torch
 
 from stepserve.engines.base import Engine
-from stepserve.models.sampling.state import init_state, needs_forward, step_batch
 
 from .events import Completed, Event, Failed, Preview
 from .policy import BatchPolicy
 from .request import Request, Status
 
 log = logging.getLogger("stepserve.scheduler")
-
-
-def _no_forward(*args: object) -> torch.Tensor:
-    raise AssertionError("a fully skipped step must not call the denoiser")
 
 
 class QueueFull(Exception):
@@ -147,15 +142,12 @@ class SchedulerCore:
             log.exception("text encoding failed")
             return self._fail(chosen, stats, exc)
         stats.encode_s = time.perf_counter() - start
-        info = self.engine.info
         for i, req in enumerate(chosen):
             cond, uncond = text.select([i]), text.select([len(chosen) + i])
             p = req.params
-            req.states = [init_state(p.seed + k, p.steps, cond, uncond, shape=info.image_shape,
-                                     guidance=p.guidance, sampler=p.sampler,
-                                     time_shift=info.time_shift, qsched=info.qsched,
-                                     cache=p.cache)
-                          for k in range(p.n)]
+            req.states = [self.engine.init_state(p.seed + k, p.steps, cond, uncond,
+                                                 guidance=p.guidance, sampler=p.sampler,
+                                                 cache=p.cache) for k in range(p.n)]
             req.status = Status.RUNNING
             self.waiting.remove(req)
             self.running.append(req)
@@ -173,27 +165,26 @@ class SchedulerCore:
         events: list[Event] = []
         for req in list(self.running):
             try:
-                while req in self.running and not any(needs_forward(s) for s in req.states):
+                while req in self.running and not any(map(self.engine.needs_forward,
+                                                          req.states)):
                     self._count_skips(req.states, stats)
-                    new_states = step_batch(_no_forward, req.states)
+                    new_states = self.engine.step_batch(req.states)  # runs no forward
                     events += self._advanced(req, new_states, stats, self.clock())
             except Exception as exc:  # fail only this request
                 log.exception("cache step failed for %s", req.id)
                 events += self._fail([req], stats, exc)
         return events
 
-    @staticmethod
-    def _count_skips(states: list, stats: StepStats) -> None:
+    def _count_skips(self, states: list, stats: StepStats) -> None:
         for s in states:
-            if not needs_forward(s):
+            if not self.engine.needs_forward(s):
                 stats.skipped[s.cache.policy] = stats.skipped.get(s.cache.policy, 0) + 1
 
     def _forward(self, batch: list[Request], stats: StepStats) -> list[Event]:
         states = [s for r in batch for s in r.states]
         start = time.perf_counter()
         try:
-            new_states = step_batch(self.engine.denoise, states,
-                                    block_denoiser=getattr(self.engine, "denoise_cached", None))
+            new_states = self.engine.step_batch(states)
         except Exception as exc:  # fail only this batch; the server keeps serving
             log.exception("denoiser forward failed for %d requests", len(batch))
             return self._fail(batch, stats, exc)
@@ -204,7 +195,7 @@ class SchedulerCore:
                 policy = new.cache.policy
                 stats.skipped_blocks[policy] = (stats.skipped_blocks.get(policy, 0)
                                                 + new.skipped_blocks - old.skipped_blocks)
-        stats.batch_samples = sum(needs_forward(s) for s in states)
+        stats.batch_samples = sum(map(self.engine.needs_forward, states))
         stats.batch_requests = len(batch)
         now = self.clock()
         events: list[Event] = []
