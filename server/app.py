@@ -54,7 +54,7 @@ def create_app(settings: Settings | None = None, builder: EngineBuilder = build_
     @app.get("/ready")
     async def ready() -> Response:
         if runtime.ready:
-            return JSONResponse({"status": "ready", "model": settings.model})
+            return JSONResponse({"status": "ready", "model": settings.model_name})
         if runtime.error:
             return error_response(503, f"model failed to load: {runtime.error}", None,
                                   "load_failed")
@@ -64,7 +64,7 @@ def create_app(settings: Settings | None = None, builder: EngineBuilder = build_
     @app.get("/v1/models")
     async def models() -> dict:
         return {"object": "list",
-                "data": [{"id": settings.model, "object": "model", "created": started,
+                "data": [{"id": settings.model_name, "object": "model", "created": started,
                           "owned_by": "stepserve"}]}
 
     @app.get("/metrics")

@@ -48,8 +48,9 @@ def runtime_of(request: Request) -> Runtime:
 def resolve(body: ImageGenerationRequest, rt: Runtime) -> tuple[GenerationParams, OutputSpec]:
     """Checks that need the server's settings and model; each error names its field."""
     s, info = rt.settings, rt.engine.info  # type: ignore[union-attr]
-    if body.model is not None and body.model != s.model:
-        raise APIError(404, f"model {body.model!r} is not served here; available: {s.model!r}",
+    if body.model is not None and body.model != s.model_name:
+        raise APIError(404, f"model {body.model!r} is not served here; available: "
+                       f"{s.model_name!r}",
                        "model", "model_not_found")
     _, h, w = info.image_shape
     upscale = 1
@@ -58,7 +59,7 @@ def resolve(body: ImageGenerationRequest, rt: Runtime) -> tuple[GenerationParams
         assert m is not None
         width, height = int(m.group(1)), int(m.group(2))
         if width != height or width % w or not 1 <= width // w <= MAX_UPSCALE:
-            raise APIError(400, f"size {body.size!r} is not supported by {s.model!r}: use "
+            raise APIError(400, f"size {body.size!r} is not supported by {s.model_name!r}: use "
                            f"{w}x{h} (native) or a square multiple up to "
                            f"{w * MAX_UPSCALE}x{h * MAX_UPSCALE}", "size", "invalid_value")
         upscale = width // w

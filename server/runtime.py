@@ -32,12 +32,30 @@ def build_engine(settings: Settings) -> Engine:
         import torch
 
         torch.set_num_threads(settings.threads)
+    if settings.model != "builtin":
+        return diffusers_engine(settings)
     return create_engine(settings.engine, **engine_kwargs(settings))
+
+
+def diffusers_engine(settings: Settings) -> Engine:
+    """A local diffusers folder named by --model (config only, never by a request)."""
+    from pathlib import Path
+
+    from stepserve.engines.diffusers_engine import DiffusersEngine
+
+    folder = Path(settings.model)
+    if not (folder / "model_index.json").is_file():
+        raise ValueError(f"--model {settings.model}: not 'builtin' and not a diffusers folder "
+                         "(no model_index.json)")
+    if settings.engine != "torch":
+        raise ValueError("diffusers folders run on --engine torch for now")
+    return DiffusersEngine(settings.model_name, folder, precision=settings.precision,
+                           device=settings.device, default_steps=settings.default_steps)
 
 
 def engine_kwargs(settings: Settings) -> dict:
     """The settings each engine takes (engines reject options that are not theirs)."""
-    kwargs = {"model": settings.model, "precision": settings.precision,
+    kwargs = {"model": settings.model_name, "precision": settings.precision,
               "device": settings.device, "text_cache_size": settings.text_cache_size,
               "default_steps": settings.default_steps}
     if settings.engine == "torch":

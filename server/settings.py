@@ -25,7 +25,8 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
-    model: str = Field("builtin", description="served model name (built-in model by default)")
+    model: str = Field("builtin", description="'builtin', or a local diffusers folder to serve "
+                                              "(served under the folder's name)")
     engine: Literal["torch", "onnxruntime", "tensorrt"] = Field(
         "torch", description="denoiser engine")
     precision: Literal["fp32", "bf16", "fp16", "int8", "fp8"] = Field(
@@ -81,6 +82,11 @@ class Settings(BaseSettings):
             else:
                 raise ValueError(f"config file must be .toml or .json: {path}")
         return tuple(sources)
+
+    @property
+    def model_name(self) -> str:
+        """The name clients use in `model`: 'builtin' or the served folder's name."""
+        return "builtin" if self.model == "builtin" else Path(self.model).name
 
     @classmethod
     def load(cls, config_file: str | Path | None = None, **flags: Any) -> Settings:

@@ -1,0 +1,1 @@
+"""diffusers model families served by the scheduler (adapters in engines/diffusers_engine.py)."""

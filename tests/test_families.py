@@ -1,0 +1,106 @@
+"""diffusers families inside the step-level scheduler: the adapter's images equal the
+pipeline's own __call__ (same seed, steps, scheduler), also when batched with requests
+at other steps, and the folder is served through the API."""
+
+import asyncio
+import base64
+import io
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("diffusers")
+
+from stepserve.engines.diffusers_engine import DiffusersEngine  # noqa: E402
+from stepserve.models.families.tiny import tiny_sd  # noqa: E402
+from stepserve.server.app import create_app  # noqa: E402
+from stepserve.server.scheduler.core import SchedulerConfig, SchedulerCore  # noqa: E402
+from stepserve.server.scheduler.events import Completed  # noqa: E402
+from stepserve.server.scheduler.offline import generate_offline  # noqa: E402
+from stepserve.server.scheduler.request import GenerationParams, Request  # noqa: E402
+from stepserve.server.settings import Settings  # noqa: E402
+
+PROMPTS = ["a red circle", "a blue square", "green"]
+
+
+@pytest.fixture(scope="module", params=["epsilon", "v_prediction"])
+def sd(request, tmp_path_factory):
+    folder = tiny_sd(tmp_path_factory.mktemp(f"sd-{request.param}") / "tiny-sd",
+                     prediction_type=request.param)
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    return folder, pipe, DiffusersEngine("tiny-sd", folder)
+
+
+def reference(pipe, prompt, seed, steps, guidance):
+    out = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance,
+               generator=torch.Generator().manual_seed(seed), output_type="np").images[0]
+    return (out * 255).round().astype(np.uint8)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 4.0])
+def test_adapter_equals_the_pipeline(sd, guidance):
+    _, pipe, engine = sd
+    ours = generate_offline(engine, PROMPTS[:2], [1, 2], 3, guidance=guidance)
+    for image, prompt, seed in zip(ours, PROMPTS[:2], [1, 2]):
+        ref = reference(pipe, prompt, seed, 3, guidance)
+        assert np.abs(image.astype(int) - ref.astype(int)).max() <= 1
+
+
+def test_adapter_equals_the_pipeline_when_batched_with_other_steps(sd):
+    _, pipe, engine = sd
+    core = SchedulerCore(engine, SchedulerConfig(max_batch_size=8))
+    core.submit(Request("a", GenerationParams(PROMPTS[0], 5, 7, 3.0), 0.0))
+    core.step()
+    core.step()  # "a" is two steps in when "b" (other steps, no guidance) joins
+    core.submit(Request("b", GenerationParams(PROMPTS[2], 3, 8, 1.0), 1.0))
+    images = {}
+    while core.has_work:
+        for e in core.step():
+            if isinstance(e, Completed):
+                images[e.request_id] = e.images[0]
+    for rid, (prompt, seed, steps, g) in {"a": (PROMPTS[0], 7, 5, 3.0),
+                                          "b": (PROMPTS[2], 8, 3, 1.0)}.items():
+        ref = reference(pipe, prompt, seed, steps, g)
+        assert np.abs(images[rid].astype(int) - ref.astype(int)).max() <= 1
+
+
+def test_folder_is_served_through_the_api(sd):
+    folder, pipe, _ = sd
+    app = create_app(Settings(model=str(folder), warmup_batch_sizes=[1]))
+    app.state.runtime.start(background=False)
+    assert app.state.runtime.error is None, app.state.runtime.error
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://t") as c:
+            models = (await c.get("/v1/models")).json()
+            r = await c.post("/v1/images/generations",
+                             json={"model": "tiny-sd", "prompt": PROMPTS[1], "seed": 3,
+                                   "num_inference_steps": 2, "guidance_scale": 2.0})
+            wrong = await c.post("/v1/images/generations", json={"model": "builtin",
+                                                                 "prompt": "x"})
+            return models, r, wrong
+
+    try:
+        models, r, wrong = asyncio.run(go())
+    finally:
+        app.state.runtime.shutdown()
+    assert models["data"][0]["id"] == "tiny-sd"
+    assert r.status_code == 200, r.text
+    image = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"])))
+                       .convert("RGB"))
+    assert np.abs(image.astype(int) - reference(pipe, PROMPTS[1], 3, 2, 2.0).astype(int)
+                  ).max() <= 1
+    assert wrong.status_code == 404 and wrong.json()["error"]["param"] == "model"
+
+
+def test_not_a_folder_fails_readiness_clearly(tmp_path):
+    app = create_app(Settings(model=str(tmp_path)))
+    app.state.runtime.start(background=False)
+    assert "not 'builtin' and not a diffusers folder" in app.state.runtime.error
