@@ -7,7 +7,8 @@ scheduler (diffusers schedulers keep one trajectory's position per instance),
 and every scheduler iteration runs ONE batched denoiser forward over requests
 at different steps, with classifier-free guidance rows inside the same batch.
 
-Families: SD 1.x / 2.x / SD-Turbo (UNet; epsilon or v-prediction) today.
+Families: SD 1.x / 2.x / SD-Turbo (UNet; epsilon or v-prediction) and SDXL /
+SDXL-Turbo (two text encoders, pooled embeddings, added time ids) today.
 """
 
 from __future__ import annotations
@@ -30,15 +31,67 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 @dataclass(frozen=True)
 class PromptEmbeds:
-    """Encoded prompts (B, L, D); what the scheduler slices per request."""
+    """Encoded prompts, batch-first tensors by name (hidden states, pooled, time ids...);
+    what the scheduler slices per request."""
 
-    hidden: torch.Tensor
+    tensors: dict[str, torch.Tensor]
 
     def select(self, index: list[int]) -> PromptEmbeds:
-        return PromptEmbeds(self.hidden[index])
+        return PromptEmbeds({k: v[index] for k, v in self.tensors.items()})
+
+    @staticmethod
+    def cat(items: Sequence[PromptEmbeds]) -> PromptEmbeds:
+        return PromptEmbeds({k: torch.cat([i.tensors[k] for i in items])
+                             for k in items[0].tensors})
 
     def __len__(self) -> int:
-        return self.hidden.shape[0]
+        return next(iter(self.tensors.values())).shape[0]
+
+
+class SDFamily:
+    """SD 1.x / 2.x / SD-Turbo: one CLIP text encoder, UNet conditioned on its states."""
+
+    def __init__(self, pipe: Any) -> None:
+        self.pipe = pipe
+
+    def encode(self, prompts: list[str], device: torch.device) -> PromptEmbeds:
+        hidden, _ = self.pipe.encode_prompt(prompts, device, 1, False)
+        return PromptEmbeds({"hidden": hidden})
+
+    def unet_kwargs(self, cond: PromptEmbeds, dtype: torch.dtype, device: torch.device
+                    ) -> dict[str, Any]:
+        return {"encoder_hidden_states": cond.tensors["hidden"].to(device, dtype)}
+
+
+class SDXLFamily(SDFamily):
+    """SDXL / SDXL-Turbo: two text encoders, pooled embeddings and size/crop time ids."""
+
+    def encode(self, prompts: list[str], device: torch.device) -> PromptEmbeds:
+        pipe = self.pipe
+        hidden, _, pooled, _ = pipe.encode_prompt(prompts, device=device,
+                                                  do_classifier_free_guidance=False)
+        if pipe.config.force_zeros_for_empty_prompt:  # the pipeline's unconditional input
+            empty = torch.tensor([p == "" for p in prompts], device=hidden.device)
+            hidden = torch.where(empty[:, None, None], torch.zeros_like(hidden), hidden)
+            pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
+        size = pipe.default_sample_size * pipe.vae_scale_factor
+        projection = (pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2
+                      is not None else int(pooled.shape[-1]))
+        time_ids = pipe._get_add_time_ids((size, size), (0, 0), (size, size),
+                                          dtype=hidden.dtype,
+                                          text_encoder_projection_dim=projection)
+        return PromptEmbeds({"hidden": hidden, "pooled": pooled,
+                             "time_ids": time_ids.repeat(len(prompts), 1)})
+
+    def unet_kwargs(self, cond: PromptEmbeds, dtype: torch.dtype, device: torch.device
+                    ) -> dict[str, Any]:
+        t = cond.tensors
+        return {"encoder_hidden_states": t["hidden"].to(device, dtype),
+                "added_cond_kwargs": {"text_embeds": t["pooled"].to(device, dtype),
+                                      "time_ids": t["time_ids"].to(device, dtype)}}
+
+
+FAMILIES = {"StableDiffusionPipeline": SDFamily, "StableDiffusionXLPipeline": SDXLFamily}
 
 
 @dataclass(frozen=True)
@@ -87,7 +140,7 @@ class DiffusersEngine:
                                                       low_cpu_mem_usage=False,
                                                       torch_dtype=self.dtype).to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
-        self.family = family_of(self.pipe)
+        self.family = family_of(self.pipe)(self.pipe)
         self.unet = self.pipe.unet.eval()
         self.vae_scale = 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
         size = self.unet.config.sample_size * self.vae_scale
@@ -102,8 +155,7 @@ class DiffusersEngine:
     # -- text -----------------------------------------------------------------------------
     @torch.inference_mode()
     def encode(self, prompts: list[str]) -> PromptEmbeds:
-        embeds, _ = self.pipe.encode_prompt(list(prompts), self.device, 1, False)
-        return PromptEmbeds(embeds)
+        return self.family.encode(list(prompts), self.device)
 
     # -- the sampling contract ------------------------------------------------------------
     def init_state(self, seed: int, steps: int, cond: PromptEmbeds, uncond: PromptEmbeds, *,
@@ -128,10 +180,9 @@ class DiffusersEngine:
                   for s in states]
         x = torch.cat(scaled + [scaled[i] for i in guided])
         t = torch.tensor([s.t for s in states] + [states[i].t for i in guided])
-        hidden = torch.cat([s.cond.hidden for s in states]
-                           + [states[i].uncond.hidden for i in guided])
+        cond = PromptEmbeds.cat([s.cond for s in states] + [states[i].uncond for i in guided])
         eps = self.unet(x.to(self.device, self.dtype), t.to(self.device),
-                        encoder_hidden_states=hidden.to(self.device, self.dtype),
+                        **self.family.unet_kwargs(cond, self.dtype, self.device),
                         return_dict=False)[0].float().cpu()
         out = []
         for k, s in enumerate(states):
@@ -149,8 +200,16 @@ class DiffusersEngine:
     @torch.inference_mode()
     def decode(self, x: torch.Tensor) -> np.ndarray:
         vae = self.pipe.vae
-        images = vae.decode(x.to(self.device, vae.dtype) / vae.config.scaling_factor,
-                            return_dict=False)[0]
+        x = x.to(self.device, vae.dtype)
+        mean, std = (getattr(vae.config, "latents_mean", None),
+                     getattr(vae.config, "latents_std", None))
+        if mean is not None and std is not None:
+            shape = (1, -1, 1, 1)
+            x = (x * torch.tensor(std).view(shape).to(x) / vae.config.scaling_factor
+                 + torch.tensor(mean).view(shape).to(x))
+        else:
+            x = x / vae.config.scaling_factor
+        images = vae.decode(x, return_dict=False)[0]
         images = self.pipe.image_processor.postprocess(images.float(), output_type="np")
         return (images * 255).round().astype(np.uint8)
 
@@ -161,8 +220,8 @@ class DiffusersEngine:
             self.step_batch(states)
 
 
-def family_of(pipe: Any) -> str:
+def family_of(pipe: Any) -> type[SDFamily]:
     name = type(pipe).__name__
-    if name in ("StableDiffusionPipeline",):
-        return "sd"
-    raise ValueError(f"{name} is not supported yet; supported: StableDiffusionPipeline")
+    if name not in FAMILIES:
+        raise ValueError(f"{name} is not supported yet; supported: {', '.join(FAMILIES)}")
+    return FAMILIES[name]

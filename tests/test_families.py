@@ -15,7 +15,7 @@ from PIL import Image
 pytest.importorskip("diffusers")
 
 from stepserve.engines.diffusers_engine import DiffusersEngine  # noqa: E402
-from stepserve.models.families.tiny import tiny_sd  # noqa: E402
+from stepserve.models.families.tiny import tiny_sd, tiny_sdxl  # noqa: E402
 from stepserve.server.app import create_app  # noqa: E402
 from stepserve.server.scheduler.core import SchedulerConfig, SchedulerCore  # noqa: E402
 from stepserve.server.scheduler.events import Completed  # noqa: E402
@@ -26,13 +26,17 @@ from stepserve.server.settings import Settings  # noqa: E402
 PROMPTS = ["a red circle", "a blue square", "green"]
 
 
-@pytest.fixture(scope="module", params=["epsilon", "v_prediction"])
-def sd(request, tmp_path_factory):
-    folder = tiny_sd(tmp_path_factory.mktemp(f"sd-{request.param}") / "tiny-sd",
-                     prediction_type=request.param)
-    from diffusers import StableDiffusionPipeline
+BUILDERS = {"sd-epsilon": lambda f: tiny_sd(f, "epsilon"),
+            "sd-v": lambda f: tiny_sd(f, "v_prediction"),
+            "sdxl": tiny_sdxl}
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(folder), use_safetensors=True)
+
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
+def sd(request, tmp_path_factory):
+    folder = BUILDERS[request.param](tmp_path_factory.mktemp(request.param) / "tiny-sd")
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(folder), use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
     return folder, pipe, DiffusersEngine("tiny-sd", folder)
 

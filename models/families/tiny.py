@@ -70,3 +70,44 @@ def tiny_sd(folder: Path, prediction_type: str = "epsilon", seed: int = 0) -> Pa
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def tiny_sdxl(folder: Path, seed: int = 0) -> Path:
+    """An SDXL-style pipeline (two CLIP encoders, text_time added conditioning)."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tok = clip_tokenizer(folder / "_tokenizer_src")
+    vocab = tok.get_vocab()
+    config = CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                            num_hidden_layers=2, vocab_size=len(vocab),
+                            max_position_embeddings=77, projection_dim=32,
+                            bos_token_id=vocab["<|startoftext|>"],
+                            eos_token_id=vocab["<|endoftext|>"],
+                            pad_token_id=vocab["<|endoftext|>"])
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=16, in_channels=4,
+        out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+        use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=64,
+        norm_num_groups=1)
+    vae = AutoencoderKL(block_out_channels=[32, 64], latent_channels=4,
+                        down_block_types=["DownEncoderBlock2D"] * 2,
+                        up_block_types=["UpDecoderBlock2D"] * 2)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012,
+                                       beta_schedule="scaled_linear", steps_offset=1,
+                                       timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(config),
+                                     text_encoder_2=CLIPTextModelWithProjection(config),
+                                     tokenizer=tok, tokenizer_2=tok, unet=unet,
+                                     scheduler=scheduler)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
