@@ -14,6 +14,7 @@ SDXL-Turbo (two text encoders, pooled embeddings, added time ids) today.
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -50,6 +51,8 @@ class PromptEmbeds:
 
 class SDFamily:
     """SD 1.x / 2.x / SD-Turbo: one CLIP text encoder, UNet conditioned on its states."""
+
+    guidance_embedded = False
 
     def __init__(self, pipe: Any) -> None:
         self.pipe = pipe
@@ -91,7 +94,23 @@ class SDXLFamily(SDFamily):
                                       "time_ids": t["time_ids"].to(device, dtype)}}
 
 
-FAMILIES = {"StableDiffusionPipeline": SDFamily, "StableDiffusionXLPipeline": SDXLFamily}
+class LCMFamily(SDFamily):
+    """Latent consistency models: guidance enters as a w embedding, not as CFG rows."""
+
+    guidance_embedded = True
+
+    def guidance_embedding(self, guidance: torch.Tensor) -> torch.Tensor:
+        # the pipeline's Imagen-style convention: w = guidance - 1
+        return self.pipe.get_guidance_scale_embedding(
+            guidance - 1, embedding_dim=self.pipe.unet.config.time_cond_proj_dim)
+
+
+FAMILIES = {"StableDiffusionPipeline": SDFamily, "StableDiffusionXLPipeline": SDXLFamily,
+            "LatentConsistencyModelPipeline": LCMFamily}
+# sampler name -> diffusers scheduler class (built from the folder's scheduler config)
+SAMPLERS = {"euler": "EulerDiscreteScheduler", "euler-a": "EulerAncestralDiscreteScheduler",
+            "dpm++2m": "DPMSolverMultistepScheduler", "unipc": "UniPCMultistepScheduler",
+            "lcm": "LCMScheduler", "tcd": "TCDScheduler"}
 
 
 @dataclass(frozen=True)
@@ -108,6 +127,7 @@ class DiffusersState:
     x0: torch.Tensor | None = field(default=None, repr=False)
     cache: CacheConfig | None = None
     skipped_blocks: float = 0.0
+    generator: torch.Generator | None = field(default=None, repr=False)
 
     @property
     def steps(self) -> int:
@@ -147,6 +167,8 @@ class DiffusersEngine:
         self.latent_shape = (self.unet.config.in_channels, size // self.vae_scale,
                              size // self.vae_scale)
         self.build_seconds = 0.0
+        self.samplers = ("default", *SAMPLERS)
+        self.default_sampler = "default"
         self.info = EngineInfo(engine="torch", model=model, precision=precision,
                                device=str(self.device), image_shape=(3, size, size),
                                time_shift=1.0, default_steps=default_steps,
@@ -158,16 +180,28 @@ class DiffusersEngine:
         return self.family.encode(list(prompts), self.device)
 
     # -- the sampling contract ------------------------------------------------------------
+    def scheduler_for(self, sampler: str) -> Any:
+        """A fresh scheduler of the named kind, configured like the folder's own."""
+        if sampler == "default":
+            return copy.deepcopy(self.pipe.scheduler)
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler {sampler!r} is not one of {', '.join(self.samplers)}")
+        import diffusers
+
+        return getattr(diffusers, SAMPLERS[sampler]).from_config(self.pipe.scheduler.config)
+
     def init_state(self, seed: int, steps: int, cond: PromptEmbeds, uncond: PromptEmbeds, *,
-                   guidance: float, sampler: str = "euler",
+                   guidance: float, sampler: str = "default",
                    cache: CacheConfig | None = None) -> DiffusersState:
-        scheduler = copy.deepcopy(self.pipe.scheduler)
+        scheduler = self.scheduler_for(sampler)
         scheduler.set_timesteps(steps, device="cpu")
-        noise = torch.randn((1, *self.latent_shape),
-                            generator=torch.Generator().manual_seed(seed))
+        # one generator per request image, consumed as the pipeline consumes its own:
+        # first the initial noise, then any noise the sampler injects (LCM, ancestral)
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.randn((1, *self.latent_shape), generator=generator)
         x = (noise * scheduler.init_noise_sigma)[0]
         return DiffusersState(x, scheduler, tuple(float(t) for t in scheduler.timesteps),
-                              cond, uncond, guidance, cache=cache)
+                              cond, uncond, guidance, cache=cache, generator=generator)
 
     @staticmethod
     def needs_forward(state: DiffusersState) -> bool:
@@ -175,14 +209,19 @@ class DiffusersEngine:
 
     @torch.inference_mode()
     def step_batch(self, states: Sequence[DiffusersState]) -> list[DiffusersState]:
-        guided = [i for i, s in enumerate(states) if s.guidance > 1.0]
+        # CFG rows, unless the model takes guidance as an input (LCM's w embedding)
+        guided = ([] if self.family.guidance_embedded
+                  else [i for i, s in enumerate(states) if s.guidance > 1.0])
         scaled = [s.scheduler.scale_model_input(s.x[None], s.scheduler.timesteps[s.step])
                   for s in states]
         x = torch.cat(scaled + [scaled[i] for i in guided])
         t = torch.tensor([s.t for s in states] + [states[i].t for i in guided])
         cond = PromptEmbeds.cat([s.cond for s in states] + [states[i].uncond for i in guided])
-        eps = self.unet(x.to(self.device, self.dtype), t.to(self.device),
-                        **self.family.unet_kwargs(cond, self.dtype, self.device),
+        kwargs = self.family.unet_kwargs(cond, self.dtype, self.device)
+        if self.family.guidance_embedded:
+            kwargs["timestep_cond"] = self.family.guidance_embedding(
+                torch.tensor([s.guidance for s in states])).to(self.device, self.dtype)
+        eps = self.unet(x.to(self.device, self.dtype), t.to(self.device), **kwargs,
                         return_dict=False)[0].float().cpu()
         out = []
         for k, s in enumerate(states):
@@ -190,8 +229,12 @@ class DiffusersEngine:
             if k in guided:
                 u = eps[len(states) + guided.index(k)][None]
                 e = u + s.guidance * (e - u)
-            res = s.scheduler.step(e, s.scheduler.timesteps[s.step], s.x[None])
+            extra = ({"generator": s.generator} if "generator" in
+                     inspect.signature(s.scheduler.step).parameters else {})
+            res = s.scheduler.step(e, s.scheduler.timesteps[s.step], s.x[None], **extra)
             x0 = getattr(res, "pred_original_sample", None)
+            if x0 is None:
+                x0 = getattr(res, "denoised", None)
             out.append(replace(s, x=res.prev_sample[0], step=s.step + 1,
                                x0=None if x0 is None else x0[0]))
         return out

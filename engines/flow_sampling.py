@@ -16,6 +16,9 @@ from stepserve.models.sampling import state as flow
 
 
 class FlowSampling:
+    samplers = flow.SAMPLERS
+    default_sampler = "euler"
+
     def init_state(self, seed: int, steps: int, cond: TextBatch, uncond: TextBatch, *,
                    guidance: float, sampler: str = "euler",
                    cache: CacheConfig | None = None) -> flow.SamplerState:

@@ -83,12 +83,17 @@ def resolve(body: ImageGenerationRequest, rt: Runtime) -> tuple[GenerationParams
     problem = cache_support_error(rt.engine, cache)
     if problem:
         raise APIError(400, problem, "cache", "unsupported_value")
+    samplers = tuple(getattr(rt.engine, "samplers", ("euler",)))
+    sampler = body.sampler or getattr(rt.engine, "default_sampler", samplers[0])
+    if sampler not in samplers:
+        raise APIError(400, f"sampler {sampler!r} is not available for {s.model_name!r}; "
+                       f"one of {', '.join(samplers)}", "sampler", "invalid_value")
     params = GenerationParams(
         prompt=body.prompt, steps=steps,
         seed=body.seed if body.seed is not None else secrets.randbelow(2**31 - 10),
         guidance=body.guidance_scale if body.guidance_scale is not None
         else info.default_guidance,
-        n=body.n, negative_prompt=body.negative_prompt or "", sampler=body.sampler or "euler",
+        n=body.n, negative_prompt=body.negative_prompt or "", sampler=sampler,
         priority=body.priority, timeout_s=body.timeout,
         partial_images=(body.partial_images or 0) if body.stream else 0,
         cache=cache if cache.enabled else None)

@@ -36,7 +36,7 @@ class ImageGenerationRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     guidance_scale: float | None = Field(None, ge=0.0, le=30.0)
     negative_prompt: str | None = Field(None, max_length=4000)
-    sampler: Literal["euler", "flow-euler"] | None = None
+    sampler: str | None = Field(None, max_length=32)  # checked against the served model
     priority: int = Field(0, ge=-100, le=100)
     timeout: float | None = Field(None, gt=0, le=3600)
     # step cache: a policy name, or {"policy": ..., "order": 2, "interval": 2, ...}

@@ -28,7 +28,8 @@ PROMPTS = ["a red circle", "a blue square", "green"]
 
 BUILDERS = {"sd-epsilon": lambda f: tiny_sd(f, "epsilon"),
             "sd-v": lambda f: tiny_sd(f, "v_prediction"),
-            "sdxl": tiny_sdxl}
+            "sdxl": tiny_sdxl,
+            "lcm": lambda f: tiny_sd(f, lcm=True)}
 
 
 @pytest.fixture(scope="module", params=sorted(BUILDERS))
@@ -108,3 +109,23 @@ def test_not_a_folder_fails_readiness_clearly(tmp_path):
     app = create_app(Settings(model=str(tmp_path)))
     app.state.runtime.start(background=False)
     assert "not 'builtin' and not a diffusers folder" in app.state.runtime.error
+
+
+@pytest.mark.parametrize("sampler,scheduler", [("dpm++2m", "DPMSolverMultistepScheduler"),
+                                               ("unipc", "UniPCMultistepScheduler"),
+                                               ("euler-a", "EulerAncestralDiscreteScheduler")])
+def test_samplers_equal_the_pipeline_with_that_scheduler(tmp_path_factory, sampler,
+                                                         scheduler):
+    import diffusers
+
+    folder = tiny_sd(tmp_path_factory.mktemp("samplers") / "tiny-sd")
+    pipe = diffusers.DiffusionPipeline.from_pretrained(str(folder), use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    engine = DiffusersEngine("tiny-sd", folder)
+    ours = generate_offline(engine, PROMPTS[:2], [4, 5], 4, guidance=2.0, sampler=sampler)
+    for image, prompt, seed in zip(ours, PROMPTS[:2], [4, 5]):
+        ref = reference(pipe, prompt, seed, 4, 2.0)
+        assert np.abs(image.astype(int) - ref.astype(int)).max() <= 1
+    with pytest.raises(ValueError, match="sampler"):
+        engine.init_state(0, 2, None, None, guidance=1.0, sampler="ddim-x")

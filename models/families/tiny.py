@@ -37,11 +37,15 @@ def clip_tokenizer(folder: Path):
                          model_max_length=77)
 
 
-def tiny_sd(folder: Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
-    """An SD 1.x-style pipeline (UNet, VAE, CLIP) at 32x32 pixels, random weights."""
+def tiny_sd(folder: Path, prediction_type: str = "epsilon", seed: int = 0,
+            lcm: bool = False) -> Path:
+    """An SD 1.x-style pipeline (UNet, VAE, CLIP) at 32x32 pixels, random weights;
+    lcm=True: a latent consistency model (guidance-embedding UNet, LCM scheduler)."""
     from diffusers import (
         AutoencoderKL,
         EulerDiscreteScheduler,
+        LatentConsistencyModelPipeline,
+        LCMScheduler,
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
@@ -58,16 +62,23 @@ def tiny_sd(folder: Path, prediction_type: str = "epsilon", seed: int = 0) -> Pa
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64), layers_per_block=2, sample_size=16, in_channels=4,
         out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32)
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+        time_cond_proj_dim=32 if lcm else None)
     vae = AutoencoderKL(block_out_channels=[32, 64], latent_channels=4,
                         down_block_types=["DownEncoderBlock2D"] * 2,
                         up_block_types=["UpDecoderBlock2D"] * 2)
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012,
-                                       beta_schedule="scaled_linear", steps_offset=1,
-                                       prediction_type=prediction_type)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok,
-                                   unet=unet, scheduler=scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    common = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                  prediction_type=prediction_type)
+    if lcm:
+        pipe = LatentConsistencyModelPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet,
+            scheduler=LCMScheduler(**common), safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet,
+            scheduler=EulerDiscreteScheduler(**common, steps_offset=1), safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
 

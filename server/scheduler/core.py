@@ -67,6 +67,7 @@ class SchedulerCore:
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.last_stats = StepStats()
+        self.default_sampler = getattr(engine, "default_sampler", "euler")
 
     # -- intake ---------------------------------------------------------------------------
     def submit(self, req: Request) -> None:
@@ -146,7 +147,8 @@ class SchedulerCore:
             cond, uncond = text.select([i]), text.select([len(chosen) + i])
             p = req.params
             req.states = [self.engine.init_state(p.seed + k, p.steps, cond, uncond,
-                                                 guidance=p.guidance, sampler=p.sampler,
+                                                 guidance=p.guidance,
+                                                 sampler=p.sampler or self.default_sampler,
                                                  cache=p.cache) for k in range(p.n)]
             req.status = Status.RUNNING
             self.waiting.remove(req)

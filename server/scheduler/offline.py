@@ -15,11 +15,12 @@ from .request import GenerationParams, Request
 
 
 def generate_offline(engine: Engine, prompts: Sequence[str], seeds: Sequence[int], steps: int,
-                     guidance: float | None = None, sampler: str = "euler",
+                     guidance: float | None = None, sampler: str | None = None,
                      max_batch_size: int = 64, batching: str = "step",
                      cache: CacheConfig | None = None) -> np.ndarray:
     """uint8 images (N, H, W, 3), one per prompt, in prompt order."""
     guidance = engine.info.default_guidance if guidance is None else guidance
+    sampler = sampler or getattr(engine, "default_sampler", "euler")
     core = SchedulerCore(engine, SchedulerConfig(batching=batching,
                                                  max_batch_size=max_batch_size,
                                                  max_queue=max(1, len(prompts))))

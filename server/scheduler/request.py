@@ -32,7 +32,7 @@ class GenerationParams:
     guidance: float
     n: int = 1
     negative_prompt: str = ""
-    sampler: str = "euler"
+    sampler: str | None = None  # None: the engine's default sampler
     priority: int = 0  # lower runs first (as in vLLM)
     timeout_s: float | None = None
     partial_images: int = 0
