@@ -7,8 +7,9 @@ scheduler (diffusers schedulers keep one trajectory's position per instance),
 and every scheduler iteration runs ONE batched denoiser forward over requests
 at different steps, with classifier-free guidance rows inside the same batch.
 
-Families: SD 1.x / 2.x / SD-Turbo (UNet; epsilon or v-prediction) and SDXL /
-SDXL-Turbo (two text encoders, pooled embeddings, added time ids) today.
+Families: SD 1.x / 2.x / SD-Turbo (UNet; epsilon or v-prediction), SDXL /
+SDXL-Turbo (two text encoders, pooled embeddings, added time ids), LCM (guidance
+embedding) and PixArt-alpha / -Sigma (DiT over T5) today.
 """
 
 from __future__ import annotations
@@ -61,9 +62,20 @@ class SDFamily:
         hidden, _ = self.pipe.encode_prompt(prompts, device, 1, False)
         return PromptEmbeds({"hidden": hidden})
 
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.pipe.unet
+
     def unet_kwargs(self, cond: PromptEmbeds, dtype: torch.dtype, device: torch.device
                     ) -> dict[str, Any]:
         return {"encoder_hidden_states": cond.tensors["hidden"].to(device, dtype)}
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: PromptEmbeds,
+                extra: dict[str, Any]) -> torch.Tensor:
+        """ONE forward of the family's denoiser over rows at different timesteps."""
+        dtype, device = x.dtype, x.device
+        return self.pipe.unet(x, t, **self.unet_kwargs(cond, dtype, device), **extra,
+                              return_dict=False)[0]
 
 
 class SDXLFamily(SDFamily):
@@ -105,8 +117,41 @@ class LCMFamily(SDFamily):
             guidance - 1, embedding_dim=self.pipe.unet.config.time_cond_proj_dim)
 
 
+class PixArtFamily(SDFamily):
+    """PixArt-alpha / -Sigma: a DiT (adaLN-single) over T5 states with their mask;
+    a learned-sigma output keeps only its noise half."""
+
+    max_sequence_length = 300
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.pipe.transformer
+
+    def encode(self, prompts: list[str], device: torch.device) -> PromptEmbeds:
+        hidden, mask, _, _ = self.pipe.encode_prompt(
+            prompts, do_classifier_free_guidance=False, device=device, clean_caption=False,
+            max_sequence_length=self.max_sequence_length)
+        return PromptEmbeds({"hidden": hidden, "mask": mask})
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: PromptEmbeds,
+                extra: dict[str, Any]) -> torch.Tensor:
+        model = self.pipe.transformer
+        out = model(x, encoder_hidden_states=cond.tensors["hidden"].to(x.device, x.dtype),
+                    encoder_attention_mask=cond.tensors["mask"].to(x.device), timestep=t,
+                    added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+                    return_dict=False)[0]
+        if model.config.out_channels // 2 == x.shape[1]:
+            out = out.chunk(2, dim=1)[0]
+        return out
+
+
+class PixArtAlphaFamily(PixArtFamily):
+    max_sequence_length = 120
+
+
 FAMILIES = {"StableDiffusionPipeline": SDFamily, "StableDiffusionXLPipeline": SDXLFamily,
-            "LatentConsistencyModelPipeline": LCMFamily}
+            "LatentConsistencyModelPipeline": LCMFamily, "PixArtSigmaPipeline": PixArtFamily,
+            "PixArtAlphaPipeline": PixArtAlphaFamily}
 # sampler name -> diffusers scheduler class (built from the folder's scheduler config)
 SAMPLERS = {"euler": "EulerDiscreteScheduler", "euler-a": "EulerAncestralDiscreteScheduler",
             "dpm++2m": "DPMSolverMultistepScheduler", "unipc": "UniPCMultistepScheduler",
@@ -161,10 +206,10 @@ class DiffusersEngine:
                                                       torch_dtype=self.dtype).to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.family = family_of(self.pipe)(self.pipe)
-        self.unet = self.pipe.unet.eval()
+        denoiser = self.family.denoiser.eval()
         self.vae_scale = 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
-        size = self.unet.config.sample_size * self.vae_scale
-        self.latent_shape = (self.unet.config.in_channels, size // self.vae_scale,
+        size = denoiser.config.sample_size * self.vae_scale
+        self.latent_shape = (denoiser.config.in_channels, size // self.vae_scale,
                              size // self.vae_scale)
         self.build_seconds = 0.0
         self.samplers = ("default", *SAMPLERS)
@@ -217,12 +262,12 @@ class DiffusersEngine:
         x = torch.cat(scaled + [scaled[i] for i in guided])
         t = torch.tensor([s.t for s in states] + [states[i].t for i in guided])
         cond = PromptEmbeds.cat([s.cond for s in states] + [states[i].uncond for i in guided])
-        kwargs = self.family.unet_kwargs(cond, self.dtype, self.device)
+        extra = {}
         if self.family.guidance_embedded:
-            kwargs["timestep_cond"] = self.family.guidance_embedding(
+            extra["timestep_cond"] = self.family.guidance_embedding(
                 torch.tensor([s.guidance for s in states])).to(self.device, self.dtype)
-        eps = self.unet(x.to(self.device, self.dtype), t.to(self.device), **kwargs,
-                        return_dict=False)[0].float().cpu()
+        eps = self.family.denoise(x.to(self.device, self.dtype), t.to(self.device), cond,
+                                  extra).float().cpu()
         out = []
         for k, s in enumerate(states):
             e = eps[k:k + 1]

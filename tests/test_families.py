@@ -15,7 +15,7 @@ from PIL import Image
 pytest.importorskip("diffusers")
 
 from stepserve.engines.diffusers_engine import DiffusersEngine  # noqa: E402
-from stepserve.models.families.tiny import tiny_sd, tiny_sdxl  # noqa: E402
+from stepserve.models.families.tiny import tiny_pixart, tiny_sd, tiny_sdxl  # noqa: E402
 from stepserve.server.app import create_app  # noqa: E402
 from stepserve.server.scheduler.core import SchedulerConfig, SchedulerCore  # noqa: E402
 from stepserve.server.scheduler.events import Completed  # noqa: E402
@@ -29,7 +29,8 @@ PROMPTS = ["a red circle", "a blue square", "green"]
 BUILDERS = {"sd-epsilon": lambda f: tiny_sd(f, "epsilon"),
             "sd-v": lambda f: tiny_sd(f, "v_prediction"),
             "sdxl": tiny_sdxl,
-            "lcm": lambda f: tiny_sd(f, lcm=True)}
+            "lcm": lambda f: tiny_sd(f, lcm=True),
+            "pixart": tiny_pixart}
 
 
 @pytest.fixture(scope="module", params=sorted(BUILDERS))
@@ -43,8 +44,11 @@ def sd(request, tmp_path_factory):
 
 
 def reference(pipe, prompt, seed, steps, guidance):
+    extra = ({"use_resolution_binning": False, "clean_caption": False}
+             if "PixArt" in type(pipe).__name__ else {})
     out = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance,
-               generator=torch.Generator().manual_seed(seed), output_type="np").images[0]
+               generator=torch.Generator().manual_seed(seed), output_type="np",
+               **extra).images[0]
     return (out * 255).round().astype(np.uint8)
 
 

@@ -122,3 +122,44 @@ def tiny_sdxl(folder: Path, seed: int = 0) -> Path:
                                      scheduler=scheduler)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def t5_tokenizer():
+    """A small unigram T5 tokenizer: a few words, then single letters as fall-back."""
+    from transformers import T5Tokenizer
+
+    words = ["a", "red", "blue", "green", "circle", "square", "triangle", "small", "large"]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [("▁" + w, -1.0) for w in words] + [("▁", -2.0)]
+    vocab += [(c, -3.0) for c in "abcdefghijklmnopqrstuvwxyz"]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+def tiny_pixart(folder: Path, seed: int = 0) -> Path:
+    """A PixArt-Sigma-style pipeline (adaLN-single DiT over T5 states) at 16x16 pixels."""
+    from diffusers import (
+        AutoencoderKL,
+        DPMSolverMultistepScheduler,
+        PixArtSigmaPipeline,
+        PixArtTransformer2DModel,
+    )
+    from transformers import T5Config, T5EncoderModel
+
+    tok = t5_tokenizer()
+    torch.manual_seed(seed)
+    transformer = PixArtTransformer2DModel(
+        sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8,
+        num_attention_heads=3, caption_channels=32, in_channels=4, cross_attention_dim=24,
+        out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False,
+        norm_eps=1e-6)
+    text_encoder = T5EncoderModel(T5Config(d_model=32, d_kv=8, d_ff=37, num_layers=2,
+                                           num_heads=4, vocab_size=len(tok)))
+    vae = AutoencoderKL(block_out_channels=[32, 64], latent_channels=4,
+                        down_block_types=["DownEncoderBlock2D"] * 2,
+                        up_block_types=["UpDecoderBlock2D"] * 2)
+    pipe = PixArtSigmaPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae,
+                               transformer=transformer,
+                               scheduler=DPMSolverMultistepScheduler())
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
