@@ -211,6 +211,8 @@ class DiffusersEngine:
         size = denoiser.config.sample_size * self.vae_scale
         self.latent_shape = (denoiser.config.in_channels, size // self.vae_scale,
                              size // self.vae_scale)
+        self.taesd = load_taesd(Path(path), self.device, self.dtype)
+        self.latent_rgb = latent_rgb_map(denoiser.config.in_channels)
         self.build_seconds = 0.0
         self.samplers = ("default", *SAMPLERS)
         self.default_sampler = "default"
@@ -301,6 +303,20 @@ class DiffusersEngine:
         images = self.pipe.image_processor.postprocess(images.float(), output_type="np")
         return (images * 255).round().astype(np.uint8)
 
+    @torch.inference_mode()
+    def preview(self, x0: torch.Tensor) -> np.ndarray:
+        """A cheap preview of predicted clean latents: the folder's TAESD (AutoencoderTiny)
+        when it ships one, else the family's linear latent-to-RGB map."""
+        if self.taesd is not None:
+            images = self.taesd.decode(x0.to(self.device, self.taesd.dtype),
+                                       return_dict=False)[0]
+        else:
+            rgb = torch.einsum("nchw,cr->nrhw", x0.float(), self.latent_rgb)
+            images = torch.nn.functional.interpolate(rgb, scale_factor=self.vae_scale,
+                                                     mode="nearest")
+        images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return images.permute(0, 2, 3, 1).cpu().numpy()
+
     def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
         text = self.encode(["warm-up"])
         for b in batch_sizes:
@@ -313,3 +329,25 @@ def family_of(pipe: Any) -> type[SDFamily]:
     if name not in FAMILIES:
         raise ValueError(f"{name} is not supported yet; supported: {', '.join(FAMILIES)}")
     return FAMILIES[name]
+
+
+def load_taesd(folder: Path, device: torch.device, dtype: torch.dtype) -> Any:
+    """The folder's tiny preview decoder (subfolder `taesd`, AutoencoderTiny), if any."""
+    if not (folder / "taesd" / "config.json").is_file():
+        return None
+    from diffusers import AutoencoderTiny
+
+    return AutoencoderTiny.from_pretrained(str(folder / "taesd"), use_safetensors=True,
+                                           torch_dtype=dtype).to(device).eval()
+
+
+# Linear latent -> RGB approximations of the SD-family VAEs (4 latent channels), the
+# well-known preview factors; other channel counts get a grey (channel-mean) preview.
+SD_LATENT_RGB = [[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264],
+                 [-0.184, -0.271, -0.473]]
+
+
+def latent_rgb_map(channels: int) -> torch.Tensor:
+    if channels == 4:
+        return torch.tensor(SD_LATENT_RGB)
+    return torch.full((channels, 3), 1.0 / channels)

@@ -133,3 +133,25 @@ def test_samplers_equal_the_pipeline_with_that_scheduler(tmp_path_factory, sampl
         assert np.abs(image.astype(int) - ref.astype(int)).max() <= 1
     with pytest.raises(ValueError, match="sampler"):
         engine.init_state(0, 2, None, None, guidance=1.0, sampler="ddim-x")
+
+
+def test_previews_use_taesd_when_the_folder_has_one(tmp_path_factory):
+    from diffusers import AutoencoderTiny
+
+    folder = tiny_sd(tmp_path_factory.mktemp("taesd") / "tiny-sd")
+    plain = DiffusersEngine("tiny-sd", folder)
+    core = SchedulerCore(plain, SchedulerConfig(max_batch_size=4))
+    core.submit(Request("a", GenerationParams(PROMPTS[0], 4, 1, 1.0, partial_images=2), 0.0))
+    previews = []
+    while core.has_work:
+        previews += [e for e in core.step() if type(e).__name__ == "Preview"]
+    assert [p.step for p in previews] == [1, 3] and previews[0].images.shape == (1, 32, 32, 3)
+    AutoencoderTiny(in_channels=3, out_channels=3, latent_channels=4,
+                    encoder_block_out_channels=(32, 32), decoder_block_out_channels=(32, 32),
+                    num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1)).save_pretrained(
+        folder / "taesd", safe_serialization=True)
+    with_taesd = DiffusersEngine("tiny-sd", folder)
+    assert with_taesd.taesd is not None
+    x0 = torch.randn(1, 4, 16, 16)
+    a, b = plain.preview(x0), with_taesd.preview(x0)
+    assert a.shape == b.shape == (1, 32, 32, 3) and not np.array_equal(a, b)

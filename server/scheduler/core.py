@@ -224,7 +224,8 @@ class SchedulerCore:
             req.previews_sent += 1
             if req.first_preview_at is None:
                 req.first_preview_at = now
-            return [Preview(req.id, req.previews_sent - 1, req.step, self.engine.decode(x0))]
+            preview = getattr(self.engine, "preview", self.engine.decode)
+            return [Preview(req.id, req.previews_sent - 1, req.step, preview(x0))]
         return []
 
     def _fail(self, reqs: list[Request], stats: StepStats, exc: Exception) -> list[Event]:
