@@ -50,7 +50,8 @@ def diffusers_engine(settings: Settings) -> Engine:
     if settings.engine != "torch":
         raise ValueError("diffusers folders run on --engine torch for now")
     return DiffusersEngine(settings.model_name, folder, precision=settings.precision,
-                           device=settings.device, default_steps=settings.default_steps)
+                           device=settings.device, default_steps=settings.default_steps,
+                           image_size=settings.image_size)
 
 
 def engine_kwargs(settings: Settings) -> dict:

@@ -27,6 +27,8 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     model: str = Field("builtin", description="'builtin', or a local diffusers folder to serve "
                                               "(served under the folder's name)")
+    image_size: int | None = Field(
+        None, ge=8, le=4096, description="diffusers folders: output size (default: the model's)")
     engine: Literal["torch", "onnxruntime", "tensorrt"] = Field(
         "torch", description="denoiser engine")
     precision: Literal["fp32", "bf16", "fp16", "int8", "fp8"] = Field(

@@ -15,7 +15,13 @@ from PIL import Image
 pytest.importorskip("diffusers")
 
 from stepserve.engines.diffusers_engine import DiffusersEngine  # noqa: E402
-from stepserve.models.families.tiny import tiny_pixart, tiny_sd, tiny_sdxl  # noqa: E402
+from stepserve.models.families.tiny import (  # noqa: E402
+    tiny_flux,
+    tiny_pixart,
+    tiny_sd,
+    tiny_sd3,
+    tiny_sdxl,
+)
 from stepserve.server.app import create_app  # noqa: E402
 from stepserve.server.scheduler.core import SchedulerConfig, SchedulerCore  # noqa: E402
 from stepserve.server.scheduler.events import Completed  # noqa: E402
@@ -30,7 +36,11 @@ BUILDERS = {"sd-epsilon": lambda f: tiny_sd(f, "epsilon"),
             "sd-v": lambda f: tiny_sd(f, "v_prediction"),
             "sdxl": tiny_sdxl,
             "lcm": lambda f: tiny_sd(f, lcm=True),
-            "pixart": tiny_pixart}
+            "pixart": tiny_pixart,
+            "sd3": tiny_sd3,
+            "flux-schnell": tiny_flux,
+            "flux-dev": lambda f: tiny_flux(f, guidance_embeds=True)}
+SIZES = {"flux-schnell": 16, "flux-dev": 16}  # FLUX folders have no native size: choose one
 
 
 @pytest.fixture(scope="module", params=sorted(BUILDERS))
@@ -40,12 +50,14 @@ def sd(request, tmp_path_factory):
 
     pipe = DiffusionPipeline.from_pretrained(str(folder), use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
-    return folder, pipe, DiffusersEngine("tiny-sd", folder)
+    engine = DiffusersEngine("tiny-sd", folder, image_size=SIZES.get(request.param))
+    return folder, pipe, engine
 
 
 def reference(pipe, prompt, seed, steps, guidance):
-    extra = ({"use_resolution_binning": False, "clean_caption": False}
-             if "PixArt" in type(pipe).__name__ else {})
+    name = type(pipe).__name__
+    extra = ({"use_resolution_binning": False, "clean_caption": False} if "PixArt" in name
+             else {"height": 16, "width": 16} if "Flux" in name else {})
     out = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance,
                generator=torch.Generator().manual_seed(seed), output_type="np",
                **extra).images[0]
@@ -80,8 +92,9 @@ def test_adapter_equals_the_pipeline_when_batched_with_other_steps(sd):
 
 
 def test_folder_is_served_through_the_api(sd):
-    folder, pipe, _ = sd
-    app = create_app(Settings(model=str(folder), warmup_batch_sizes=[1]))
+    folder, pipe, engine = sd
+    app = create_app(Settings(model=str(folder), warmup_batch_sizes=[1],
+                              image_size=engine.size))
     app.state.runtime.start(background=False)
     assert app.state.runtime.error is None, app.state.runtime.error
 

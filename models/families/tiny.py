@@ -163,3 +163,75 @@ def tiny_pixart(folder: Path, seed: int = 0) -> Path:
                                scheduler=DPMSolverMultistepScheduler())
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def _flow_vae(latent_channels: int):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,),
+                         layers_per_block=1, latent_channels=latent_channels, norm_num_groups=1,
+                         use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
+                         scaling_factor=1.5035)
+
+
+def _clip_config(tok, hidden: int = 32):
+    from transformers import CLIPTextConfig
+
+    vocab = tok.get_vocab()
+    return CLIPTextConfig(hidden_size=hidden, intermediate_size=37, num_attention_heads=4,
+                          num_hidden_layers=2, vocab_size=len(vocab),
+                          max_position_embeddings=77, projection_dim=32,
+                          bos_token_id=vocab["<|startoftext|>"],
+                          eos_token_id=vocab["<|endoftext|>"],
+                          pad_token_id=vocab["<|endoftext|>"])
+
+
+def _t5(tok):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                   vocab_size=len(tok)))
+
+
+def tiny_sd3(folder: Path, seed: int = 0) -> Path:
+    """An SD3-style pipeline (MMDiT, two CLIPs with projection + T5, flow matching)."""
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextModelWithProjection
+
+    clip_tok, t5_tok = clip_tokenizer(folder / "_tokenizer_src"), t5_tokenizer()
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=32, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,
+        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
+        pooled_projection_dim=64, out_channels=4)
+    config = _clip_config(clip_tok)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_flow_vae(4), text_encoder=CLIPTextModelWithProjection(config),
+        tokenizer=clip_tok, text_encoder_2=CLIPTextModelWithProjection(config),
+        tokenizer_2=clip_tok, text_encoder_3=_t5(t5_tok), tokenizer_3=t5_tok)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def tiny_flux(folder: Path, seed: int = 0, guidance_embeds: bool = False) -> Path:
+    """A FLUX-style pipeline (packed latents, CLIP pooled + T5, flow matching);
+    guidance_embeds=False is schnell-like, True dev-like."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    clip_tok, t5_tok = clip_tokenizer(folder / "_tokenizer_src"), t5_tokenizer()
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+        axes_dims_rope=[4, 4, 8], guidance_embeds=guidance_embeds)
+    pipe = FluxPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(),
+                        vae=_flow_vae(1), text_encoder=CLIPTextModel(_clip_config(clip_tok)),
+                        tokenizer=clip_tok, text_encoder_2=_t5(t5_tok), tokenizer_2=t5_tok)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
