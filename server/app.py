@@ -54,7 +54,7 @@ def create_app(settings: Settings | None = None, builder: EngineBuilder = build_
     @app.get("/ready")
     async def ready() -> Response:
         if runtime.ready:
-            return JSONResponse({"status": "ready", "model": settings.model_name})
+            return JSONResponse({"status": "ready", "models": runtime.names()})
         if runtime.error:
             return error_response(503, f"model failed to load: {runtime.error}", None,
                                   "load_failed")
@@ -64,8 +64,8 @@ def create_app(settings: Settings | None = None, builder: EngineBuilder = build_
     @app.get("/v1/models")
     async def models() -> dict:
         return {"object": "list",
-                "data": [{"id": settings.model_name, "object": "model", "created": started,
-                          "owned_by": "stepserve"}]}
+                "data": [{"id": name, "object": "model", "created": started,
+                          "owned_by": "stepserve"} for name in runtime.names()]}
 
     @app.get("/metrics")
     async def metrics() -> Response:

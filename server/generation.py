@@ -20,7 +20,7 @@ from .errors import APIError, error_body
 from .images import CONTENT_TYPES, b64, encode_image
 from .protocol import SIZE_RE, ImageData, ImageGenerationRequest, ImagesResponse, usage_for
 from .result_cache import result_key
-from .runtime import Runtime, cache_support_error
+from .runtime import Runtime, Served, cache_support_error
 from .scheduler.core import QueueFull
 from .scheduler.events import Completed, Event, Failed, Preview
 from .scheduler.loop import Handle, ShuttingDown
@@ -45,13 +45,14 @@ def runtime_of(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
-def resolve(body: ImageGenerationRequest, rt: Runtime) -> tuple[GenerationParams, OutputSpec]:
+def resolve(body: ImageGenerationRequest, rt: Runtime
+            ) -> tuple[Served, GenerationParams, OutputSpec]:
     """Checks that need the server's settings and model; each error names its field."""
-    s, info = rt.settings, rt.engine.info  # type: ignore[union-attr]
-    if body.model is not None and body.model != s.model_name:
+    served = rt.served(body.model)
+    if served is None:
         raise APIError(404, f"model {body.model!r} is not served here; available: "
-                       f"{s.model_name!r}",
-                       "model", "model_not_found")
+                       f"{', '.join(rt.names())}", "model", "model_not_found")
+    s, info, engine = served.settings, served.engine.info, served.engine
     _, h, w = info.image_shape
     upscale = 1
     if body.size not in (None, "auto"):
@@ -80,11 +81,11 @@ def resolve(body: ImageGenerationRequest, rt: Runtime) -> tuple[GenerationParams
                        else "cache", "invalid_value") from exc
     except TypeError as exc:  # a knob of the wrong type
         raise APIError(400, f"invalid cache options: {exc}", "cache", "invalid_value") from exc
-    problem = cache_support_error(rt.engine, cache)
+    problem = cache_support_error(engine, cache)
     if problem:
         raise APIError(400, problem, "cache", "unsupported_value")
-    samplers = tuple(getattr(rt.engine, "samplers", ("euler",)))
-    sampler = body.sampler or getattr(rt.engine, "default_sampler", samplers[0])
+    samplers = tuple(getattr(engine, "samplers", ("euler",)))
+    sampler = body.sampler or getattr(engine, "default_sampler", samplers[0])
     if sampler not in samplers:
         raise APIError(400, f"sampler {sampler!r} is not available for {s.model_name!r}; "
                        f"one of {', '.join(samplers)}", "sampler", "invalid_value")
@@ -99,19 +100,28 @@ def resolve(body: ImageGenerationRequest, rt: Runtime) -> tuple[GenerationParams
         cache=cache if cache.enabled else None)
     spec = OutputSpec(body.response_format or "b64_json", body.output_format or "png",
                       body.output_compression, f"{w * upscale}x{h * upscale}", upscale)
-    return params, spec
+    return served, params, spec
 
 
 def require_ready(rt: Runtime) -> None:
-    if not rt.ready or rt.loop is None:
+    if not rt.ready or not rt.models:
         message = f"model failed to load: {rt.error}" if rt.error else "model is loading"
         raise APIError(503, message, None, "not_ready", {"Retry-After": "5"})
 
 
-def submit(rt: Runtime, params: GenerationParams, seeded: bool = False) -> Handle:
+def submit(rt: Runtime, served: Served, params: GenerationParams,
+           seeded: bool = False) -> Handle:
     """Queue the request, or answer it from the exact result cache (seeded requests)."""
     require_ready(rt)
-    key = result_key(rt.engine.info, params) if seeded and rt.results.max_bytes else None
+    handle = _submit(rt, served, params, seeded)
+    _, h, w = served.engine.info.image_shape
+    handle.image_tokens = h * w // 16  # usage: one output token per 4x4 pixels
+    return handle
+
+
+def _submit(rt: Runtime, served: Served, params: GenerationParams, seeded: bool) -> Handle:
+    info = served.engine.info
+    key = result_key(info, params) if seeded and rt.results.max_bytes else None
     if key is not None:
         images = rt.results.get(key)
         rt.metrics.result_cache.labels("hit" if images is not None else "miss").inc()
@@ -119,14 +129,14 @@ def submit(rt: Runtime, params: GenerationParams, seeded: bool = False) -> Handl
             handle = Handle(f"img-cached-{secrets.token_hex(6)}", params)
             handle.events.put_nowait(Completed(handle.id, images, params.steps))
             return handle
-    handle = _queue(rt, params)
+    handle = _queue(rt, served, params)
     handle.result_key = key
     return handle
 
 
-def _queue(rt: Runtime, params: GenerationParams) -> Handle:
+def _queue(rt: Runtime, served: Served, params: GenerationParams) -> Handle:
     try:
-        return rt.loop.submit(params)
+        return served.loop.submit(params)
     except QueueFull as exc:
         rt.metrics.requests.labels("rejected").inc()
         raise APIError(429, str(exc), None, "queue_full",
@@ -182,8 +192,8 @@ async def next_final(handle: Handle, request: Request) -> Event | None:
 async def generate(body: ImageGenerationRequest, request: Request) -> Response:
     rt = runtime_of(request)
     require_ready(rt)
-    params, spec = resolve(body, rt)
-    handle = submit(rt, params, seeded=body.seed is not None)
+    served, params, spec = resolve(body, rt)
+    handle = submit(rt, served, params, seeded=body.seed is not None)
     if body.stream:
         return EventSourceResponse(stream(rt, request, handle, spec, body),
                                    ping=15, send_timeout=30)
@@ -192,7 +202,7 @@ async def generate(body: ImageGenerationRequest, request: Request) -> Response:
         event = await next_final(handle, request)
     finally:
         if event is None:
-            rt.loop.cancel(handle.id)  # type: ignore[union-attr]
+            handle.cancel()
         record_end(rt, handle, event)
     if event is None:
         return Response(status_code=499)
@@ -204,14 +214,8 @@ async def generate(body: ImageGenerationRequest, request: Request) -> Response:
     out = ImagesResponse(created=int(time.time()), data=data, background="opaque",
                          output_format=spec.output_format, quality=body.quality or "auto",
                          size=spec.size,
-                         usage=usage_for(params.prompt, params.n, image_tokens(rt)))
+                         usage=usage_for(params.prompt, params.n, handle.image_tokens))
     return JSONResponse(out.model_dump(exclude_none=True))
-
-
-def image_tokens(rt: Runtime) -> int:
-    """Usage accounting: one output token per 4x4 pixels of the generated image."""
-    _, h, w = rt.engine.info.image_shape  # type: ignore[union-attr]
-    return h * w // 16
 
 
 async def stream(rt: Runtime, request: Request, handle: Handle, spec: OutputSpec,
@@ -239,7 +243,8 @@ async def stream(rt: Runtime, request: Request, handle: Handle, spec: OutputSpec
             yield {"event": "error", "data": json.dumps({"type": "error", **err})}
             return
         assert isinstance(final, Completed)
-        usage = usage_for(handle.params.prompt, handle.params.n, image_tokens(rt)).model_dump()
+        usage = usage_for(handle.params.prompt, handle.params.n,
+                          handle.image_tokens).model_dump()
         for i, data in enumerate(await encode_all(final.images, spec)):
             payload = {"type": "image_generation.completed", "b64_json": b64(data),
                        "created_at": int(time.time()), "image_index": i, "usage": usage,
@@ -247,5 +252,5 @@ async def stream(rt: Runtime, request: Request, handle: Handle, spec: OutputSpec
             yield {"event": payload["type"], "data": json.dumps(payload)}
     finally:
         if final is None:  # client disconnected mid-stream
-            rt.loop.cancel(handle.id)  # type: ignore[union-attr]
+            handle.cancel()
         record_end(rt, handle, final)

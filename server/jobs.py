@@ -20,7 +20,6 @@ from .errors import APIError, error_body
 from .generation import (
     OutputSpec,
     image_data,
-    image_tokens,
     record_end,
     require_ready,
     resolve,
@@ -99,7 +98,7 @@ async def follow(rt: Runtime, request: Request, job: Job, params: Any) -> None:
             job.result = ImagesResponse(
                 created=int(time.time()), data=data, background="opaque",
                 output_format=job.spec.output_format, size=job.spec.size,
-                usage=usage_for(params.prompt, params.n, image_tokens(rt))
+                usage=usage_for(params.prompt, params.n, job.handle.image_tokens)
             ).model_dump(exclude_none=True)
             job.status = "completed"
         elif isinstance(event, Failed):
@@ -115,8 +114,8 @@ def view(rt: Runtime, job: Job) -> dict[str, Any]:
                            "created_at": int(job.created_at), "queue_position": None,
                            "progress": None, "result": job.result, "error": job.error}
     steps = job.handle.params.steps
-    if not job.final and rt.loop is not None:
-        phase, step, position = rt.loop.progress(job.handle.id)
+    if not job.final and job.handle.loop is not None:
+        phase, step, position = job.handle.loop.progress(job.handle.id)
         job.status = out["status"] = phase
         out["queue_position"] = position
         out["progress"] = {"step": step, "total_steps": steps, "fraction": step / steps}
@@ -132,8 +131,8 @@ async def create_job(body: ImageGenerationRequest, request: Request) -> JSONResp
     if body.stream:
         raise APIError(400, "jobs are polled, not streamed: drop `stream` (or use "
                        "/v1/images/generations)", "stream", "invalid_value")
-    params, spec = resolve(body, rt)
-    handle = submit(rt, params, seeded=body.seed is not None)
+    served, params, spec = resolve(body, rt)
+    handle = submit(rt, served, params, seeded=body.seed is not None)
     # public id "job-..."; the loop knows the request by the handle's "img-..." id
     job = Job(handle.id.replace("img-", "job-", 1), handle, spec)
     store = store_of(rt)
@@ -159,8 +158,7 @@ async def cancel_job(job_id: str, request: Request) -> JSONResponse:
     if job.final:
         raise APIError(409, f"job {job_id!r} has already ended ({job.status})", "id",
                        "job_already_ended")
-    # queued: removed at once; running: leaves the batch at the next step
-    rt.loop.cancel(job.handle.id)  # type: ignore[union-attr]
+    job.handle.cancel()  # queued: removed at once; running: leaves at the next step
     job.status, job.ended_at = "cancelled", time.time()
     if job.task is not None:
         job.task.cancel()

@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from stepserve.engines.base import Engine
 from stepserve.engines.registry import create_engine
@@ -83,6 +84,16 @@ def cache_support_error(engine: Engine, cache: CacheConfig) -> str | None:
     return None
 
 
+@dataclass
+class Served:
+    """One served model: its settings, engine and scheduler loop."""
+
+    name: str
+    settings: Settings
+    engine: Engine
+    loop: EngineLoop
+
+
 class Runtime:
     def __init__(self, settings: Settings, builder: EngineBuilder = build_engine) -> None:
         self.settings = settings
@@ -91,15 +102,40 @@ class Runtime:
         self.store = ResultStore(settings.url_ttl_s)
         self.results = ResultCache(int(settings.result_cache_mb * 2**20),
                                    settings.result_cache_ttl_s)
-        self.engine: Engine | None = None
-        self.loop: EngineLoop | None = None
+        self.models: dict[str, Served] = {}
         self.error: str | None = None
         self._ready = threading.Event()
-        self._cache_seen = (0, 0)
+        self._cache_seen: dict[str, tuple[int, int]] = {}
 
     @property
     def ready(self) -> bool:
         return self._ready.is_set()
+
+    @property
+    def default(self) -> Served | None:
+        return next(iter(self.models.values()), None)
+
+    @property
+    def engine(self) -> Engine | None:
+        """The default (first) model's engine."""
+        return self.default.engine if self.default else None
+
+    @property
+    def loop(self) -> EngineLoop | None:
+        return self.default.loop if self.default else None
+
+    def served(self, name: str | None) -> Served | None:
+        """The named model (None: the default); None if it is not served here."""
+        return self.default if name is None else self.models.get(name)
+
+    def names(self) -> list[str]:
+        """Served model names (configured ones until loading finishes)."""
+        if self.models:
+            return list(self.models)
+        try:
+            return [s.model_name for s in self.settings.per_model()]
+        except ValueError:
+            return [self.settings.model_name]
 
     def start(self, background: bool = True) -> None:
         if background:
@@ -113,33 +149,41 @@ class Runtime:
     def _load(self) -> None:
         start = time.perf_counter()
         try:
-            engine = self.builder(self.settings)
-            problem = cache_support_error(engine, CacheConfig.parse(self.settings.cache))
-            if problem:
-                raise ValueError(f"--cache {self.settings.cache}: {problem}")
-            engine.warmup(tuple(self.settings.warmup_batch_sizes))
+            loaded = [self._load_one(s) for s in self.settings.per_model()]
         except Exception as exc:
             log.exception("engine failed to load")
             self.error = f"{type(exc).__name__}: {exc}"
             return
-        config = SchedulerConfig(batching=self.settings.batching,
-                                 max_batch_size=self.settings.max_batch_size,
-                                 max_queue=self.settings.max_queue,
-                                 aging_s=self.settings.aging_s)
-        self.engine = engine
-        core = SchedulerCore(engine, config)
-        self.loop = EngineLoop(core, on_step=self._observe)
-        loop = self.loop
-        self.metrics.watch(waiting=lambda: loop.inflight - len(core.running),
-                           running=lambda: len(core.running))
-        self.loop.start()
+        for served in loaded:
+            self.models[served.name] = served
+            served.loop.start()
+        self.metrics.watch(
+            waiting=lambda: sum(m.loop.inflight - len(m.loop.core.running)
+                                for m in self.models.values()),
+            running=lambda: sum(len(m.loop.core.running) for m in self.models.values()))
         self.metrics.warmup_s.set(time.perf_counter() - start)
-        self.metrics.build_s.set(getattr(engine, "build_seconds", 0.0))
+        self.metrics.build_s.set(sum(getattr(m.engine, "build_seconds", 0.0)
+                                     for m in loaded))
         self.metrics.ready.set(1)
         self._ready.set()
-        log.info("engine %s ready in %.1f s", engine.info.engine, time.perf_counter() - start)
+        log.info("%d model(s) ready in %.1f s: %s", len(loaded), time.perf_counter() - start,
+                 ", ".join(self.models))
 
-    def _observe(self, stats: StepStats) -> None:
+    def _load_one(self, settings: Settings) -> Served:
+        engine = self.builder(settings)
+        problem = cache_support_error(engine, CacheConfig.parse(settings.cache))
+        if problem:
+            raise ValueError(f"{settings.model_name}: --cache {settings.cache}: {problem}")
+        engine.warmup(tuple(settings.warmup_batch_sizes))
+        config = SchedulerConfig(batching=settings.batching,
+                                 max_batch_size=settings.max_batch_size,
+                                 max_queue=settings.max_queue, aging_s=settings.aging_s)
+        name = settings.model_name
+        loop = EngineLoop(SchedulerCore(engine, config),
+                          on_step=lambda stats, n=name: self._observe(stats, n))
+        return Served(name, settings, engine, loop)
+
+    def _observe(self, stats: StepStats, model: str = "") -> None:
         m = self.metrics
         m.observe_step(stats)
         for req in stats.finished:
@@ -147,13 +191,17 @@ class Runtime:
                 m.queue_wait.observe(req.first_step_at - req.arrival)
             if req.first_preview_at is not None:
                 m.first_preview.observe(req.first_preview_at - req.arrival)
-        encoder = getattr(self.engine, "encoder", None)
+        served = self.models.get(model)
+        encoder = getattr(served.engine, "encoder", None) if served else None
         if encoder is not None:
             hits, misses = encoder.hits, encoder.misses
-            m.text_cache_hits.inc(max(0, hits - self._cache_seen[0]))
-            m.text_cache_misses.inc(max(0, misses - self._cache_seen[1]))
-            self._cache_seen = (hits, misses)
+            seen = self._cache_seen.get(model, (0, 0))
+            m.text_cache_hits.inc(max(0, hits - seen[0]))
+            m.text_cache_misses.inc(max(0, misses - seen[1]))
+            self._cache_seen[model] = (hits, misses)
 
     def shutdown(self) -> None:
-        if self.loop is not None:
-            self.loop.drain(self.settings.drain_timeout_s)
+        for served in self.models.values():  # stop intake everywhere, then finish work
+            served.loop.close_intake()
+        for served in self.models.values():
+            served.loop.drain(self.settings.drain_timeout_s)

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import (
     BaseSettings,
     JsonConfigSettingsSource,
@@ -20,6 +20,28 @@ from pydantic_settings import (
 )
 
 
+class ModelEntry(BaseModel):
+    """One served model in the config file's `models` list; unset keys take the
+    server-wide settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="'builtin' or a local diffusers folder")
+    name: str | None = Field(None, description="name clients use (default: folder name)")
+    engine: Literal["torch", "onnxruntime", "tensorrt"] | None = None
+    precision: Literal["fp32", "bf16", "fp16", "int8", "fp8"] | None = None
+    device: str | None = None
+    default_steps: int | None = Field(None, ge=1, le=100)
+    models: list[ModelEntry] = Field(
+        default_factory=list, description="several served models (config file); "
+        "the first is the default; empty: serve --model alone")
+    model_alias: str | None = Field(None, description="name clients use for --model "
+                                                      "(default: 'builtin' or the folder's)")
+    image_size: int | None = Field(None, ge=8, le=4096)
+    cache: Literal["none", "ab-cache", "first-blocks", "teacache", "lazydit"] | None = None
+    quantization: Literal["static", "dynamic"] | None = None
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="STEPSERVE_", extra="forbid")
 
@@ -27,6 +49,11 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     model: str = Field("builtin", description="'builtin', or a local diffusers folder to serve "
                                               "(served under the folder's name)")
+    models: list[ModelEntry] = Field(
+        default_factory=list, description="several served models (config file); "
+        "the first is the default; empty: serve --model alone")
+    model_alias: str | None = Field(None, description="name clients use for --model "
+                                                      "(default: 'builtin' or the folder's)")
     image_size: int | None = Field(
         None, ge=8, le=4096, description="diffusers folders: output size (default: the model's)")
     engine: Literal["torch", "onnxruntime", "tensorrt"] = Field(
@@ -87,8 +114,25 @@ class Settings(BaseSettings):
 
     @property
     def model_name(self) -> str:
-        """The name clients use in `model`: 'builtin' or the served folder's name."""
+        """The name clients use in `model`: the alias, 'builtin' or the folder's name."""
+        if self.model_alias:
+            return self.model_alias
         return "builtin" if self.model == "builtin" else Path(self.model).name
+
+    def per_model(self) -> list[Settings]:
+        """One settings object per served model (the flat settings when `models` is empty)."""
+        if not self.models:
+            return [self]
+        out = []
+        for entry in self.models:
+            update = {k: v for k, v in entry.model_dump().items()
+                      if v is not None and k not in ("path", "name")}
+            out.append(self.model_copy(update={**update, "model": entry.path,
+                                               "model_alias": entry.name, "models": []}))
+        names = [s.model_name for s in out]
+        if len(set(names)) != len(names):
+            raise ValueError(f"served model names must be unique: {names}")
+        return out
 
     @classmethod
     def load(cls, config_file: str | Path | None = None, **flags: Any) -> Settings:

@@ -168,3 +168,36 @@ def test_previews_use_taesd_when_the_folder_has_one(tmp_path_factory):
     x0 = torch.randn(1, 4, 16, 16)
     a, b = plain.preview(x0), with_taesd.preview(x0)
     assert a.shape == b.shape == (1, 32, 32, 3) and not np.array_equal(a, b)
+
+
+def test_several_models_are_served_and_routed_by_name(tmp_path_factory):
+    from stepserve.server.settings import ModelEntry
+
+    folder = tiny_sd(tmp_path_factory.mktemp("multi") / "tiny-sd")
+    settings = Settings(warmup_batch_sizes=[1], models=[
+        ModelEntry(path="builtin"), ModelEntry(path=str(folder), name="tiny", default_steps=2)])
+    app = create_app(settings)
+    app.state.runtime.start(background=False)
+    assert app.state.runtime.error is None, app.state.runtime.error
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://t") as c:
+            names = [m["id"] for m in (await c.get("/v1/models")).json()["data"]]
+            default = await c.post("/v1/images/generations", json={"prompt": "a red circle"})
+            tiny = await c.post("/v1/images/generations",
+                                json={"prompt": "a red circle", "model": "tiny"})
+            other = await c.post("/v1/images/generations",
+                                 json={"prompt": "x", "model": "nope"})
+            return names, default, tiny, other
+
+    try:
+        names, default, tiny, other = asyncio.run(go())
+    finally:
+        app.state.runtime.shutdown()
+    assert names == ["builtin", "tiny"]
+    assert default.status_code == 200 and tiny.status_code == 200
+    assert default.json()["size"] == "32x32" and tiny.json()["size"] == "32x32"
+    assert other.status_code == 404 and "builtin, tiny" in other.json()["error"]["message"]
+    with pytest.raises(ValueError, match="unique"):
+        Settings(models=[ModelEntry(path="builtin"), ModelEntry(path="builtin")]).per_model()

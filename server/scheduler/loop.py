@@ -36,6 +36,13 @@ class Handle:
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     submitted_at: float = field(default_factory=time.monotonic)
     result_key: str | None = None  # exact-result-cache key (requests with a seed)
+    loop: EngineLoop | None = field(default=None, repr=False)  # None: answered from cache
+    image_tokens: int = 0  # usage accounting for the served model's image size
+
+    def cancel(self) -> None:
+        """The client went away: leave the batch at the next step (no-op when cached)."""
+        if self.loop is not None:
+            self.loop.cancel(self.id)
 
 
 class EngineLoop:
@@ -68,7 +75,8 @@ class EngineLoop:
         if params.n > self.core.config.max_batch_size:
             raise ValueError(f"n={params.n} exceeds the server's max batch size "
                              f"{self.core.config.max_batch_size}")
-        handle = Handle(f"img-{next(self._ids):08d}-{time.time_ns() % 10**6:06d}", params)
+        handle = Handle(f"img-{next(self._ids):08d}-{time.time_ns() % 10**6:06d}", params,
+                        loop=self)
         with self._lock:
             if len(self._handles) >= self.core.config.max_queue:
                 raise QueueFull(f"queue is full ({self.core.config.max_queue} requests)")

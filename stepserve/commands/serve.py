@@ -35,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--config", help="TOML or JSON settings file (keys as the flags, with _)")
     for name, field in Settings.model_fields.items():
+        if name == "models":  # a list of tables: config file (or env JSON) only
+            continue
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None,
                        help=f"{field.description} (default: {field.default})",
                        **_flag_kwargs(field.annotation))
@@ -43,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace):
     from stepserve.server.settings import Settings
 
-    flags = {name: getattr(args, name) for name in Settings.model_fields}
+    flags = {name: getattr(args, name) for name in Settings.model_fields if name != "models"}
     return Settings.load(args.config, **flags)
 
 
