@@ -111,11 +111,35 @@ class DiffusersEngine:
 
         return getattr(diffusers, SAMPLERS[sampler]).from_config(self.pipe.scheduler.config)
 
+    def schedule_error(self, sampler: str, schedule: dict[str, Any]) -> str | None:
+        """Why this sampler cannot take these custom timesteps / sigmas, or None."""
+        (kind, values), = schedule.items()
+        params = inspect.signature(self.scheduler_for(sampler).set_timesteps).parameters
+        if kind not in params:
+            return f"sampler {sampler!r} does not accept custom {kind}"
+        if kind == "timesteps" and any(a <= b for a, b in zip(values, values[1:])):
+            return "timesteps must decrease"
+        return None
+
+    def ays_timesteps(self) -> list[int] | None:
+        """The family's Align Your Steps schedule (10 steps), if it has one."""
+        if self.family.ays_name is None:
+            return None
+        from diffusers.schedulers import AysSchedules
+
+        return [int(t) for t in AysSchedules[self.family.ays_name]]
+
     def init_state(self, seed: int, steps: int, cond: PromptEmbeds, uncond: PromptEmbeds, *,
                    guidance: float, sampler: str = "default",
-                   cache: CacheConfig | None = None) -> DiffusersState:
+                   cache: CacheConfig | None = None,
+                   schedule: dict[str, Any] | None = None) -> DiffusersState:
         scheduler = self.scheduler_for(sampler)
-        self.family.set_timesteps(scheduler, steps, self.size)
+        if schedule:  # custom timesteps or sigmas (Align Your Steps and the like)
+            (kind, values), = schedule.items()
+            values = [int(v) for v in values] if kind == "timesteps" else list(values)
+            scheduler.set_timesteps(device="cpu", **{kind: values})
+        else:
+            self.family.set_timesteps(scheduler, steps, self.size)
         # one generator per request image, consumed as the pipeline consumes its own:
         # first the initial noise, then any noise the sampler injects (LCM, ancestral)
         generator = torch.Generator().manual_seed(seed)

@@ -8,6 +8,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request
@@ -89,6 +90,9 @@ def resolve(body: ImageGenerationRequest, rt: Runtime
     if sampler not in samplers:
         raise APIError(400, f"sampler {sampler!r} is not available for {s.model_name!r}; "
                        f"one of {', '.join(samplers)}", "sampler", "invalid_value")
+    schedule = custom_schedule(body, engine, sampler)
+    if schedule is not None:
+        steps = len(schedule[0][1]) - (1 if schedule[0][0] == "sigmas" else 0)
     params = GenerationParams(
         prompt=body.prompt, steps=steps,
         seed=body.seed if body.seed is not None else secrets.randbelow(2**31 - 10),
@@ -97,10 +101,36 @@ def resolve(body: ImageGenerationRequest, rt: Runtime
         n=body.n, negative_prompt=body.negative_prompt or "", sampler=sampler,
         priority=body.priority, timeout_s=body.timeout,
         partial_images=(body.partial_images or 0) if body.stream else 0,
-        cache=cache if cache.enabled else None)
+        cache=cache if cache.enabled else None, schedule=schedule)
     spec = OutputSpec(body.response_format or "b64_json", body.output_format or "png",
                       body.output_compression, f"{w * upscale}x{h * upscale}", upscale)
     return served, params, spec
+
+
+def custom_schedule(body: ImageGenerationRequest, engine: Any, sampler: str
+                    ) -> tuple[tuple[str, tuple[float, ...]], ...] | None:
+    """Explicit timesteps / sigmas, or a named schedule, checked against the model."""
+    given = {k: v for k, v in (("timesteps", body.timesteps), ("sigmas", body.sigmas))
+             if v is not None}
+    if body.schedule == "ays":
+        ays = getattr(engine, "ays_timesteps", lambda: None)()
+        if ays is None:
+            raise APIError(400, "this model has no Align Your Steps schedule", "schedule",
+                           "unsupported_value")
+        given["timesteps"] = ays
+    if not given:
+        return None
+    field = next(iter(given))
+    if len(given) > 1:
+        raise APIError(400, "give one of timesteps, sigmas or schedule", field,
+                       "invalid_value")
+    check = getattr(engine, "schedule_error", None)
+    problem = (check(sampler, given) if check else
+               "custom schedules need a diffusers model (the built-in model samples its "
+               "own flow times)")
+    if problem:
+        raise APIError(400, problem, field, "unsupported_value")
+    return ((field, tuple(given[field])),)
 
 
 def require_ready(rt: Runtime) -> None:

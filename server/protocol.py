@@ -39,6 +39,10 @@ class ImageGenerationRequest(BaseModel):
     sampler: str | None = Field(None, max_length=32)  # checked against the served model
     priority: int = Field(0, ge=-100, le=100)
     timeout: float | None = Field(None, gt=0, le=3600)
+    # custom schedules (diffusers models): explicit timesteps or sigmas, or a named one
+    timesteps: list[int] | None = Field(None, min_length=1, max_length=100)
+    sigmas: list[float] | None = Field(None, min_length=1, max_length=101)
+    schedule: Literal["ays"] | None = None  # Align Your Steps (10 steps, SD / SDXL)
     # step cache: a policy name, or {"policy": ..., "order": 2, "interval": 2, ...}
     cache: str | dict[str, str | int | float | None] | None = None
 

@@ -201,3 +201,44 @@ def test_several_models_are_served_and_routed_by_name(tmp_path_factory):
     assert other.status_code == 404 and "builtin, tiny" in other.json()["error"]["message"]
     with pytest.raises(ValueError, match="unique"):
         Settings(models=[ModelEntry(path="builtin"), ModelEntry(path="builtin")]).per_model()
+
+
+def test_custom_timesteps_sigmas_and_ays_equal_the_pipeline(tmp_path_factory):
+    from diffusers import DiffusionPipeline
+    from diffusers.schedulers import AysSchedules
+
+    folder = tiny_sd(tmp_path_factory.mktemp("ays") / "tiny-sd")
+    pipe = DiffusionPipeline.from_pretrained(str(folder), use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    app = create_app(Settings(model=str(folder), warmup_batch_sizes=[1]))
+    app.state.runtime.start(background=False)
+    ays = [int(t) for t in AysSchedules["StableDiffusionTimesteps"]]
+    cases = [({"timesteps": [999, 700, 400, 100]}, {"timesteps": [999, 700, 400, 100]}),
+             ({"sigmas": [14.6, 4.0, 1.0, 0.3, 0.0]}, {"sigmas": [14.6, 4.0, 1.0, 0.3, 0.0]}),
+             ({"schedule": "ays"}, {"timesteps": ays})]
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://t") as c:
+            out = [await c.post("/v1/images/generations",
+                                json={"prompt": PROMPTS[0], "seed": 9, "guidance_scale": 1.0,
+                                      **body}) for body, _ in cases]
+            bad = [await c.post("/v1/images/generations", json={"prompt": "x", **body})
+                   for body in ({"timesteps": [100, 400]},
+                                {"sigmas": [3.0, 0.0], "sampler": "dpm++2m"},
+                                {"timesteps": [999], "sigmas": [1.0, 0.0]})]
+            return out, bad
+
+    try:
+        out, bad = asyncio.run(go())
+    finally:
+        app.state.runtime.shutdown()
+    for r, (_, kwargs) in zip(out, cases):
+        assert r.status_code == 200, r.text
+        image = np.asarray(Image.open(io.BytesIO(base64.b64decode(
+            r.json()["data"][0]["b64_json"]))).convert("RGB")).astype(int)
+        ref = pipe(PROMPTS[0], guidance_scale=1.0, generator=torch.Generator().manual_seed(9),
+                   output_type="np", **kwargs).images[0]
+        assert np.abs(image - (ref * 255).round().astype(int)).max() <= 1
+    assert [b.status_code for b in bad] == [400, 400, 400]
+    assert [b.json()["error"]["param"] for b in bad] == ["timesteps", "sigmas", "timesteps"]

@@ -66,6 +66,8 @@ class SDFamily:
     def set_timesteps(self, scheduler: Any, steps: int, size: int) -> None:
         scheduler.set_timesteps(steps, device="cpu")
 
+    ays_name = "StableDiffusionTimesteps"  # Align Your Steps schedule for this family
+
     def encode(self, prompts: list[str], device: torch.device) -> PromptEmbeds:
         hidden, _ = self.pipe.encode_prompt(prompts, device, 1, False)
         return PromptEmbeds({"hidden": hidden})
@@ -87,6 +89,8 @@ class SDFamily:
 
 class SDXLFamily(SDFamily):
     """SDXL / SDXL-Turbo: two text encoders, pooled embeddings and size/crop time ids."""
+
+    ays_name = "StableDiffusionXLTimesteps"
 
     def encode(self, prompts: list[str], device: torch.device) -> PromptEmbeds:
         pipe = self.pipe
@@ -114,6 +118,8 @@ class SDXLFamily(SDFamily):
 
 
 class LCMFamily(SDFamily):
+    ays_name = None
+
     """Latent consistency models: guidance enters as a w embedding, not as CFG rows."""
 
     guidance_embedded = True
@@ -133,6 +139,7 @@ class PixArtFamily(SDFamily):
     keeps only its noise half."""
 
     max_sequence_length = 300
+    ays_name = None
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -165,6 +172,7 @@ class SD3Family(SDFamily):
     flow matching."""
 
     flow = True
+    ays_name = None
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -206,6 +214,7 @@ class FluxFamily(SDFamily):
 
     guidance_embedded = True
     flow = True
+    ays_name = None
 
     @property
     def denoiser(self) -> torch.nn.Module:

@@ -149,6 +149,8 @@ class SchedulerCore:
             req.states = [self.engine.init_state(p.seed + k, p.steps, cond, uncond,
                                                  guidance=p.guidance,
                                                  sampler=p.sampler or self.default_sampler,
+                                                 **({"schedule": dict(p.schedule)}
+                                                    if p.schedule else {}),
                                                  cache=p.cache) for k in range(p.n)]
             req.status = Status.RUNNING
             self.waiting.remove(req)

@@ -37,6 +37,7 @@ class GenerationParams:
     timeout_s: float | None = None
     partial_images: int = 0
     cache: CacheConfig | None = None  # step-cache policy (None: no cache)
+    schedule: tuple[tuple[str, tuple[float, ...]], ...] | None = None  # (("timesteps", ...),)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.n < 1 or self.partial_images < 0:
