@@ -67,26 +67,28 @@ class DiffusersState:
 class DiffusersEngine:
     name = "diffusers"
 
-    def __init__(self, model: str, path: Path | str, precision: str = "fp32",
+    def __init__(self, model: str, path: Path | str | None = None, precision: str = "fp32",
                  device: str = "cpu", default_steps: int = 4, guidance: float | None = None,
-                 image_size: int | None = None, **_: Any) -> None:
+                 image_size: int | None = None, pipe: Any = None, **_: Any) -> None:
         from diffusers import DiffusionPipeline
 
         if precision not in _DTYPES:
             raise ValueError(f"diffusers models support precision {sorted(_DTYPES)}, "
                              f"not {precision!r}")
         self.device, self.dtype = torch.device(device), _DTYPES[precision]
-        # local folder only, safetensors only: nothing is downloaded or unpickled
-        self.pipe = DiffusionPipeline.from_pretrained(str(path), use_safetensors=True,
-                                                      local_files_only=True,
-                                                      low_cpu_mem_usage=False,
-                                                      torch_dtype=self.dtype).to(self.device)
+        if pipe is None:
+            # local folder only, safetensors only: nothing is downloaded or unpickled
+            pipe = DiffusionPipeline.from_pretrained(str(path), use_safetensors=True,
+                                                     local_files_only=True,
+                                                     low_cpu_mem_usage=False,
+                                                     torch_dtype=self.dtype)
+        self.pipe = pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.family = family_of(self.pipe)
         self.family.denoiser.eval()
         self.size = image_size or self.family.default_size()
         self.vae_scale = self.family.vae_scale
-        self.taesd = load_taesd(Path(path), self.device, self.dtype)
+        self.taesd = load_taesd(Path(path), self.device, self.dtype) if path else None
         self.latent_rgb = latent_rgb_map(self.family.latent_shape(self.size)[0])
         self.build_seconds = 0.0
         self.samplers = ("default", *SAMPLERS)
@@ -95,6 +97,15 @@ class DiffusersEngine:
                                device=str(self.device), image_shape=(3, self.size, self.size),
                                time_shift=1.0, default_steps=default_steps,
                                default_guidance=7.5 if guidance is None else guidance)
+
+    @classmethod
+    def from_pipeline(cls, model: str, pipe: Any, **kwargs: Any) -> DiffusersEngine:
+        """Serve a pipeline object built in memory (benchmarks with random weights)."""
+        dtype = next(pipe.components[k] for k in ("unet", "transformer")
+                     if pipe.components.get(k) is not None).dtype
+        precision = {v: k for k, v in _DTYPES.items()}[dtype]
+        device = str(pipe.device)
+        return cls(model, None, precision=precision, device=device, pipe=pipe, **kwargs)
 
     @torch.inference_mode()
     def encode(self, prompts: list[str]) -> PromptEmbeds:
