@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from stepserve.models.caches import ab_cache
 from stepserve.models.caches.config import CacheConfig
 from stepserve.models.families.adapters import PromptEmbeds, family_of
 
@@ -48,6 +49,7 @@ class DiffusersState:
     step: int = 0
     x0: torch.Tensor | None = field(default=None, repr=False)
     cache: CacheConfig | None = None
+    cache_state: ab_cache.ABState | None = field(default=None, repr=False)
     skipped_blocks: float = 0.0
     generator: torch.Generator | None = field(default=None, repr=False)
 
@@ -156,15 +158,23 @@ class DiffusersEngine:
         generator = torch.Generator().manual_seed(seed)
         noise = self.family.initial_noise(self.size, generator)
         x = (noise * getattr(scheduler, "init_noise_sigma", 1.0))[0]
+        cache = cache if cache is not None and cache.enabled else None
         return DiffusersState(x, scheduler, tuple(float(t) for t in scheduler.timesteps),
-                              cond, uncond, guidance, cache=cache, generator=generator)
+                              cond, uncond, guidance, cache=cache, generator=generator,
+                              cache_state=ab_cache.ABState() if cache else None)
 
     @staticmethod
     def needs_forward(state: DiffusersState) -> bool:
-        return True
+        """False when AB-Cache predicts this step's (guided) model output instead."""
+        if state.cache is None or state.cache_state is None:
+            return True
+        return ab_cache.must_compute(state.cache, state.cache_state, state.step, state.steps,
+                                     state.t)
 
-    @torch.inference_mode()
-    def step_batch(self, states: Sequence[DiffusersState]) -> list[DiffusersState]:
+    def _model_outputs(self, states: Sequence[DiffusersState]) -> list[torch.Tensor]:
+        """ONE denoiser forward for these states; their (guided) outputs (1, ...)."""
+        if not states:
+            return []
         family = self.family
         # CFG rows, unless the model takes guidance as an input (LCM, FLUX)
         guided = ([] if family.guidance_embedded
@@ -177,12 +187,31 @@ class DiffusersEngine:
         g = torch.tensor([s.guidance for s in rows])
         out_all = family.denoise(x.to(self.device, self.dtype), t.to(self.device), cond,
                                  g).float().cpu()
-        out = []
+        outputs = []
         for k, s in enumerate(states):
             e = out_all[k:k + 1]
             if k in guided:
                 u = out_all[len(states) + guided.index(k)][None]
                 e = u + s.guidance * (e - u)
+            outputs.append(e.clone())
+        return outputs
+
+    @torch.inference_mode()
+    def step_batch(self, states: Sequence[DiffusersState]) -> list[DiffusersState]:
+        """At most ONE forward; states whose AB-Cache skips this step take no row in it."""
+        family = self.family
+        need = [i for i, s in enumerate(states) if self.needs_forward(s)]
+        computed = dict(zip(need, self._model_outputs([states[i] for i in need])))
+        out = []
+        for k, s in enumerate(states):
+            if k in computed:
+                e = computed[k]
+                if s.cache_state is not None:
+                    s = replace(s, cache_state=ab_cache.record(s.cache_state, s.t, e,
+                                                               s.cache.order))
+            else:
+                e = ab_cache.predict(s.cache_state, s.t, s.cache.order)
+                s = replace(s, cache_state=ab_cache.skipped(s.cache_state))
             sigma = (float(s.scheduler.sigmas[s.step]) if family.flow else 0.0)
             extra = ({"generator": s.generator} if "generator" in
                      inspect.signature(s.scheduler.step).parameters else {})

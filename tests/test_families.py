@@ -242,3 +242,20 @@ def test_custom_timesteps_sigmas_and_ays_equal_the_pipeline(tmp_path_factory):
         assert np.abs(image - (ref * 255).round().astype(int)).max() <= 1
     assert [b.status_code for b in bad] == [400, 400, 400]
     assert [b.json()["error"]["param"] for b in bad] == ["timesteps", "sigmas", "timesteps"]
+
+
+def test_ab_cache_works_for_diffusers_models(tmp_path_factory):
+    from stepserve.models.caches.config import CacheConfig
+
+    folder = tiny_sd(tmp_path_factory.mktemp("abcache") / "tiny-sd")
+    engine = DiffusersEngine("tiny-sd", folder)
+    calls = []
+    denoise = engine.family.denoise
+    engine.family.denoise = lambda x, *a: calls.append(len(x)) or denoise(x, *a)
+    ref = generate_offline(engine, PROMPTS[:2], [3, 4], 8, guidance=2.0).astype(float)
+    full = sum(calls)
+    calls.clear()
+    cached = generate_offline(engine, PROMPTS[:2], [3, 4], 8, guidance=2.0,
+                              cache=CacheConfig("ab-cache", interval=2)).astype(float)
+    assert sum(calls) == full * 5 // 8  # computes steps 0, 2, 4, 6, 7 of 8
+    assert np.linalg.norm(cached - ref) / np.linalg.norm(ref) < 0.1
