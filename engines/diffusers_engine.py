@@ -50,6 +50,8 @@ class DiffusersState:
     x0: torch.Tensor | None = field(default=None, repr=False)
     cache: CacheConfig | None = None
     cache_state: ab_cache.ABState | None = field(default=None, repr=False)
+    deep: tuple[torch.Tensor | None, torch.Tensor | None] = field(default=(None, None),
+                                                                 repr=False)  # DeepCache
     skipped_blocks: float = 0.0
     generator: torch.Generator | None = field(default=None, repr=False)
 
@@ -159,9 +161,10 @@ class DiffusersEngine:
         noise = self.family.initial_noise(self.size, generator)
         x = (noise * getattr(scheduler, "init_noise_sigma", 1.0))[0]
         cache = cache if cache is not None and cache.enabled else None
+        ab = cache is not None and cache.policy == "ab-cache"
         return DiffusersState(x, scheduler, tuple(float(t) for t in scheduler.timesteps),
                               cond, uncond, guidance, cache=cache, generator=generator,
-                              cache_state=ab_cache.ABState() if cache else None)
+                              cache_state=ab_cache.ABState() if ab else None)
 
     @staticmethod
     def needs_forward(state: DiffusersState) -> bool:
@@ -171,10 +174,12 @@ class DiffusersEngine:
         return ab_cache.must_compute(state.cache, state.cache_state, state.step, state.steps,
                                      state.t)
 
-    def _model_outputs(self, states: Sequence[DiffusersState]) -> list[torch.Tensor]:
-        """ONE denoiser forward for these states; their (guided) outputs (1, ...)."""
+    def _model_outputs(self, states: Sequence[DiffusersState]
+                       ) -> tuple[list[torch.Tensor], list[DiffusersState]]:
+        """ONE denoiser forward for these states: their (guided) outputs (1, ...), and the
+        states with their DeepCache features updated."""
         if not states:
-            return []
+            return [], []
         family = self.family
         # CFG rows, unless the model takes guidance as an input (LCM, FLUX)
         guided = ([] if family.guidance_embedded
@@ -185,8 +190,13 @@ class DiffusersEngine:
         t = torch.stack([s.scheduler.timesteps[s.step] for s in rows]).float()
         cond = PromptEmbeds.cat([s.cond for s in states] + [states[i].uncond for i in guided])
         g = torch.tensor([s.guidance for s in rows])
-        out_all = family.denoise(x.to(self.device, self.dtype), t.to(self.device), cond,
-                                 g).float().cpu()
+        x, t = x.to(self.device, self.dtype), t.to(self.device)
+        states = list(states)
+        if any(s.cache is not None and s.cache.policy == "deepcache" for s in states):
+            out_all, states = self._deepcache(states, guided, x, t, cond, g)
+        else:
+            out_all = family.denoise(x, t, cond, g)
+        out_all = out_all.float().cpu()
         outputs = []
         for k, s in enumerate(states):
             e = out_all[k:k + 1]
@@ -194,14 +204,51 @@ class DiffusersEngine:
                 u = out_all[len(states) + guided.index(k)][None]
                 e = u + s.guidance * (e - u)
             outputs.append(e.clone())
-        return outputs
+        return outputs, states
+
+    def _deepcache(self, states: list[DiffusersState], guided: list[int], x: torch.Tensor,
+                   t: torch.Tensor, cond: PromptEmbeds, g: torch.Tensor
+                   ) -> tuple[torch.Tensor, list[DiffusersState]]:
+        """The forward with DeepCache rows: reuse deep features where the policy allows."""
+        from stepserve.models.caches.deepcache import should_reuse
+
+        rows = [(s, 0) for s in states] + [(states[i], 1) for i in guided]
+        feats = [s.deep[k] for s, k in rows]
+        reuse = torch.tensor([s.cache is not None and s.cache.policy == "deepcache"
+                              and should_reuse(s.step, s.steps, s.cache.interval,
+                                               s.cache.warmup, f is not None)
+                              for (s, _), f in zip(rows, feats)])
+        like = next((f for f in feats if f is not None), None)
+        cached = None
+        if like is not None:
+            cached = torch.stack([f if f is not None else torch.zeros_like(like)
+                                  for f in feats]).to(x)
+        out, features = self.family.denoise_deep(x, t, cond, g, reuse, cached)
+        unet = self.family.denoiser
+        deep_blocks = len(unet.down_blocks) + len(unet.up_blocks) - 1  # + mid - 2 shallow
+        new = []
+        for i, s in enumerate(states):
+            if s.cache is None or s.cache.policy != "deepcache":
+                new.append(s)
+                continue
+            j = len(states) + guided.index(i) if i in guided else None
+            deep = (features[i].detach().clone(),
+                    features[j].detach().clone() if j is not None else s.deep[1])
+            reused = int(reuse[i]) + (int(reuse[j]) if j is not None else 0)
+            new.append(replace(s, deep=deep,
+                               skipped_blocks=s.skipped_blocks + reused * deep_blocks))
+        return out, new
 
     @torch.inference_mode()
     def step_batch(self, states: Sequence[DiffusersState]) -> list[DiffusersState]:
         """At most ONE forward; states whose AB-Cache skips this step take no row in it."""
         family = self.family
         need = [i for i, s in enumerate(states) if self.needs_forward(s)]
-        computed = dict(zip(need, self._model_outputs([states[i] for i in need])))
+        outputs, updated = self._model_outputs([states[i] for i in need])
+        computed = dict(zip(need, outputs))
+        states = list(states)
+        for i, s in zip(need, updated):
+            states[i] = s
         out = []
         for k, s in enumerate(states):
             if k in computed:

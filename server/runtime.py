@@ -78,6 +78,10 @@ def cache_support_error(engine: Engine, cache: CacheConfig) -> str | None:
     if cache.block_level and not hasattr(engine, "denoise_cached"):
         return (f"cache policy {cache.policy!r} needs an engine that runs the DiT blocks "
                 f"itself (torch); this server runs {engine.info.engine!r}")
+    if cache.policy == "deepcache" and not getattr(getattr(engine, "family", None), "unet",
+                                                   False):
+        return (f"cache policy 'deepcache' needs a U-Net model (SD, SDXL, LCM); "
+                f"{engine.info.model!r} is not one")
     if cache.policy == "lazydit" and getattr(engine, "gates", None) is None:
         return ("cache policy 'lazydit' needs LazyDiT gates trained for this model's "
                 "weights (stepserve train-builtin --lazydit-only)")

@@ -38,7 +38,8 @@ class ModelEntry(BaseModel):
     model_alias: str | None = Field(None, description="name clients use for --model "
                                                       "(default: 'builtin' or the folder's)")
     image_size: int | None = Field(None, ge=8, le=4096)
-    cache: Literal["none", "ab-cache", "first-blocks", "teacache", "lazydit"] | None = None
+    cache: Literal["none", "ab-cache", "first-blocks", "teacache", "lazydit",
+                   "deepcache"] | None = None
     quantization: Literal["static", "dynamic"] | None = None
 
 
@@ -70,7 +71,7 @@ class Settings(BaseSettings):
     max_steps: int = Field(64, ge=1, le=100, description="most steps a request may ask for")
     url_ttl_s: float = Field(3600.0, gt=0, description="how long url results stay fetchable")
     compile: bool = Field(False, description="torch.compile the denoiser")
-    cache: Literal["none", "ab-cache", "first-blocks", "teacache", "lazydit"] = Field(
+    cache: Literal["none", "ab-cache", "first-blocks", "teacache", "lazydit", "deepcache"] = Field(
         "none", description="default step-cache policy (a request's `cache` field overrides)")
     quantization: Literal["static", "dynamic"] = Field(
         "static", description="int8 with onnxruntime: static QDQ (calibrated) or dynamic")

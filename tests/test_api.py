@@ -128,6 +128,7 @@ def test_url_response_is_served_then_expires():
     ({"cache": "first-blocks"}, "cache"),  # the fake engine cannot run DiT blocks
     ({"cache": {"policy": "ab-cache", "order": 2.0}}, "cache.order"),
     ({"timesteps": [900, 500]}, "timesteps"), ({"schedule": "ays"}, "schedule"),
+    ({"cache": "deepcache"}, "cache"),  # the fake engine is no U-Net
     ({"cache": {"policy": "lazydit", "gate_threshold": 2}}, "cache.gate_threshold"),
 ])
 def test_bad_fields_get_400_naming_the_field(app, body, param):

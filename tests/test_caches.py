@@ -58,7 +58,7 @@ def test_config_parsing_and_errors_name_the_knob():
     assert CacheConfig.parse({"policy": "ab-cache", "order": 3}).order == 3
     for value, field in [("bogus", "policy"), ({"policy": "ab-cache", "order": 5}, "order"),
                          ({"policy": "ab-cache", "speed": 1}, "speed"),
-                         ("deepcache", "policy"), ({"policy": "teacache", "warmup": 0}, "warmup")]:
+                         ("fastcache", "policy"), ({"policy": "teacache", "warmup": 0}, "warmup")]:
         with pytest.raises(CacheConfigError) as err:
             CacheConfig.parse(value)
         assert err.value.field == field

@@ -259,3 +259,41 @@ def test_ab_cache_works_for_diffusers_models(tmp_path_factory):
                               cache=CacheConfig("ab-cache", interval=2)).astype(float)
     assert sum(calls) == full * 5 // 8  # computes steps 0, 2, 4, 6, 7 of 8
     assert np.linalg.norm(cached - ref) / np.linalg.norm(ref) < 0.1
+
+
+@pytest.mark.parametrize("builder", [tiny_sd, tiny_sdxl])
+def test_deepcache_forward_is_exact_without_reuse_and_reuses_deep_features(
+        builder, tmp_path_factory):
+    from stepserve.models.caches.config import CacheConfig
+    from stepserve.models.caches.deepcache import deepcache_forward
+
+    folder = builder(tmp_path_factory.mktemp("deepcache") / "tiny")
+    engine = DiffusersEngine("tiny", folder)
+    fam = engine.family
+    cond = engine.encode(PROMPTS[:2])
+    x = torch.randn(2, *fam.latent_shape(engine.size))
+    t = torch.tensor([900.0, 300.0])
+    kwargs = fam.unet_inputs(x, cond, torch.ones(2))
+    with torch.inference_mode():
+        ref = fam.pipe.unet(x, t, **kwargs, return_dict=False)[0]
+        out, feats = deepcache_forward(fam.pipe.unet, x, t, **kwargs)
+        assert torch.allclose(out, ref, atol=1e-5)
+        # reusing the features of this very step gives the same output
+        again, _ = deepcache_forward(fam.pipe.unet, x, t, **kwargs,
+                                     reuse=torch.tensor([True, False]), cached=feats)
+        assert torch.allclose(again, ref, atol=1e-5)
+    # through the scheduler: close to no cache, deep blocks skipped, other requests exact
+    plain = generate_offline(engine, PROMPTS[:2], [1, 2], 8, guidance=2.0).astype(float)
+    core = SchedulerCore(engine, SchedulerConfig(max_batch_size=8))
+    core.submit(Request("c", GenerationParams(PROMPTS[0], 8, 1, 2.0,
+                                              cache=CacheConfig("deepcache", interval=2)), 0))
+    core.submit(Request("p", GenerationParams(PROMPTS[1], 8, 2, 2.0), 0))
+    images, skipped = {}, 0.0
+    while core.has_work:
+        for e in core.step():
+            if isinstance(e, Completed):
+                images[e.request_id] = e.images[0].astype(float)
+        skipped += sum(core.last_stats.skipped_blocks.values())
+    assert skipped > 0
+    assert np.abs(images["p"] - plain[1]).max() <= 1
+    assert np.linalg.norm(images["c"] - plain[0]) / np.linalg.norm(plain[0]) < 0.2

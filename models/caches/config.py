@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 POLICIES = ("none", "ab-cache", "first-blocks", "teacache", "lazydit", "deepcache")
-AVAILABLE = ("none", "ab-cache", "first-blocks", "teacache", "lazydit")  # deepcache: U-Nets
+AVAILABLE = POLICIES
 BLOCK_POLICIES = ("first-blocks", "teacache", "lazydit")  # engines that run DiT blocks
 
 
@@ -19,6 +19,7 @@ BLOCK_POLICIES = ("first-blocks", "teacache", "lazydit")  # engines that run DiT
 class CacheConfig:
     policy: str = "none"
     # ab-cache: extrapolation order k (1 = reuse the last output), and when to compute:
+    # (deepcache: a full U-Net step every `interval` steps after `warmup`)
     # one full compute every `interval` steps, or (with a threshold) whenever the
     # error estimate reaches it; never more than max_skips skipped steps in a row
     order: int = 2

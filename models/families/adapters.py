@@ -40,6 +40,7 @@ class SDFamily:
 
     guidance_embedded = False  # True: guidance is a model input, no CFG rows
     flow = False  # flow-matching velocity models (x0 = x - sigma * v)
+    unet = True  # DeepCache applies (a U-Net with down / up blocks)
 
     def __init__(self, pipe: Any) -> None:
         self.pipe = pipe
@@ -72,11 +73,24 @@ class SDFamily:
         hidden, _ = self.pipe.encode_prompt(prompts, device, 1, False)
         return PromptEmbeds({"hidden": hidden})
 
+    def unet_inputs(self, x: torch.Tensor, cond: PromptEmbeds,
+                    guidance: torch.Tensor) -> dict[str, Any]:
+        return {"encoder_hidden_states": self._t(cond, "hidden", x)}
+
     def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: PromptEmbeds,
                 guidance: torch.Tensor) -> torch.Tensor:
         """ONE forward over rows at different timesteps (guidance used when embedded)."""
-        return self.pipe.unet(x, t, encoder_hidden_states=self._t(cond, "hidden", x),
+        return self.pipe.unet(x, t, **self.unet_inputs(x, cond, guidance),
                               return_dict=False)[0]
+
+    def denoise_deep(self, x: torch.Tensor, t: torch.Tensor, cond: PromptEmbeds,
+                     guidance: torch.Tensor, reuse: torch.Tensor,
+                     cached: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same forward with DeepCache: (output, deep features per row)."""
+        from ..caches.deepcache import deepcache_forward
+
+        return deepcache_forward(self.pipe.unet, x, t, reuse=reuse, cached=cached,
+                                 **self.unet_inputs(x, cond, guidance))
 
     def decoder_latents(self, x: torch.Tensor, size: int) -> torch.Tensor:
         """Model-space latents (N, ...) -> VAE-space (N, C, h, w)."""
@@ -109,12 +123,11 @@ class SDXLFamily(SDFamily):
         return PromptEmbeds({"hidden": hidden, "pooled": pooled,
                              "time_ids": time_ids.repeat(len(prompts), 1)})
 
-    def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: PromptEmbeds,
-                guidance: torch.Tensor) -> torch.Tensor:
+    def unet_inputs(self, x: torch.Tensor, cond: PromptEmbeds,
+                    guidance: torch.Tensor) -> dict[str, Any]:
         added = {"text_embeds": self._t(cond, "pooled", x),
                  "time_ids": self._t(cond, "time_ids", x)}
-        return self.pipe.unet(x, t, encoder_hidden_states=self._t(cond, "hidden", x),
-                              added_cond_kwargs=added, return_dict=False)[0]
+        return {"encoder_hidden_states": self._t(cond, "hidden", x), "added_cond_kwargs": added}
 
 
 class LCMFamily(SDFamily):
@@ -124,14 +137,13 @@ class LCMFamily(SDFamily):
 
     guidance_embedded = True
 
-    def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: PromptEmbeds,
-                guidance: torch.Tensor) -> torch.Tensor:
+    def unet_inputs(self, x: torch.Tensor, cond: PromptEmbeds,
+                    guidance: torch.Tensor) -> dict[str, Any]:
         # the pipeline's Imagen-style convention: w = guidance - 1
         w = self.pipe.get_guidance_scale_embedding(
             guidance - 1, embedding_dim=self.pipe.unet.config.time_cond_proj_dim)
-        return self.pipe.unet(x, t, timestep_cond=w.to(x.device, x.dtype),
-                              encoder_hidden_states=self._t(cond, "hidden", x),
-                              return_dict=False)[0]
+        return {"timestep_cond": w.to(x.device, x.dtype),
+                "encoder_hidden_states": self._t(cond, "hidden", x)}
 
 
 class PixArtFamily(SDFamily):
@@ -140,6 +152,7 @@ class PixArtFamily(SDFamily):
 
     max_sequence_length = 300
     ays_name = None
+    unet = False
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -173,6 +186,7 @@ class SD3Family(SDFamily):
 
     flow = True
     ays_name = None
+    unet = False
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -215,6 +229,7 @@ class FluxFamily(SDFamily):
     guidance_embedded = True
     flow = True
     ays_name = None
+    unet = False
 
     @property
     def denoiser(self) -> torch.nn.Module:
