@@ -126,16 +126,6 @@ class DiffusersEngine:
 
         return getattr(diffusers, SAMPLERS[sampler]).from_config(self.pipe.scheduler.config)
 
-    def schedule_error(self, sampler: str, schedule: dict[str, Any]) -> str | None:
-        """Why this sampler cannot take these custom timesteps / sigmas, or None."""
-        (kind, values), = schedule.items()
-        params = inspect.signature(self.scheduler_for(sampler).set_timesteps).parameters
-        if kind not in params:
-            return f"sampler {sampler!r} does not accept custom {kind}"
-        if kind == "timesteps" and any(a <= b for a, b in zip(values, values[1:])):
-            return "timesteps must decrease"
-        return None
-
     def ays_timesteps(self) -> list[int] | None:
         """The family's Align Your Steps schedule (10 steps), if it has one."""
         if self.family.ays_name is None:

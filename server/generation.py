@@ -8,7 +8,6 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request
@@ -17,11 +16,12 @@ from sse_starlette.sse import EventSourceResponse
 
 from stepserve.models.caches.config import CacheConfig, CacheConfigError
 
+from .capabilities import Capabilities
 from .errors import APIError, error_body
 from .images import CONTENT_TYPES, b64, encode_image
 from .protocol import SIZE_RE, ImageData, ImageGenerationRequest, ImagesResponse, usage_for
 from .result_cache import result_key
-from .runtime import Runtime, Served, cache_support_error
+from .runtime import Runtime, Served
 from .scheduler.core import QueueFull
 from .scheduler.events import Completed, Event, Failed, Preview
 from .scheduler.loop import Handle, ShuttingDown
@@ -53,7 +53,7 @@ def resolve(body: ImageGenerationRequest, rt: Runtime
     if served is None:
         raise APIError(404, f"model {body.model!r} is not served here; available: "
                        f"{', '.join(rt.names())}", "model", "model_not_found")
-    s, info, engine = served.settings, served.engine.info, served.engine
+    s, info, caps = served.settings, served.info, served.caps
     _, h, w = info.image_shape
     upscale = 1
     if body.size not in (None, "auto"):
@@ -82,15 +82,15 @@ def resolve(body: ImageGenerationRequest, rt: Runtime
                        else "cache", "invalid_value") from exc
     except TypeError as exc:  # a knob of the wrong type
         raise APIError(400, f"invalid cache options: {exc}", "cache", "invalid_value") from exc
-    problem = cache_support_error(engine, cache)
+    problem = caps.cache_error(cache, info)
     if problem:
         raise APIError(400, problem, "cache", "unsupported_value")
-    samplers = tuple(getattr(engine, "samplers", ("euler",)))
-    sampler = body.sampler or getattr(engine, "default_sampler", samplers[0])
+    samplers = caps.samplers
+    sampler = body.sampler or caps.default_sampler
     if sampler not in samplers:
         raise APIError(400, f"sampler {sampler!r} is not available for {s.model_name!r}; "
                        f"one of {', '.join(samplers)}", "sampler", "invalid_value")
-    schedule = custom_schedule(body, engine, sampler)
+    schedule = custom_schedule(body, caps, sampler)
     if schedule is not None:
         steps = len(schedule[0][1]) - (1 if schedule[0][0] == "sigmas" else 0)
     params = GenerationParams(
@@ -107,27 +107,24 @@ def resolve(body: ImageGenerationRequest, rt: Runtime
     return served, params, spec
 
 
-def custom_schedule(body: ImageGenerationRequest, engine: Any, sampler: str
+def custom_schedule(body: ImageGenerationRequest, caps: Capabilities, sampler: str
                     ) -> tuple[tuple[str, tuple[float, ...]], ...] | None:
     """Explicit timesteps / sigmas, or a named schedule, checked against the model."""
     given = {k: v for k, v in (("timesteps", body.timesteps), ("sigmas", body.sigmas))
              if v is not None}
     if body.schedule == "ays":
-        ays = getattr(engine, "ays_timesteps", lambda: None)()
+        ays = caps.ays
         if ays is None:
             raise APIError(400, "this model has no Align Your Steps schedule", "schedule",
                            "unsupported_value")
-        given["timesteps"] = ays
+        given["timesteps"] = list(ays)
     if not given:
         return None
     field = next(iter(given))
     if len(given) > 1:
         raise APIError(400, "give one of timesteps, sigmas or schedule", field,
                        "invalid_value")
-    check = getattr(engine, "schedule_error", None)
-    problem = (check(sampler, given) if check else
-               "custom schedules need a diffusers model (the built-in model samples its "
-               "own flow times)")
+    problem = caps.schedule_error(sampler, field, list(given[field]))
     if problem:
         raise APIError(400, problem, field, "unsupported_value")
     return ((field, tuple(given[field])),)
@@ -144,14 +141,13 @@ def submit(rt: Runtime, served: Served, params: GenerationParams,
     """Queue the request, or answer it from the exact result cache (seeded requests)."""
     require_ready(rt)
     handle = _submit(rt, served, params, seeded)
-    _, h, w = served.engine.info.image_shape
+    _, h, w = served.info.image_shape
     handle.image_tokens = h * w // 16  # usage: one output token per 4x4 pixels
     return handle
 
 
 def _submit(rt: Runtime, served: Served, params: GenerationParams, seeded: bool) -> Handle:
-    info = served.engine.info
-    key = result_key(info, params) if seeded and rt.results.max_bytes else None
+    key = result_key(served.info, params) if seeded and rt.results.max_bytes else None
     if key is not None:
         images = rt.results.get(key)
         rt.metrics.result_cache.labels("hit" if images is not None else "miss").inc()

@@ -11,11 +11,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from stepserve.engines.base import Engine
+from stepserve.engines.base import Engine, EngineInfo
 from stepserve.engines.registry import create_engine
 from stepserve.models.caches.config import CacheConfig
 
+from .capabilities import Capabilities, capabilities_of
 from .metrics import Metrics
 from .result_cache import ResultCache
 from .results import ResultStore
@@ -73,29 +75,17 @@ def engine_kwargs(settings: Settings) -> dict:
     return kwargs
 
 
-def cache_support_error(engine: Engine, cache: CacheConfig) -> str | None:
-    """Why this engine cannot run this cache policy, or None."""
-    if cache.block_level and not hasattr(engine, "denoise_cached"):
-        return (f"cache policy {cache.policy!r} needs an engine that runs the DiT blocks "
-                f"itself (torch); this server runs {engine.info.engine!r}")
-    if cache.policy == "deepcache" and not getattr(getattr(engine, "family", None), "unet",
-                                                   False):
-        return (f"cache policy 'deepcache' needs a U-Net model (SD, SDXL, LCM); "
-                f"{engine.info.model!r} is not one")
-    if cache.policy == "lazydit" and getattr(engine, "gates", None) is None:
-        return ("cache policy 'lazydit' needs LazyDiT gates trained for this model's "
-                "weights (stepserve train-builtin --lazydit-only)")
-    return None
-
-
 @dataclass
 class Served:
-    """One served model: its settings, engine and scheduler loop."""
+    """One served model: its settings, what it accepts, and the loop that runs it (a
+    local EngineLoop, or in the API role a Redis-backed stand-in with no engine)."""
 
     name: str
     settings: Settings
-    engine: Engine
-    loop: EngineLoop
+    info: EngineInfo
+    caps: Capabilities
+    loop: Any
+    engine: Engine | None = None
 
 
 class Runtime:
@@ -161,10 +151,8 @@ class Runtime:
         for served in loaded:
             self.models[served.name] = served
             served.loop.start()
-        self.metrics.watch(
-            waiting=lambda: sum(m.loop.inflight - len(m.loop.core.running)
-                                for m in self.models.values()),
-            running=lambda: sum(len(m.loop.core.running) for m in self.models.values()))
+        self.metrics.watch(waiting=lambda: sum(m.loop.waiting for m in self.models.values()),
+                           running=lambda: sum(m.loop.running for m in self.models.values()))
         self.metrics.warmup_s.set(time.perf_counter() - start)
         self.metrics.build_s.set(sum(getattr(m.engine, "build_seconds", 0.0)
                                      for m in loaded))
@@ -175,7 +163,8 @@ class Runtime:
 
     def _load_one(self, settings: Settings) -> Served:
         engine = self.builder(settings)
-        problem = cache_support_error(engine, CacheConfig.parse(settings.cache))
+        caps = capabilities_of(engine)
+        problem = caps.cache_error(CacheConfig.parse(settings.cache), engine.info)
         if problem:
             raise ValueError(f"{settings.model_name}: --cache {settings.cache}: {problem}")
         engine.warmup(tuple(settings.warmup_batch_sizes))
@@ -185,7 +174,7 @@ class Runtime:
         name = settings.model_name
         loop = EngineLoop(SchedulerCore(engine, config),
                           on_step=lambda stats, n=name: self._observe(stats, n))
-        return Served(name, settings, engine, loop)
+        return Served(name, settings, engine.info, caps, loop, engine)
 
     def _observe(self, stats: StepStats, model: str = "") -> None:
         m = self.metrics
@@ -196,7 +185,7 @@ class Runtime:
             if req.first_preview_at is not None:
                 m.first_preview.observe(req.first_preview_at - req.arrival)
         served = self.models.get(model)
-        encoder = getattr(served.engine, "encoder", None) if served else None
+        encoder = getattr(served.engine, "encoder", None) if served and served.engine else None
         if encoder is not None:
             hits, misses = encoder.hits, encoder.misses
             seen = self._cache_seen.get(model, (0, 0))

@@ -68,6 +68,14 @@ class EngineLoop:
         with self._lock:
             return len(self._handles)
 
+    @property
+    def running(self) -> int:
+        return len(self.core.running)
+
+    @property
+    def waiting(self) -> int:
+        return max(0, self.inflight - self.running)
+
     def submit(self, params: GenerationParams) -> Handle:
         """Admit a request or raise QueueFull / ShuttingDown / ValueError at once."""
         if not self._accepting:
