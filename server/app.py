@@ -28,9 +28,9 @@ PLAYGROUND = Path(__file__).resolve().parent / "static" / "playground.html"
 
 
 def create_app(settings: Settings | None = None, builder: EngineBuilder = build_engine,
-               load_in_background: bool = True) -> FastAPI:
+               load_in_background: bool = True, runtime: Runtime | None = None) -> FastAPI:
     settings = settings or Settings()
-    runtime = Runtime(settings, builder)
+    runtime = runtime or Runtime(settings, builder)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

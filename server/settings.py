@@ -92,6 +92,10 @@ class Settings(BaseSettings):
     result_cache_ttl_s: float = Field(3600.0, gt=0, description="how long cached results live")
     text_cache_size: int = Field(4096, ge=1, description="prompts kept by the text-encoder LRU")
     log_level: str = Field("info", description="uvicorn log level")
+    redis_url: str | None = Field(None, description="Redis for the scale-out roles "
+                                                    "(stepserve api / worker)")
+    visibility_timeout_s: float = Field(
+        30.0, gt=0, description="worker: a job whose worker is silent this long is re-run")
 
     _config_file: ClassVar[Path | None] = None
 

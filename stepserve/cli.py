@@ -10,6 +10,8 @@ import sys
 # sub-command -> module under stepserve.commands (imported lazily: torch is slow to import)
 COMMANDS = {
     "serve": "serve",
+    "api": "api",
+    "worker": "worker",
     "generate": "generate",
     "train-builtin": "train_builtin",
     "eval": "evaluate",

@@ -49,7 +49,7 @@ def settings_from_args(args: argparse.Namespace):
     return Settings.load(args.config, **flags)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, role: str = "serve") -> int:
     import uvicorn
     from pydantic import ValidationError
 
@@ -60,8 +60,16 @@ def run(args: argparse.Namespace) -> int:
     except (ValidationError, FileNotFoundError, ValueError) as exc:
         print(f"error: invalid settings: {exc}", file=sys.stderr)
         return 2
-    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
-                            log_level=settings.log_level,
+    runtime = None
+    if role == "api":
+        from stepserve.server.redis.api_runtime import ApiRuntime
+
+        if not settings.redis_url:
+            print("error: stepserve api needs --redis-url", file=sys.stderr)
+            return 2
+        runtime = ApiRuntime(settings)
+    config = uvicorn.Config(create_app(settings, runtime=runtime), host=settings.host,
+                            port=settings.port, log_level=settings.log_level,
                             timeout_keep_alive=int(settings.keep_alive_s),
                             timeout_graceful_shutdown=int(settings.drain_timeout_s))
     uvicorn.Server(config).run()

@@ -1,0 +1,50 @@
+"""The API role's runtime: no engines; its models are the ones workers announce in
+Redis, each served through a RedisLoop."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import redis
+
+from stepserve.engines.base import EngineInfo
+
+from ..capabilities import Capabilities
+from ..runtime import Runtime, Served
+from . import keys
+from .client import RedisLoop
+
+log = logging.getLogger("stepserve.api")
+
+
+class ApiRuntime(Runtime):
+    def _load(self) -> None:
+        url = self.settings.redis_url
+        if not url:
+            self.error = "the api role needs --redis-url"
+            return
+        client = redis.Redis.from_url(url)
+        while True:  # ready once at least one worker has announced its models
+            try:
+                announced = client.hgetall(keys.MODELS)
+            except redis.RedisError as exc:
+                log.warning("waiting for Redis: %s", exc)
+                announced = {}
+            if announced:
+                break
+            time.sleep(0.5)
+        for name, raw in sorted(announced.items()):
+            meta = json.loads(raw)
+            info = meta["info"]
+            info["image_shape"] = tuple(info["image_shape"])
+            name = name.decode()
+            self.models[name] = Served(
+                name, self.settings, EngineInfo(**info), Capabilities.from_json(meta["caps"]),
+                RedisLoop(url, name, self.settings.max_queue))
+        self.metrics.watch(waiting=lambda: sum(m.loop.waiting for m in self.models.values()),
+                           running=lambda: 0)
+        self.metrics.ready.set(1)
+        self._ready.set()
+        log.info("api ready; models from workers: %s", ", ".join(self.models))

@@ -1,0 +1,133 @@
+"""The API role's stand-in for an EngineLoop: `submit` puts the job on the model's
+Redis Stream, and the job's previews and final event come back over pub/sub into
+the same per-request asyncio queue the all-in-one server uses, so the HTTP code
+(plain, streaming, jobs) is shared."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import json
+import secrets
+import time
+
+import redis
+import redis.asyncio as aioredis
+
+from ..scheduler.core import QueueFull
+from ..scheduler.events import Completed, Failed, Preview
+from ..scheduler.loop import Handle
+from ..scheduler.request import GenerationParams
+from . import keys
+from .codec import images_from_bytes, params_to_json
+
+
+class RedisLoop:
+    def __init__(self, url: str, model: str, max_queue: int) -> None:
+        self.url, self.model, self.max_queue = url, model, max_queue
+        self.sync = redis.Redis.from_url(url)
+        self.aio = aioredis.from_url(url)
+        self.handles: dict[str, Handle] = {}
+        self.tasks: dict[str, asyncio.Task] = {}
+        self._ids = itertools.count()
+
+    @property
+    def inflight(self) -> int:
+        return len(self.handles)
+
+    running = 0  # runs on the workers: see their metrics
+
+    @property
+    def waiting(self) -> int:
+        return self.inflight
+
+    def backlog(self) -> int:
+        """Jobs on the stream not yet taken by a worker, plus those being run."""
+        try:
+            group = next(g for g in self.sync.xinfo_groups(keys.queue(self.model))
+                         if g["name"].decode() == keys.GROUP)
+        except (StopIteration, redis.ResponseError):
+            return 0
+        return int(group.get("lag") or 0) + int(group.get("pending") or 0)
+
+    def submit(self, params: GenerationParams) -> Handle:
+        if self.backlog() >= self.max_queue:
+            raise QueueFull(f"queue is full ({self.max_queue} jobs for {self.model!r})")
+        job_id = f"img-{secrets.token_hex(6)}-{next(self._ids):06d}"
+        handle = Handle(job_id, params, loop=self)
+        self.handles[job_id] = handle
+        self.tasks[job_id] = asyncio.get_running_loop().create_task(self._run(handle))
+        return handle
+
+    async def _run(self, handle: Handle) -> None:
+        job_id = handle.id
+        pubsub = self.aio.pubsub()
+        await pubsub.subscribe(keys.events(job_id))  # before the job can finish
+        try:
+            await self.aio.hset(keys.job(job_id), mapping={
+                "status": "queued", "model": self.model, "steps": handle.params.steps,
+                "created_at": time.time(), "step": 0})
+            entry = await self.aio.xadd(keys.queue(self.model),
+                                        {"id": job_id, "params": params_to_json(handle.params)},
+                                        maxlen=100_000, approximate=True)
+            await self.aio.hset(keys.job(job_id), "entry", entry)
+            while True:
+                msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if msg is None:
+                    continue
+                event = json.loads(msg["data"])
+                if event["type"] == "preview":
+                    images = images_from_bytes(base64.b64decode(event["images"]))
+                    await handle.events.put(Preview(job_id, event["index"], event["step"],
+                                                    images))
+                elif event["type"] == "completed":
+                    blob = await self.aio.get(keys.result(job_id))
+                    await handle.events.put(Completed(job_id, images_from_bytes(blob),
+                                                      event["steps"]))
+                    return
+                elif event["type"] == "failed":
+                    await handle.events.put(Failed(job_id, event["status"], event["code"],
+                                                   event["message"]))
+                    return
+                else:  # cancelled: the client side already gave up
+                    return
+        finally:
+            self.handles.pop(job_id, None)
+            self.tasks.pop(job_id, None)
+            await pubsub.aclose()
+
+    def cancel(self, request_id: str) -> None:
+        """Queued: the worker skips it; running: it leaves its batch at the next step."""
+        self.sync.hset(keys.job(request_id), "cancelled", 1)
+        self.sync.publish(keys.CANCEL, request_id)
+        self.handles.pop(request_id, None)
+        task = self.tasks.pop(request_id, None)
+        if task is not None:
+            task.cancel()
+
+    def progress(self, request_id: str) -> tuple[str, int, int | None]:
+        meta = {k.decode(): v.decode() for k, v in self.sync.hgetall(keys.job(request_id)).items()}
+        status = meta.get("status", "queued")
+        if status == "running":
+            return "running", int(meta.get("step", 0)), None
+        entry = meta.get("entry")
+        if entry is None:
+            return "queued", 0, None
+        try:
+            group = next(g for g in self.sync.xinfo_groups(keys.queue(self.model))
+                         if g["name"].decode() == keys.GROUP)
+            last = group["last-delivered-id"].decode()
+            ahead = len(self.sync.xrange(keys.queue(self.model), f"({last}", entry))
+            return "queued", 0, max(0, ahead - 1)
+        except (StopIteration, redis.ResponseError):
+            return "queued", 0, None
+
+    def close_intake(self) -> None:
+        pass
+
+    def drain(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.handles and (deadline is None or time.monotonic() < deadline):
+            time.sleep(0.05)
+        return not self.handles

@@ -1,0 +1,53 @@
+"""`stepserve worker`: scheduler + engines, taking jobs from Redis (one per GPU or node)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from . import serve
+
+HELP = "scheduler + engines of the scaled-out roles, fed by Redis (needs --redis-url)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    serve.add_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from stepserve.server.redis.worker import RedisWorker
+    from stepserve.server.runtime import Runtime
+
+    try:
+        settings = serve.settings_from_args(args)
+    except (ValidationError, FileNotFoundError, ValueError) as exc:
+        print(f"error: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    if not settings.redis_url:
+        print("error: stepserve worker needs --redis-url", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    runtime = Runtime(settings)
+    runtime.start(background=False)
+    if runtime.error:
+        print(f"error: {runtime.error}", file=sys.stderr)
+        return 1
+    worker = RedisWorker(settings.redis_url, runtime.models, settings.visibility_timeout_s,
+                         settings.url_ttl_s)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await worker.run(stop, settings.drain_timeout_s)
+
+    asyncio.run(main())
+    runtime.shutdown()
+    return 0

@@ -1,0 +1,130 @@
+"""Scale-out over a real Redis: `stepserve api` and `stepserve worker` subprocesses, the
+official openai client, streaming, cancellation, and a worker killed mid-job whose job
+another worker re-runs."""
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+import redis
+
+from server_process import ServerProcess, free_port
+
+pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
+                                reason="redis-server is not installed (.ci/run installs it)")
+PROMPT = "a large yellow triangle at the bottom left on a blue background"
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    port = free_port()
+    subprocess.run(["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+                    "--appendonly", "no", "--daemonize", "yes"], check=True)
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    for _ in range(50):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.1)
+    yield url
+    subprocess.run(["redis-cli", "-p", str(port), "shutdown", "nosave"], check=False)
+
+
+def worker(redis_url, *args):
+    return subprocess.Popen([sys.executable, "-m", "stepserve.cli", "worker", "--redis-url",
+                             redis_url, "--threads", "1", "--warmup-batch-sizes", "1", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(redis_url):
+    w = worker(redis_url)
+    api = ServerProcess("--redis-url", redis_url, role="api")
+    api.wait_ready()
+    yield api, w
+    api.stop()
+    w.send_signal(signal.SIGTERM)
+    w.wait(timeout=60)
+
+
+def test_openai_client_through_api_and_worker(cluster):
+    api, _ = cluster
+    client = openai.OpenAI(base_url=f"{api.url}/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["builtin"]
+    r = client.images.generate(model="builtin", prompt=PROMPT, response_format="b64_json",
+                               extra_body={"num_inference_steps": 2, "seed": 1})
+    assert r.data[0].b64_json
+    events = list(client.images.generate(prompt=PROMPT, stream=True, partial_images=2,
+                                         extra_body={"num_inference_steps": 6}))
+    assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + [
+        "image_generation.completed"]
+    bad = httpx.post(f"{api.url}/v1/images/generations",
+                     json={"prompt": "x", "cache": "deepcache"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "cache"
+
+
+def test_killed_worker_job_is_rerun_by_another(redis_url, cluster):
+    import socket
+
+    api, steady = cluster
+    client = redis.Redis.from_url(redis_url)
+    steady.send_signal(signal.SIGSTOP)  # only the doomed worker may take the job
+    doomed = worker(redis_url, "--visibility-timeout-s", "2")
+    rescuer = None
+    try:
+        with httpx.Client(timeout=300) as c:
+            job = c.post(f"{api.url}/v1/jobs", json={"prompt": PROMPT, "n": 4,
+                                                     "num_inference_steps": 64}).json()["id"]
+            key = f"stepserve:job:{job.replace('job-', 'img-', 1)}"
+            for _ in range(1200):
+                if client.hget(key, "status") == b"running":
+                    break
+                time.sleep(0.1)
+            assert client.hget(key, "worker").decode() == f"{socket.gethostname()}-{doomed.pid}"
+            doomed.kill()  # dies mid-job: its stream entry stays pending, unacknowledged
+            doomed.wait()
+            rescuer = worker(redis_url, "--visibility-timeout-s", "2")
+            for _ in range(1500):
+                view = c.get(f"{api.url}/v1/jobs/{job}").json()
+                if view["status"] in ("completed", "failed"):
+                    break
+                time.sleep(0.2)
+        assert view["status"] == "completed", view
+        assert len(view["result"]["data"]) == 4
+        assert client.hget(key, "worker").decode() == f"{socket.gethostname()}-{rescuer.pid}"
+    finally:
+        steady.send_signal(signal.SIGCONT)
+        for w in (doomed, rescuer):
+            if w is not None and w.poll() is None:
+                w.kill()
+
+
+def test_cancelled_queued_job_is_never_run(redis_url, cluster):
+    api, steady = cluster
+    client = redis.Redis.from_url(redis_url)
+    steady.send_signal(signal.SIGSTOP)
+    try:
+        job = httpx.post(f"{api.url}/v1/jobs", json={"prompt": PROMPT}).json()["id"]
+        key = f"stepserve:job:{job.replace('job-', 'img-', 1)}"
+        for _ in range(50):  # the API puts it on the stream from a background task
+            if client.hget(key, "entry"):
+                break
+            time.sleep(0.05)
+        queued = httpx.get(f"{api.url}/v1/jobs/{job}").json()
+        assert queued["status"] == "queued" and queued["queue_position"] == 0
+        assert httpx.delete(f"{api.url}/v1/jobs/{job}").json()["status"] == "cancelled"
+    finally:
+        steady.send_signal(signal.SIGCONT)
+    for _ in range(100):
+        if client.hget(key, "status") == b"cancelled":
+            break
+        time.sleep(0.1)
+    assert client.hget(key, "status") == b"cancelled"
+    assert client.get(key.replace(":job:", ":result:")) is None
