@@ -53,6 +53,8 @@ class Metrics:
                                        registry=r)
         self.text_cache_misses = Counter("stepserve_text_encoder_cache_misses",
                                          "Prompts the text encoder had to encode", registry=r)
+        self.gpu_memory = Gauge("stepserve_gpu_memory_bytes",
+                                "GPU memory held by tensors (0 without a GPU)", registry=r)
         self.ready = Gauge("stepserve_ready", "1 once the model is loaded and warm",
                            registry=r)
         self.warmup_s = Gauge("stepserve_warmup_seconds", "Model load and warm-up time",
@@ -75,3 +77,10 @@ class Metrics:
         """Gauges read at scrape time, so they are right even while the core is idle."""
         self.queue_depth.set_function(waiting)
         self.running.set_function(running)
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                self.gpu_memory.set_function(lambda: float(torch.cuda.memory_allocated()))
+        except ImportError:  # the API role may run without torch
+            pass

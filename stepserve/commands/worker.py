@@ -15,6 +15,8 @@ HELP = "scheduler + engines of the scaled-out roles, fed by Redis (needs --redis
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     serve.add_arguments(p)
+    p.add_argument("--metrics-port", type=int, default=9100,
+                   help="Prometheus /metrics of this worker (0: off); up once models are warm")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,6 +40,11 @@ def run(args: argparse.Namespace) -> int:
     if runtime.error:
         print(f"error: {runtime.error}", file=sys.stderr)
         return 1
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.metrics_port, addr=settings.host,
+                          registry=runtime.metrics.registry)
     worker = RedisWorker(settings.redis_url, runtime.models, settings.visibility_timeout_s,
                          settings.url_ttl_s)
 
