@@ -92,6 +92,11 @@ class Settings(BaseSettings):
     result_cache_ttl_s: float = Field(3600.0, gt=0, description="how long cached results live")
     text_cache_size: int = Field(4096, ge=1, description="prompts kept by the text-encoder LRU")
     log_level: str = Field("info", description="uvicorn log level")
+    api_keys: list[str] = Field(default_factory=list,
+                                description="accepted bearer keys (empty: no auth)")
+    api_keys_file: Path | None = Field(None, description="file with one API key per line")
+    rate_limit_rps: float = Field(0.0, ge=0, description="requests/s per API key (0: none)")
+    rate_limit_burst: int | None = Field(None, ge=1, description="bucket size per key")
     redis_url: str | None = Field(None, description="Redis for the scale-out roles "
                                                     "(stepserve api / worker)")
     visibility_timeout_s: float = Field(

@@ -269,3 +269,26 @@ def test_server_cache_default_applies_and_is_checked_at_start():
     bad = make_app(FakeEngine((3, 8, 8)), cache="teacache")
     r = call(bad, "GET", "/ready")
     assert r.status_code == 503 and "needs an engine that runs the DiT" in r.text
+
+
+def test_api_keys_and_per_key_rate_limit():
+    app = make_app(FakeEngine((3, 8, 8)), api_keys=["k-alpha", "k-beta"], rate_limit_rps=0.2,
+                   rate_limit_burst=2)
+    try:
+        def post(key=None):
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            return call(app, "POST", "/v1/images/generations", headers=headers,
+                        json={"prompt": "a red circle", "num_inference_steps": 1})
+
+        missing, wrong = post(), post("nope")
+        assert missing.status_code == wrong.status_code == 401
+        assert missing.json()["error"]["type"] == "authentication_error"
+        assert wrong.json()["error"]["code"] == "invalid_api_key"
+        assert call(app, "GET", "/health").status_code == 200  # probes need no key
+        assert [post("k-alpha").status_code for _ in range(3)] == [200, 200, 429]
+        limited = post("k-alpha")
+        assert limited.json()["error"]["type"] == "rate_limit_error"
+        assert int(limited.headers["retry-after"]) >= 1
+        assert post("k-beta").status_code == 200  # buckets are per key
+    finally:
+        app.state.runtime.shutdown()

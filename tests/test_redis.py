@@ -128,3 +128,13 @@ def test_cancelled_queued_job_is_never_run(redis_url, cluster):
         time.sleep(0.1)
     assert client.hget(key, "status") == b"cancelled"
     assert client.get(key.replace(":job:", ":result:")) is None
+
+
+def test_rate_limit_bucket_is_shared_through_redis(redis_url):
+    from stepserve.server.auth import RedisBuckets
+
+    a, b = RedisBuckets(redis_url, 0.5, 2), RedisBuckets(redis_url, 0.5, 2)  # two replicas
+    assert a.take("key1") == 0 and b.take("key1") == 0
+    wait = a.take("key1")
+    assert 0 < wait <= 2.0
+    assert b.take("key2") == 0
