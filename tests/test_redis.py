@@ -39,13 +39,16 @@ def redis_url():
 
 def worker(redis_url, *args):
     return subprocess.Popen([sys.executable, "-m", "stepserve.cli", "worker", "--redis-url",
-                             redis_url, "--threads", "1", "--warmup-batch-sizes", "1", *args],
+                             redis_url, "--threads", "1", "--warmup-batch-sizes", "1",
+                             "--metrics-port", "0", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 @pytest.fixture(scope="module")
 def cluster(redis_url):
-    w = worker(redis_url)
+    metrics_port = free_port()
+    w = worker(redis_url, "--metrics-port", str(metrics_port), "--host", "127.0.0.1")
+    w.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     api = ServerProcess("--redis-url", redis_url, role="api")
     api.wait_ready()
     yield api, w
@@ -55,7 +58,7 @@ def cluster(redis_url):
 
 
 def test_openai_client_through_api_and_worker(cluster):
-    api, _ = cluster
+    api, steady = cluster
     client = openai.OpenAI(base_url=f"{api.url}/v1", api_key="unused", max_retries=0)
     assert [m.id for m in client.models.list().data] == ["builtin"]
     r = client.images.generate(model="builtin", prompt=PROMPT, response_format="b64_json",
@@ -68,6 +71,9 @@ def test_openai_client_through_api_and_worker(cluster):
     bad = httpx.post(f"{api.url}/v1/images/generations",
                      json={"prompt": "x", "cache": "deepcache"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "cache"
+    worker_metrics = httpx.get(steady.metrics_url).text  # the worker's own /metrics
+    assert "stepserve_ready 1.0" in worker_metrics
+    assert "stepserve_denoising_steps_total" in worker_metrics
 
 
 def test_killed_worker_job_is_rerun_by_another(redis_url, cluster):
@@ -138,3 +144,27 @@ def test_rate_limit_bucket_is_shared_through_redis(redis_url):
     wait = a.take("key1")
     assert 0 < wait <= 2.0
     assert b.take("key2") == 0
+
+
+def test_result_cache_in_redis_is_shared_bounded_and_exact(redis_url, cluster):
+    import numpy as np
+
+    from stepserve.server.redis.result_cache import RedisResultCache
+
+    small = RedisResultCache(redis_url, max_bytes=3000, ttl_s=60)
+    images = np.full((1, 32, 32, 3), 7, np.uint8)  # 3072 + header bytes: over the bound
+    small.put("too-big", images)
+    assert small.get("too-big") is None
+    one = np.full((1, 16, 16, 3), 1, np.uint8)  # ~780 bytes each
+    for k in range(5):
+        small.put(f"k{k}", one + k)
+    assert small.get("k0") is None and small.get("k4") is not None  # oldest evicted
+    assert int(small.client.get("stepserve:rcache:bytes")) <= 3000
+    # through the API role: a seeded repeat is answered without a worker
+    api, _ = cluster
+    body = {"prompt": PROMPT, "seed": 77, "num_inference_steps": 2}
+    first = httpx.post(f"{api.url}/v1/images/generations", json=body, timeout=120).json()
+    again = httpx.post(f"{api.url}/v1/images/generations", json=body, timeout=120).json()
+    assert first["data"] == again["data"]
+    metrics = httpx.get(f"{api.url}/metrics").text
+    assert 'stepserve_result_cache_lookups_total{outcome="hit"} 1.0' in metrics

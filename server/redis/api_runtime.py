@@ -15,6 +15,7 @@ from ..capabilities import Capabilities
 from ..runtime import Runtime, Served
 from . import keys
 from .client import RedisLoop
+from .result_cache import RedisResultCache
 
 log = logging.getLogger("stepserve.api")
 
@@ -25,6 +26,9 @@ class ApiRuntime(Runtime):
         if not url:
             self.error = "the api role needs --redis-url"
             return
+        if self.settings.result_cache_mb:
+            self.results = RedisResultCache(url, int(self.settings.result_cache_mb * 2**20),
+                                            self.settings.result_cache_ttl_s)
         client = redis.Redis.from_url(url)
         while True:  # ready once at least one worker has announced its models
             try:
