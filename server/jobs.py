@@ -9,6 +9,7 @@ after they end; the scaled-out roles keep them in Redis.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -137,6 +138,10 @@ async def create_job(body: ImageGenerationRequest, request: Request) -> JSONResp
     job = Job(handle.id.replace("img-", "job-", 1), handle, spec)
     store = store_of(rt)
     store.add(job)
+    remember = getattr(handle.loop, "remember_job", None)
+    if remember is not None:  # scaled out: any API replica can answer for this job
+        usage = usage_for(params.prompt, params.n, handle.image_tokens).model_dump()
+        remember(handle.id, dataclasses.asdict(spec), usage)
     job.task = asyncio.create_task(follow(rt, request, job, params))
     return JSONResponse(view(rt, job), status_code=202)
 
@@ -148,12 +153,28 @@ def find(rt: Runtime, job_id: str) -> Job:
 @router.get("/v1/jobs/{job_id}")
 async def get_job(job_id: str, request: Request) -> JSONResponse:
     rt = runtime_of(request)
+    if job_id not in store_of(rt).jobs:
+        from .redis.remote_jobs import remote_view
+
+        remote = await remote_view(rt, request, job_id) if _scaled_out(rt) else None
+        if remote is not None:
+            return JSONResponse(remote)
     return JSONResponse(view(rt, find(rt, job_id)))
+
+
+def _scaled_out(rt: Runtime) -> bool:
+    return any(hasattr(s.loop, "remember_job") for s in rt.models.values())
 
 
 @router.delete("/v1/jobs/{job_id}")
 async def cancel_job(job_id: str, request: Request) -> JSONResponse:
     rt = runtime_of(request)
+    if job_id not in store_of(rt).jobs and _scaled_out(rt):
+        from .redis.remote_jobs import remote_cancel
+
+        remote = remote_cancel(rt, job_id)
+        if remote is not None:
+            return JSONResponse(remote)
     job = find(rt, job_id)
     if job.final:
         raise APIError(409, f"job {job_id!r} has already ended ({job.status})", "id",

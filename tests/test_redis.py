@@ -168,3 +168,24 @@ def test_result_cache_in_redis_is_shared_bounded_and_exact(redis_url, cluster):
     assert first["data"] == again["data"]
     metrics = httpx.get(f"{api.url}/metrics").text
     assert 'stepserve_result_cache_lookups_total{outcome="hit"} 1.0' in metrics
+
+
+def test_any_api_replica_answers_for_a_job(redis_url, cluster):
+    api, _ = cluster
+    other = ServerProcess("--redis-url", redis_url, role="api")
+    other.wait_ready()
+    try:
+        job = httpx.post(f"{api.url}/v1/jobs", json={"prompt": PROMPT, "n": 2,
+                                                     "num_inference_steps": 3}).json()["id"]
+        for _ in range(600):
+            view = httpx.get(f"{other.url}/v1/jobs/{job}").json()
+            if view["status"] in ("completed", "failed"):
+                break
+            time.sleep(0.1)
+        assert view["status"] == "completed" and len(view["result"]["data"]) == 2
+        assert view["result"]["usage"]["output_tokens"] == 2 * 32 * 32 // 16
+        again = httpx.delete(f"{other.url}/v1/jobs/{job}")
+        assert again.status_code == 409 and again.json()["error"]["param"] == "id"
+        assert httpx.get(f"{other.url}/v1/jobs/job-missing").status_code == 404
+    finally:
+        other.stop()

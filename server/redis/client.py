@@ -97,6 +97,11 @@ class RedisLoop:
             self.tasks.pop(job_id, None)
             await pubsub.aclose()
 
+    def remember_job(self, request_id: str, spec: dict, usage: dict) -> None:
+        """What another API replica needs to answer GET /v1/jobs/{id} for this job."""
+        self.sync.hset(keys.job(request_id), mapping={"spec": json.dumps(spec),
+                                                      "usage": json.dumps(usage)})
+
     def cancel(self, request_id: str) -> None:
         """Queued: the worker skips it; running: it leaves its batch at the next step."""
         self.sync.hset(keys.job(request_id), "cancelled", 1)

@@ -1,0 +1,82 @@
+"""Jobs seen from any API replica: status, progress and results read from Redis, so
+`GET /v1/jobs/{id}` and `DELETE` work wherever the load balancer sends them."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from fastapi import Request
+
+from ..errors import APIError
+from . import keys
+from .client import RedisLoop
+from .codec import images_from_bytes
+
+FINAL = ("completed", "failed", "cancelled")
+
+
+def _lookup(rt: Any, job_id: str) -> tuple[RedisLoop, str, dict[str, str]] | None:
+    handle_id = job_id.replace("job-", "img-", 1)
+    for served in rt.models.values():
+        loop = served.loop
+        if isinstance(loop, RedisLoop):
+            raw = loop.sync.hgetall(keys.job(handle_id))
+            if raw and b"spec" in raw:
+                return loop, handle_id, {k.decode(): v.decode() for k, v in raw.items()}
+    return None
+
+
+def _status(meta: dict[str, str]) -> str:
+    status = meta.get("status", "queued")
+    return "cancelled" if meta.get("cancelled") == "1" and status not in FINAL else status
+
+
+async def remote_view(rt: Any, request: Request, job_id: str) -> dict[str, Any] | None:
+    from ..generation import OutputSpec, image_data
+    from ..protocol import ImagesResponse, Usage
+
+    found = _lookup(rt, job_id)
+    if found is None:
+        return None
+    loop, handle_id, meta = found
+    status, steps = _status(meta), int(meta.get("steps", 1))
+    out: dict[str, Any] = {"id": job_id, "object": "image.job", "status": status,
+                           "created_at": int(float(meta.get("created_at", time.time()))),
+                           "queue_position": None, "progress": None, "result": None,
+                           "error": None}
+    if status not in FINAL:
+        phase, step, position = loop.progress(handle_id)
+        out.update(status=phase, queue_position=position,
+                   progress={"step": step, "total_steps": steps, "fraction": step / steps})
+    elif status == "completed":
+        blob = loop.sync.get(keys.result(handle_id))
+        if blob is None:
+            raise APIError(404, f"the result of job {job_id!r} has expired", "id",
+                           "job_not_found")
+        spec = OutputSpec(**json.loads(meta["spec"]))
+        data = await image_data(rt, request, images_from_bytes(blob), spec)
+        out["result"] = ImagesResponse(
+            created=int(time.time()), data=data, background="opaque",
+            output_format=spec.output_format, size=spec.size,
+            usage=Usage(**json.loads(meta["usage"]))).model_dump(exclude_none=True)
+        out["progress"] = {"step": steps, "total_steps": steps, "fraction": 1.0}
+    elif status == "failed" and meta.get("error"):
+        err = json.loads(meta["error"])
+        out["error"] = {"message": err["message"], "type": "server_error", "param": None,
+                        "code": err["code"]}
+    return out
+
+
+def remote_cancel(rt: Any, job_id: str) -> dict[str, Any] | None:
+    found = _lookup(rt, job_id)
+    if found is None:
+        return None
+    loop, handle_id, meta = found
+    status = _status(meta)
+    if status in FINAL:
+        raise APIError(409, f"job {job_id!r} has already ended ({status})", "id",
+                       "job_already_ended")
+    loop.cancel(handle_id)
+    return {"id": job_id, "object": "image.job", "status": "cancelled"}
