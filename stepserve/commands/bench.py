@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-HELP = "benchmarks that print tables: openloop, batching, overhead, soak, engines, caches"
+HELP = "benchmarks that print tables: openloop, batching, overhead, soak, engines, caches, parallel"
 
 # bench name -> module under stepserve.loadtests; each has main(argv)
 BENCHES = {
@@ -15,6 +15,7 @@ BENCHES = {
     "soak": "soak",
     "engines": "engines",
     "caches": "caches",
+    "parallel": "parallel",
 }
 
 
@@ -23,7 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="openloop: Poisson load against a running server; batching: step vs "
                         "request batching; overhead: server vs raw engine; soak: many clients; "
                         "engines: quality and speed per engine and precision; caches: "
-                        "step caches' compute saved vs quality")
+                        "step caches' compute saved vs quality; parallel: one request "
+                        "across processes")
     p.add_argument("bench_args", nargs=argparse.REMAINDER,
                    help="the benchmark's own flags (`stepserve bench NAME --help`)")
 
