@@ -12,7 +12,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .auth import Auth
+from .auth import Auth, AuthMiddleware
 from .errors import (
     APIError,
     api_error_handler,
@@ -42,16 +42,8 @@ def create_app(settings: Settings | None = None, builder: EngineBuilder = build_
     app = FastAPI(title="stepserve", lifespan=lifespan)
     app.state.runtime = runtime
     auth = Auth(settings)
-
-    @app.middleware("http")
-    async def api_keys(request: Request, call_next):
-        # /v1/* needs a key when keys are configured; image URLs are capability links
-        path = request.url.path
-        if auth.enabled and path.startswith("/v1/") and not path.startswith("/v1/images/files/"):
-            denied = auth.check(request.headers.get("authorization"))
-            if denied is not None:
-                return denied
-        return await call_next(request)
+    if auth.enabled:
+        app.add_middleware(AuthMiddleware, auth=auth)
 
     app.add_exception_handler(APIError, api_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)

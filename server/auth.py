@@ -104,3 +104,23 @@ class Auth:
                                       "rate_limit_exceeded",
                                       {"Retry-After": str(max(1, math.ceil(wait)))})
         return None
+
+
+class AuthMiddleware:
+    """Pure ASGI (not BaseHTTPMiddleware, which hides client disconnects from the
+    endpoints): /v1/* needs a key; image URLs (/v1/images/files/) are capability links."""
+
+    def __init__(self, app, auth: Auth) -> None:
+        self.app, self.auth = app, auth
+
+    async def __call__(self, scope, receive, send) -> None:
+        path = scope.get("path", "")
+        if (scope["type"] == "http" and path.startswith("/v1/")
+                and not path.startswith("/v1/images/files/")):
+            headers = dict(scope.get("headers") or [])
+            value = headers.get(b"authorization")
+            denied = self.auth.check(value.decode("latin-1") if value else None)
+            if denied is not None:
+                await denied(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -23,6 +23,7 @@ from .result_cache import ResultCache
 from .results import ResultStore
 from .scheduler.core import SchedulerConfig, SchedulerCore, StepStats
 from .scheduler.loop import EngineLoop
+from .scheduler.loop_group import LoopGroup
 from .settings import Settings
 
 log = logging.getLogger("stepserve")
@@ -162,19 +163,26 @@ class Runtime:
                  ", ".join(self.models))
 
     def _load_one(self, settings: Settings) -> Served:
-        engine = self.builder(settings)
-        caps = capabilities_of(engine)
-        problem = caps.cache_error(CacheConfig.parse(settings.cache), engine.info)
-        if problem:
-            raise ValueError(f"{settings.model_name}: --cache {settings.cache}: {problem}")
-        engine.warmup(tuple(settings.warmup_batch_sizes))
+        """One model; with several devices (--device cuda:0,cuda:1) one engine and loop
+        per device behind a LoopGroup (data parallel)."""
+        devices = [d.strip() for d in settings.device.split(",") if d.strip()]
+        name = settings.model_name
         config = SchedulerConfig(batching=settings.batching,
                                  max_batch_size=settings.max_batch_size,
                                  max_queue=settings.max_queue, aging_s=settings.aging_s)
-        name = settings.model_name
-        loop = EngineLoop(SchedulerCore(engine, config),
-                          on_step=lambda stats, n=name: self._observe(stats, n))
-        return Served(name, settings, engine.info, caps, loop, engine)
+        engines, loops = [], []
+        for device in devices:
+            engine = self.builder(settings.model_copy(update={"device": device}))
+            caps = capabilities_of(engine)
+            problem = caps.cache_error(CacheConfig.parse(settings.cache), engine.info)
+            if problem:
+                raise ValueError(f"{name}: --cache {settings.cache}: {problem}")
+            engine.warmup(tuple(settings.warmup_batch_sizes))
+            engines.append(engine)
+            loops.append(EngineLoop(SchedulerCore(engine, config),
+                                    on_step=lambda stats, n=name: self._observe(stats, n)))
+        loop = loops[0] if len(loops) == 1 else LoopGroup(loops)
+        return Served(name, settings, engines[0].info, caps, loop, engines[0])
 
     def _observe(self, stats: StepStats, model: str = "") -> None:
         m = self.metrics

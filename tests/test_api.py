@@ -292,3 +292,34 @@ def test_api_keys_and_per_key_rate_limit():
         assert post("k-beta").status_code == 200  # buckets are per key
     finally:
         app.state.runtime.shutdown()
+
+
+def test_several_devices_share_the_load():
+    engines = []
+
+    def builder(settings):
+        engines.append(GatedEngine())
+        engines[-1].gate.set()
+        return engines[-1]
+
+    app = create_app(Settings(model="fake", device="cpu,cpu", max_batch_size=2),
+                     builder=builder)
+    app.state.runtime.start(background=False)
+
+    async def go():
+        async with client(app) as c:
+            return await asyncio.gather(*(c.post("/v1/images/generations",
+                                                 json={"prompt": f"p{i}", "seed": i,
+                                                       "num_inference_steps": 8})
+                                          for i in range(6)))
+
+    try:
+        for e in engines:
+            e.gate.clear()  # hold both devices so the six requests pile up...
+        threading.Timer(0.3, lambda: [e.gate.set() for e in engines]).start()
+        rs = asyncio.run(go())
+    finally:
+        app.state.runtime.shutdown()
+    assert len(engines) == 2 and all(r.status_code == 200 for r in rs)
+    assert all(sum(e.batches) > 0 for e in engines)  # ...and spread over both
+    assert sum(sum(e.batches) for e in engines) == 6 * 8

@@ -68,6 +68,10 @@ class EngineLoop:
         with self._lock:
             return len(self._handles)
 
+    def owns(self, request_id: str) -> bool:
+        with self._lock:
+            return request_id in self._handles
+
     @property
     def running(self) -> int:
         return len(self.core.running)
