@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from stepserve.models.builtin.text import TextBatch
 from stepserve.models.caches.config import CacheConfig
 from stepserve.models.sampling import state as flow
+from stepserve.models.sampling.paradigms import PicardState, picard_init, picard_round
 
 
 class FlowSampling:
@@ -35,3 +36,10 @@ class FlowSampling:
     @staticmethod
     def needs_forward(state: flow.SamplerState) -> bool:
         return flow.needs_forward(state)
+
+    # latency mode: ParaDiGMS Picard rounds for a request alone on the server
+    def picard_init(self, state: flow.SamplerState) -> PicardState:
+        return picard_init(state, window=8, tol=1e-3)
+
+    def picard_round(self, p: PicardState) -> PicardState:
+        return picard_round(self.denoise, p)  # type: ignore[attr-defined]

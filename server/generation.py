@@ -101,7 +101,8 @@ def resolve(body: ImageGenerationRequest, rt: Runtime
         n=body.n, negative_prompt=body.negative_prompt or "", sampler=sampler,
         priority=body.priority, timeout_s=body.timeout,
         partial_images=(body.partial_images or 0) if body.stream else 0,
-        cache=cache if cache.enabled else None, schedule=schedule)
+        cache=cache if cache.enabled else None, schedule=schedule,
+        mode=body.mode or "throughput")
     spec = OutputSpec(body.response_format or "b64_json", body.output_format or "png",
                       body.output_compression, f"{w * upscale}x{h * upscale}", upscale)
     return served, params, spec

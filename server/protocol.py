@@ -43,6 +43,8 @@ class ImageGenerationRequest(BaseModel):
     timesteps: list[int] | None = Field(None, min_length=1, max_length=100)
     sigmas: list[float] | None = Field(None, min_length=1, max_length=101)
     schedule: Literal["ays"] | None = None  # Align Your Steps (10 steps, SD / SDXL)
+    # latency: while the server is otherwise idle, spend idle batch slots on ParaDiGMS
+    mode: Literal["latency", "throughput"] | None = None
     # step cache: a policy name, or {"policy": ..., "order": 2, "interval": 2, ...}
     cache: str | dict[str, str | int | float | None] | None = None
 

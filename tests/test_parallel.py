@@ -1,6 +1,7 @@
 """One request across processes (gloo, 2 CPU processes) and ParaDiGMS: the exact methods
 match single-process sampling, ParaDiGMS needs far fewer sequential rounds."""
 
+import numpy as np
 import torch
 
 from stepserve.loadtests.parallel import run
@@ -31,3 +32,55 @@ def test_paradigms_takes_fewer_rounds_and_matches(engine):
     exact, rounds1 = paradigms_sample(engine.denoise, state, window=1)
     assert rounds1 == 32 and rel(exact.x, ref) < 1e-5  # window 1 is plain Euler
     torch.testing.assert_close(out.x0, out.x, atol=0.2, rtol=0)  # preview ~ the image
+
+
+def test_latency_mode_uses_picard_rounds_only_while_alone(engine):
+    from stepserve.server.scheduler.core import SchedulerConfig, SchedulerCore
+    from stepserve.server.scheduler.events import Completed
+    from stepserve.server.scheduler.request import GenerationParams, Request
+
+    prompt = "a small green triangle in the center on a black background"
+
+    def run_core(mode, join_after=None):
+        calls = []
+        denoise = engine.denoise
+
+        class Counting:
+            info, encode, decode = engine.info, engine.encode, engine.decode
+            samplers, default_sampler = engine.samplers, engine.default_sampler
+            needs_forward = staticmethod(engine.needs_forward)
+            init_state = engine.init_state
+            picard_init = engine.picard_init
+
+            def denoise(self, *a):
+                calls.append(1)
+                return denoise(*a)
+
+            def step_batch(self, states):
+                from stepserve.models.sampling.state import step_batch
+                return step_batch(self.denoise, states)
+
+            def picard_round(self, p):
+                from stepserve.models.sampling.paradigms import picard_round
+                return picard_round(self.denoise, p)
+
+        core = SchedulerCore(Counting(), SchedulerConfig(max_batch_size=16))
+        core.submit(Request("a", GenerationParams(prompt, 24, 5, 1.0, mode=mode,
+                                                  partial_images=2), 0.0))
+        images, previews, it = {}, 0, 0
+        while core.has_work:
+            if join_after is not None and it == join_after:
+                core.submit(Request("b", GenerationParams(prompt, 4, 6, 1.0), 1.0))
+            for e in core.step():
+                previews += type(e).__name__ == "Preview"
+                if isinstance(e, Completed):
+                    images[e.request_id] = e.images[0].astype(float)
+            it += 1
+        return images, len(calls), previews
+
+    seq, seq_forwards, _ = run_core("throughput")
+    fast, fast_forwards, previews = run_core("latency")
+    assert seq_forwards == 24 and fast_forwards * 1.5 <= 24 and previews == 2
+    assert np.abs(fast["a"] - seq["a"]).max() <= 3
+    mixed, _, _ = run_core("latency", join_after=2)  # someone arrives: back to steps
+    assert set(mixed) == {"a", "b"} and np.abs(mixed["a"] - seq["a"]).max() <= 3

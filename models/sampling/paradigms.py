@@ -6,11 +6,14 @@ ONE batched forward, and rebuilds x_{j+1} = x_k + sum_{m<=j} dt_m v_m; points
 whose update is below the tolerance are final and the window slides past them.
 The number of batched forwards ("rounds") is what a latency-bound request pays;
 the extra compute is spread over the batch dimension (one device) or devices.
+
+`PicardState` advances one round per call, so the scheduler can interleave it
+with other work and fall back to plain steps from the converged prefix.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -18,36 +21,62 @@ from .flow import predict_x0
 from .state import Denoiser, SamplerState, guided_velocity
 
 
+@dataclass
+class PicardState:
+    base: SamplerState  # the request's state when Picard sampling started (step 0 ...)
+    xs: list[torch.Tensor]  # guesses x_0 .. x_n
+    start: int  # xs[:start + 1] have converged
+    window: int
+    tol: float
+    rounds: int = 0
+    x0: torch.Tensor | None = None
+
+    @property
+    def steps(self) -> int:
+        return len(self.xs) - 1
+
+    @property
+    def done(self) -> bool:
+        return self.start >= self.steps
+
+    def as_sampler_state(self) -> SamplerState:
+        """The converged prefix as a plain state (to continue step by step)."""
+        return replace(self.base, x=self.xs[self.start], step=self.start, x0=self.x0)
+
+
+def picard_init(state: SamplerState, window: int = 8, tol: float = 1e-3) -> PicardState:
+    if state.qsched is not None or state.cache is not None:
+        raise ValueError("ParaDiGMS runs without step caches or Q-Sched")
+    n = state.steps
+    xs = [state.x.clone() for _ in range(n + 1)]  # initial guess: the current sample
+    return PicardState(state, xs, state.step, window, tol)
+
+
+def picard_round(denoiser: Denoiser, p: PicardState) -> PicardState:
+    """One batched forward over the window, then slide past the converged points."""
+    times = torch.tensor(p.base.times)
+    dt = times[1:] - times[:-1]  # negative: times run 1 -> 0
+    start, end = p.start, min(p.steps, p.start + p.window)
+    points = [replace(p.base, x=p.xs[j], step=j, x0=None) for j in range(start, end)]
+    v, _ = guided_velocity(denoiser, points)
+    acc, errors = p.xs[start].clone(), []
+    for k, j in enumerate(range(start, end)):
+        acc = acc + dt[j] * v[k]
+        errors.append(float(((acc - p.xs[j + 1]) ** 2).mean()))
+        p.xs[j + 1] = acc.clone()
+    moved = next((k for k, e in enumerate(errors) if e > p.tol * p.tol), len(errors))
+    p.start = start + max(1, moved)  # the first point is exact after one round
+    p.rounds += 1
+    p.x0 = predict_x0(p.xs[end - 1][None], v[-1][None], times[end - 1:end])[0]
+    return p
+
+
 def paradigms_sample(denoiser: Denoiser, state: SamplerState, window: int = 8,
                      tol: float = 1e-3, max_rounds: int | None = None
                      ) -> tuple[SamplerState, int]:
     """The finished state and the number of batched denoiser rounds it took."""
-    if state.step != 0 or state.qsched is not None or state.cache is not None:
-        raise ValueError("ParaDiGMS runs whole trajectories without step caches or Q-Sched")
-    times = torch.tensor(state.times)
-    dt = times[1:] - times[:-1]  # negative: times run 1 -> 0
-    n = len(dt)
-    xs = [state.x.clone() for _ in range(n + 1)]  # initial guess: the noise everywhere
-    start, rounds = 0, 0
-    max_rounds = max_rounds or 4 * n
-    last_v = None
-    while start < n and rounds < max_rounds:
-        end = min(n, start + window)
-        points = [replace(state, x=xs[j], step=j, x0=None) for j in range(start, end)]
-        v, _ = guided_velocity(denoiser, points)
-        rounds += 1
-        new = [xs[start]]
-        acc = xs[start].clone()
-        for k, j in enumerate(range(start, end)):
-            acc = acc + dt[j] * v[k]
-            new.append(acc.clone())
-        # converged prefix: the first point whose update exceeds the tolerance stays
-        errors = [float(((new[k] - xs[start + k]) ** 2).mean()) for k in range(1, len(new))]
-        for k in range(1, len(new)):
-            xs[start + k] = new[k]
-        moved = next((k for k, e in enumerate(errors) if e > tol * tol), len(errors))
-        start += max(1, moved)  # the first point is exact after one round: always advance
-        last_v = (v[-1], end - 1)
-    v_last, j_last = last_v
-    x0 = predict_x0(xs[j_last][None], v_last[None], times[j_last:j_last + 1])[0]
-    return replace(state, x=xs[n], step=n, x0=x0), rounds
+    p = picard_init(state, window, tol)
+    limit = max_rounds or 4 * p.steps
+    while not p.done and p.rounds < limit:
+        picard_round(denoiser, p)
+    return p.as_sampler_state(), p.rounds

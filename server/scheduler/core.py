@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -103,9 +103,13 @@ class SchedulerCore:
         events: list[Event] = self._expire(now, stats)
         events += self._admit(now, stats)
         events += self._skip_ahead(stats)
-        batch = self._pick(now)
-        if batch:
-            events += self._forward(batch, stats)
+        solo = self._latency_request()
+        if solo is not None:
+            events += self._picard(solo, stats)
+        else:
+            batch = self._pick(now)
+            if batch:
+                events += self._forward(batch, stats)
         stats.waiting, stats.running = len(self.waiting), len(self.running)
         self.last_stats = stats
         return events
@@ -162,6 +166,48 @@ class SchedulerCore:
         if self.config.batching == "request":
             return list(self.running)
         return self.policy.pick(self.running, now)
+
+    def _latency_request(self) -> Request | None:
+        """Latency mode runs only while its request is alone: then the idle batch slots go
+        to ParaDiGMS rounds; as soon as others wait it continues step by step."""
+        alone = (self.config.batching == "step" and len(self.running) == 1
+                 and not self.waiting)
+        req = self.running[0] if self.running else None
+        wants = (req is not None and req.params.mode == "latency" and req.samples == 1
+                 and req.params.steps >= 8 and hasattr(self.engine, "picard_round")
+                 and req.params.cache is None)
+        if alone and wants:
+            return req
+        for other in self.running:  # fall back from the converged prefix
+            if other.picard is not None:
+                other.states = [other.picard.as_sampler_state()]
+                other.picard = None
+        return None
+
+    def _picard(self, req: Request, stats: StepStats) -> list[Event]:
+        if req.picard is None:
+            req.picard = self.engine.picard_init(req.states[0])
+        before = req.picard.start
+        start = time.perf_counter()
+        try:
+            self.engine.picard_round(req.picard)
+        except Exception as exc:  # fail only this request
+            log.exception("ParaDiGMS round failed for %s", req.id)
+            return self._fail([req], stats, exc)
+        stats.forward_s = time.perf_counter() - start
+        stats.batch_samples, stats.batch_requests = req.picard.window, 1
+        now = self.clock()
+        events: list[Event] = []
+        for step in range(before + 1, req.picard.start + 1):  # previews crossed this round
+            state = req.picard.as_sampler_state()
+            if step == req.picard.start or step in req.due_previews:
+                state = replace(state, step=step, x=req.picard.xs[step])
+                done_now = step == req.picard.steps
+                events += self._advanced(req, [state], stats, now)
+                if done_now or req not in self.running:
+                    req.picard = None
+                    break
+        return events
 
     def _skip_ahead(self, stats: StepStats) -> list[Event]:
         """Advance, without a forward, every request whose cache skips its next step(s):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from stepserve.models.caches.config import CacheConfig
 from stepserve.models.sampling.state import SamplerState
@@ -38,6 +39,7 @@ class GenerationParams:
     partial_images: int = 0
     cache: CacheConfig | None = None  # step-cache policy (None: no cache)
     schedule: tuple[tuple[str, tuple[float, ...]], ...] | None = None  # (("timesteps", ...),)
+    mode: str = "throughput"  # "latency": ParaDiGMS rounds while the server is otherwise idle
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.n < 1 or self.partial_images < 0:
@@ -66,6 +68,7 @@ class Request:
     previews_sent: int = 0
     first_preview_at: float | None = None
     first_step_at: float | None = None
+    picard: Any = None  # a PicardState while running in latency mode
 
     def __post_init__(self) -> None:
         self.last_served = self.arrival
