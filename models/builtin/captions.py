@@ -60,8 +60,9 @@ class Grammar:
 V1 = Grammar(TRAIN_SIZE, TRAIN_BACKGROUND, TRAIN_POSITION, TRAIN_POS_FRAMES, TRAIN_BG_FRAMES,
              TRAIN_TEMPLATES)
 
-# v2 (not yet the shipped checkpoint's): more structures and ways to state the
-# background without the word "background", still disjoint from the unseen set.
+# v2 (the shipped checkpoint's): more structures and ways to state the background
+# without the word "background", still disjoint from the unseen set. v1 was the
+# first checkpoint's (17.5% all-five on unseen phrasings at 4 steps; v2: 51.5%).
 V2 = Grammar(
     size={"small": ("small", "little", "smaller", "compact"),
           "large": ("large", "big", "larger", "bigger")},

@@ -41,7 +41,7 @@ class CaptionPool:
 
 
 def build_pool(encoder: TextEncoder, size: int, seed: int, omit_prob: float,
-               cache: Path | None = None, grammar: str = "v1") -> CaptionPool:
+               cache: Path | None = None, grammar: str = "v2") -> CaptionPool:
     if cache is not None and cache.exists():
         t = load_file(str(cache))
         empty = TextBatch(t["empty_tokens"], torch.ones(1, t["empty_tokens"].shape[1],

@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=int, default=None,
                    help="quick accuracy check every N steps (0: never)")
     p.add_argument("--captions", default=None, choices=["v1", "v2"],
-                   help="training-caption grammar (default v1, the shipped checkpoint's)")
+                   help="training-caption grammar (default v2, the shipped checkpoint's)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--lazydit", action="store_true",
                    help="also train the LazyDiT gates for the trained DiT (base frozen)")
