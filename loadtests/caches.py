@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from stepserve.engines.flow_sampling import FlowSampling
 from stepserve.engines.torch_engine import TorchEngine
 from stepserve.models.builtin.yardstick import Yardstick, prompt_set
 from stepserve.models.caches.config import CacheConfig
@@ -40,13 +41,15 @@ POLICIES: dict[str, dict | None] = {
 }
 
 
-class CountingEngine:
+class CountingEngine(FlowSampling):
     """Wraps an engine and counts denoiser work in block-rows (the compute a cache saves):
-    a full forward of one row costs `depth`, a block cache's partial one less."""
+    a full forward of one row costs `depth`, a block cache's partial one less. The
+    sampling contract (FlowSampling) routes every forward through the counters."""
 
     def __init__(self, engine: TorchEngine) -> None:
         self.engine, self.info, self.rows = engine, engine.info, 0
         self.depth = len(engine.dit.blocks)
+        self.gates = engine.gates
 
     def __getattr__(self, name: str):
         return getattr(self.engine, name)

@@ -175,3 +175,15 @@ def test_lazydit_gates_train_and_reuse_modules(engine):
     out, st2 = cached_forward(dit, x, t, d, text, [row("lazydit", st0[0], gate_threshold=1.0),
                                                    None], gates)
     assert st2[0].skipped_blocks == 0 and torch.allclose(out, full, atol=1e-4)
+
+
+def test_cache_benchmark_counts_the_compute_it_saves(engine):
+    from stepserve.loadtests.caches import POLICIES, CountingEngine, quality_rows
+    from stepserve.models.builtin.yardstick import Yardstick
+
+    counting = CountingEngine(engine)
+    policies = {k: POLICIES[k] for k in ("none", "ab-cache k=2 every 3", "first-blocks 0.15")}
+    rows = quality_rows(counting, Yardstick(), [8], 4, policies)
+    saved = {r["policy"]: r["compute_saved_x"] for r in rows}
+    assert saved["none"] == 1.0 and saved["ab-cache k=2 every 3"] > 1.5
+    assert saved["first-blocks 0.15"] >= 1.0
