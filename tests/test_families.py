@@ -37,6 +37,7 @@ BUILDERS = {"sd-epsilon": lambda f: tiny_sd(f, "epsilon"),
             "sdxl": tiny_sdxl,
             "lcm": lambda f: tiny_sd(f, lcm=True),
             "pixart": tiny_pixart,
+            "pixart-alpha": lambda f: tiny_pixart(f, alpha=True),
             "sd3": tiny_sd3,
             "flux-schnell": tiny_flux,
             "flux-dev": lambda f: tiny_flux(f, guidance_embeds=True)}

@@ -135,11 +135,13 @@ def t5_tokenizer():
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
 
 
-def tiny_pixart(folder: Path, seed: int = 0) -> Path:
-    """A PixArt-Sigma-style pipeline (adaLN-single DiT over T5 states) at 16x16 pixels."""
+def tiny_pixart(folder: Path, seed: int = 0, alpha: bool = False) -> Path:
+    """A PixArt-Sigma-style (alpha=True: -alpha) pipeline (adaLN-single DiT over T5
+    states) at 16x16 pixels."""
     from diffusers import (
         AutoencoderKL,
         DPMSolverMultistepScheduler,
+        PixArtAlphaPipeline,
         PixArtSigmaPipeline,
         PixArtTransformer2DModel,
     )
@@ -158,9 +160,9 @@ def tiny_pixart(folder: Path, seed: int = 0) -> Path:
     vae = AutoencoderKL(block_out_channels=[32, 64], latent_channels=4,
                         down_block_types=["DownEncoderBlock2D"] * 2,
                         up_block_types=["UpDecoderBlock2D"] * 2)
-    pipe = PixArtSigmaPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae,
-                               transformer=transformer,
-                               scheduler=DPMSolverMultistepScheduler())
+    cls = PixArtAlphaPipeline if alpha else PixArtSigmaPipeline
+    pipe = cls(tokenizer=tok, text_encoder=text_encoder, vae=vae, transformer=transformer,
+               scheduler=DPMSolverMultistepScheduler())
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
 
