@@ -60,7 +60,7 @@ def test_int8_graphs_stay_close_and_static_one_is_qdq(ort_engines, engine):
     fp32 = rel(ort_engines["fp32", "static"].denoise(*args), ref)
     for mode in ("dynamic", "static"):
         err = rel(ort_engines["int8", mode].denoise(*args), ref)
-        assert fp32 * 100 < err < 0.05, (mode, err)  # really quantized, still close
+        assert fp32 * 100 < err < 0.08, (mode, err)  # really quantized, still close
     static = onnx.load(str(ort_engines["int8", "static"].graph_path))
     ops = {n.op_type for n in static.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
