@@ -11,12 +11,8 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 # the CPU wheel of torch (PyPI's default Linux wheel pulls the CUDA libraries)
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
-COPY pyproject.toml README.md /src/
-COPY stepserve /src/stepserve
-COPY models /src/models
-COPY engines /src/engines
-COPY server /src/server
-COPY loadtests /src/loadtests
+# the package sources (.dockerignore keeps out venvs, runs, tests, docs)
+COPY . /src
 RUN pip install "/src[onnx,redis,families]"
 
 FROM python:3.11-slim AS cpu
@@ -37,12 +33,8 @@ RUN apt-get update && apt-get install -y --no-install-recommends python3 python3
     && rm -rf /var/lib/apt/lists/* && python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 RUN pip install --index-url https://download.pytorch.org/whl/cu128 torch==2.13.0
-COPY pyproject.toml README.md /src/
-COPY stepserve /src/stepserve
-COPY models /src/models
-COPY engines /src/engines
-COPY server /src/server
-COPY loadtests /src/loadtests
+# the package sources (.dockerignore keeps out venvs, runs, tests, docs)
+COPY . /src
 RUN pip install "/src[redis,families]" onnx onnxscript onnxruntime-gpu
 
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 AS cuda

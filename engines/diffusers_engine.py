@@ -13,6 +13,7 @@ SD 1.x/2.x/Turbo, SDXL/Turbo, LCM, PixArt-alpha/-Sigma, SD3, FLUX.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -250,8 +251,7 @@ class DiffusersEngine:
                 e = ab_cache.predict(s.cache_state, s.t, s.cache.order)
                 s = replace(s, cache_state=ab_cache.skipped(s.cache_state))
             sigma = (float(s.scheduler.sigmas[s.step]) if family.flow else 0.0)
-            extra = ({"generator": s.generator} if "generator" in
-                     inspect.signature(s.scheduler.step).parameters else {})
+            extra = {"generator": s.generator} if _takes_generator(type(s.scheduler)) else {}
             res = s.scheduler.step(e, s.scheduler.timesteps[s.step], s.x[None], **extra)
             x0 = getattr(res, "pred_original_sample", None)
             if x0 is None:
@@ -299,6 +299,12 @@ class DiffusersEngine:
         for b in batch_sizes:
             states = [self.init_state(i, 2, text, text, guidance=1.0) for i in range(b)]
             self.step_batch(states)
+
+
+@functools.cache
+def _takes_generator(scheduler_cls: type) -> bool:
+    """Whether the sampler injects noise (LCM, ancestral): looked up once per class."""
+    return "generator" in inspect.signature(scheduler_cls.step).parameters
 
 
 def _scale(s: DiffusersState) -> torch.Tensor:

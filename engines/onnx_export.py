@@ -67,9 +67,21 @@ def export_denoiser(dit: DiT, path: Path) -> None:
                           external_data=False, verbose=False)
 
 
+def graph_inputs(x: torch.Tensor, t: torch.Tensor, d: torch.Tensor,
+                 text: TextBatch) -> list[torch.Tensor]:
+    """The graph's inputs in INPUT_NAMES order, with the dtypes it was exported with."""
+    return [x.float(), t.float(), d.float(), text.tokens.float(), text.mask.bool(),
+            text.pooled.float()]
+
+
 def feeds(x: torch.Tensor, t: torch.Tensor, d: torch.Tensor,
           text: TextBatch) -> dict[str, np.ndarray]:
-    """Session inputs for one batch (CPU numpy, the dtypes the graph was exported with)."""
-    values = (x.float(), t.float(), d.float(), text.tokens.float(), text.mask.bool(),
-              text.pooled.float())
-    return {n: v.detach().cpu().numpy() for n, v in zip(INPUT_NAMES, values)}
+    """Session inputs for one batch (CPU numpy)."""
+    return {n: v.detach().cpu().numpy()
+            for n, v in zip(INPUT_NAMES, graph_inputs(x, t, d, text))}
+
+
+def device_inputs(x: torch.Tensor, t: torch.Tensor, d: torch.Tensor, text: TextBatch,
+                  device: torch.device) -> list[torch.Tensor]:
+    """The same inputs as contiguous device buffers (IO binding, TensorRT)."""
+    return [v.to(device).contiguous() for v in graph_inputs(x, t, d, text)]

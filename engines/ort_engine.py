@@ -17,7 +17,7 @@ from stepserve.models.sampling.qsched import QSched
 from .build_cache import BuildCache
 from .builtin_base import BuiltinEngine
 from .onnx_builds import onnx_graph
-from .onnx_export import INPUT_NAMES, OUTPUT_NAME, feeds
+from .onnx_export import INPUT_NAMES, OUTPUT_NAME, device_inputs, feeds
 
 log = logging.getLogger("stepserve")
 
@@ -104,9 +104,7 @@ class OnnxRuntimeEngine(BuiltinEngine):
                        text: TextBatch) -> torch.Tensor:
         """CUDA: bind device buffers directly so inputs and output never visit the host."""
         dev = self.device
-        values = [x.float(), t.float(), d.float(), text.tokens.float(), text.mask.bool(),
-                  text.pooled.float()]
-        values = [v.to(dev).contiguous() for v in values]
+        values = device_inputs(x, t, d, text, dev)
         out = torch.empty(x.shape, dtype=torch.float32, device=dev)
         binding = self.session.io_binding()
         for name, v in zip(INPUT_NAMES, values):

@@ -25,7 +25,7 @@ from stepserve.models.builtin.text import TextBatch
 from .build_cache import BuildCache, module_hash
 from .builtin_base import BuiltinEngine
 from .onnx_builds import onnx_graph
-from .onnx_export import INPUT_NAMES, OUTPUT_NAME, export_key
+from .onnx_export import INPUT_NAMES, OUTPUT_NAME, device_inputs, export_key
 
 log = logging.getLogger("stepserve")
 
@@ -139,9 +139,7 @@ class TensorRTEngine(BuiltinEngine):
     def denoise(self, x: torch.Tensor, t: torch.Tensor, d: torch.Tensor,
                 text: TextBatch) -> torch.Tensor:
         dev = self.device
-        values = [x.float(), t.float(), d.float(), text.tokens.float(), text.mask.bool(),
-                  text.pooled.float()]
-        values = [v.to(dev).contiguous() for v in values]
+        values = device_inputs(x, t, d, text, dev)
         out = torch.empty(x.shape, dtype=torch.float32, device=dev)
         for name, v in zip(INPUT_NAMES, values):
             if not self.context.set_input_shape(name, tuple(v.shape)):

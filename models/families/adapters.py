@@ -40,14 +40,19 @@ class SDFamily:
 
     guidance_embedded = False  # True: guidance is a model input, no CFG rows
     flow = False  # flow-matching velocity models (x0 = x - sigma * v)
-    unet = True  # DeepCache applies (a U-Net with down / up blocks)
+    denoiser_name = "unet"  # the pipeline component that denoises
 
     def __init__(self, pipe: Any) -> None:
         self.pipe = pipe
 
     @property
     def denoiser(self) -> torch.nn.Module:
-        return self.pipe.unet
+        return getattr(self.pipe, self.denoiser_name)
+
+    @property
+    def unet(self) -> bool:
+        """DeepCache applies (a U-Net with down / up blocks)."""
+        return self.denoiser_name == "unet"
 
     @property
     def vae_scale(self) -> int:
@@ -152,11 +157,7 @@ class PixArtFamily(SDFamily):
 
     max_sequence_length = 300
     ays_name = None
-    unet = False
-
-    @property
-    def denoiser(self) -> torch.nn.Module:
-        return self.pipe.transformer
+    denoiser_name = "transformer"
 
     def encode(self, prompts: list[str], device: torch.device) -> PromptEmbeds:
         hidden, mask, _, _ = self.pipe.encode_prompt(
@@ -186,11 +187,7 @@ class SD3Family(SDFamily):
 
     flow = True
     ays_name = None
-    unet = False
-
-    @property
-    def denoiser(self) -> torch.nn.Module:
-        return self.pipe.transformer
+    denoiser_name = "transformer"
 
     def set_timesteps(self, scheduler: Any, steps: int, size: int) -> None:
         kwargs = {}
@@ -229,11 +226,7 @@ class FluxFamily(SDFamily):
     guidance_embedded = True
     flow = True
     ays_name = None
-    unet = False
-
-    @property
-    def denoiser(self) -> torch.nn.Module:
-        return self.pipe.transformer
+    denoiser_name = "transformer"
 
     def default_size(self) -> int:
         return self.pipe.default_sample_size * self.pipe.vae_scale_factor
