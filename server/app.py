@@ -14,8 +14,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .auth import Auth, AuthMiddleware
 from .errors import (
+    BACKEND_ERRORS,
     APIError,
     api_error_handler,
+    backend_error_handler,
     error_response,
     http_error_handler,
     validation_error_handler,
@@ -48,6 +50,8 @@ def create_app(settings: Settings | None = None, builder: EngineBuilder = build_
     app.add_exception_handler(APIError, api_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
+    for exc_class in BACKEND_ERRORS:
+        app.add_exception_handler(exc_class, backend_error_handler)
     app.include_router(generation_router)
     app.include_router(jobs_router)
     started = int(time.time())
@@ -58,6 +62,9 @@ def create_app(settings: Settings | None = None, builder: EngineBuilder = build_
 
     @app.get("/ready")
     async def ready() -> Response:
+        down = runtime.backend_error() if runtime.ready else None
+        if down:
+            return error_response(503, down, None, "backend_unavailable", {"Retry-After": "2"})
         if runtime.ready:
             return JSONResponse({"status": "ready", "models": runtime.names()})
         if runtime.error:

@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from .errors import error_response
+from .errors import BACKEND_DOWN, BACKEND_ERRORS, error_response
 from .settings import Settings
 
 # KEYS[1]: bucket hash; ARGV: rate (tokens/s), burst, now (s). Returns {allowed, wait_ms}.
@@ -53,10 +53,10 @@ class MemoryBuckets:
 
 class RedisBuckets:
     def __init__(self, url: str, rate: float, burst: int) -> None:
-        import redis
+        from .redis.connect import client
 
         self.rate, self.burst = rate, burst
-        self.client = redis.Redis.from_url(url)
+        self.client = client(url)
         self.script = self.client.register_script(_LUA)
 
     def take(self, key: str) -> float:
@@ -119,7 +119,11 @@ class AuthMiddleware:
                 and not path.startswith("/v1/images/files/")):
             headers = dict(scope.get("headers") or [])
             value = headers.get(b"authorization")
-            denied = self.auth.check(value.decode("latin-1") if value else None)
+            try:
+                denied = self.auth.check(value.decode("latin-1") if value else None)
+            except BACKEND_ERRORS as exc:  # the shared rate limiter lives in Redis
+                denied = error_response(503, f"{BACKEND_DOWN} ({exc})", None,
+                                        "backend_unavailable", {"Retry-After": "2"})
             if denied is not None:
                 await denied(scope, receive, send)
                 return

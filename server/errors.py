@@ -56,3 +56,21 @@ async def http_error_handler(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     return error_response(exc.status_code, str(exc.detail), None, None,
                           dict(exc.headers or {}))
+
+
+def _backend_errors() -> tuple[type[Exception], ...]:
+    try:
+        from .redis.connect import UNAVAILABLE
+    except ImportError:  # the redis extra is not installed: no Redis to lose
+        return ()
+    return UNAVAILABLE
+
+
+BACKEND_ERRORS = _backend_errors()
+BACKEND_DOWN = "the job queue (Redis) is unavailable; retry shortly"
+
+
+async def backend_error_handler(_: Request, exc: Exception) -> JSONResponse:
+    """Redis down (restart, network): a 503 the client can retry, not a 500."""
+    return error_response(503, f"{BACKEND_DOWN} ({exc})", None, "backend_unavailable",
+                          {"Retry-After": "2"})

@@ -24,7 +24,7 @@ from .result_cache import result_key
 from .runtime import Runtime, Served
 from .scheduler.core import QueueFull
 from .scheduler.events import Completed, Event, Failed, Preview
-from .scheduler.loop import Handle, ShuttingDown
+from .scheduler.loop import Handle, ShuttingDown, Unavailable
 from .scheduler.request import GenerationParams
 
 router = APIRouter()
@@ -135,6 +135,9 @@ def require_ready(rt: Runtime) -> None:
     if not rt.ready or not rt.models:
         message = f"model failed to load: {rt.error}" if rt.error else "model is loading"
         raise APIError(503, message, None, "not_ready", {"Retry-After": "5"})
+    down = rt.backend_error()
+    if down:
+        raise APIError(503, down, None, "backend_unavailable", {"Retry-After": "2"})
 
 
 def submit(rt: Runtime, served: Served, params: GenerationParams,
@@ -170,6 +173,9 @@ def _queue(rt: Runtime, served: Served, params: GenerationParams) -> Handle:
                        {"Retry-After": str(rt.settings.retry_after_s)}) from exc
     except ShuttingDown as exc:
         raise APIError(503, str(exc), None, "shutting_down") from exc
+    except Unavailable as exc:
+        raise APIError(503, str(exc), None, "backend_unavailable",
+                       {"Retry-After": "2"}) from exc
     except ValueError as exc:
         raise APIError(400, str(exc), "n", "invalid_value") from exc
 

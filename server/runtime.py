@@ -106,6 +106,11 @@ class Runtime:
     def ready(self) -> bool:
         return self._ready.is_set()
 
+    def backend_error(self) -> str | None:
+        """Why requests cannot be queued right now though the models are loaded (the
+        API role: Redis is unreachable); None when they can."""
+        return None
+
     @property
     def default(self) -> Served | None:
         return next(iter(self.models.values()), None)

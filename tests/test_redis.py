@@ -189,3 +189,28 @@ def test_any_api_replica_answers_for_a_job(redis_url, cluster):
         assert httpx.get(f"{other.url}/v1/jobs/job-missing").status_code == 404
     finally:
         other.stop()
+
+
+def test_running_job_cancelled_from_the_api_leaves_the_worker(redis_url, cluster):
+    api, steady = cluster
+    client = redis.Redis.from_url(redis_url)
+    job = httpx.post(f"{api.url}/v1/jobs", json={
+        "prompt": PROMPT, "n": 10, "guidance_scale": 3.0, "num_inference_steps": 64}).json()["id"]
+    key = f"stepserve:job:{job.replace('job-', 'img-', 1)}"
+    for _ in range(600):  # ~9 s of work on one thread: cancel it early on
+        if int(client.hget(key, "step") or 0) >= 2:
+            break
+        time.sleep(0.05)
+    assert client.hget(key, "status") == b"running"
+    assert httpx.delete(f"{api.url}/v1/jobs/{job}").json()["status"] == "cancelled"
+    for _ in range(60):  # the worker's batch drops it at its next step
+        if "stepserve_running_requests 0.0" in httpx.get(steady.metrics_url).text:
+            break
+        time.sleep(0.05)
+    assert "stepserve_running_requests 0.0" in httpx.get(steady.metrics_url).text
+    step = int(client.hget(key, "step"))
+    time.sleep(1.0)
+    assert client.hget(key, "status") == b"cancelled" and step < 64
+    assert int(client.hget(key, "step")) == step  # no longer advancing
+    assert client.get(key.replace(":job:", ":result:")) is None
+    assert httpx.get(f"{api.url}/v1/jobs/{job}").json()["status"] == "cancelled"

@@ -7,20 +7,35 @@ import json
 import logging
 import time
 
-import redis
-
 from stepserve.engines.base import EngineInfo
 
 from ..capabilities import Capabilities
+from ..errors import BACKEND_DOWN
 from ..runtime import Runtime, Served
 from . import keys
 from .client import RedisLoop
+from .connect import UNAVAILABLE, client
 from .result_cache import RedisResultCache
 
 log = logging.getLogger("stepserve.api")
 
 
 class ApiRuntime(Runtime):
+    _pinged_at = float("-inf")
+    _down: str | None = None
+
+    def backend_error(self) -> str | None:
+        """Redis reachable? Asked at most once a second (readiness, every request)."""
+        now = time.monotonic()
+        if now - self._pinged_at >= 1.0 and getattr(self, "_client", None) is not None:
+            self._pinged_at = now
+            try:
+                self._client.ping()
+                self._down = None
+            except UNAVAILABLE as exc:
+                self._down = f"{BACKEND_DOWN} ({exc})"
+        return self._down
+
     def _load(self) -> None:
         url = self.settings.redis_url
         if not url:
@@ -29,11 +44,11 @@ class ApiRuntime(Runtime):
         if self.settings.result_cache_mb:
             self.results = RedisResultCache(url, int(self.settings.result_cache_mb * 2**20),
                                             self.settings.result_cache_ttl_s)
-        client = redis.Redis.from_url(url)
+        self._client = client(url)
         while True:  # ready once at least one worker has announced its models
             try:
-                announced = client.hgetall(keys.MODELS)
-            except redis.RedisError as exc:
+                announced = self._client.hgetall(keys.MODELS)
+            except UNAVAILABLE as exc:
                 log.warning("waiting for Redis: %s", exc)
                 announced = {}
             if announced:

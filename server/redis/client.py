@@ -13,21 +13,22 @@ import secrets
 import time
 
 import redis
-import redis.asyncio as aioredis
 
+from ..errors import BACKEND_DOWN
 from ..scheduler.core import QueueFull
 from ..scheduler.events import Completed, Failed, Preview
-from ..scheduler.loop import Handle
+from ..scheduler.loop import Handle, Unavailable
 from ..scheduler.request import GenerationParams
 from . import keys
 from .codec import images_from_bytes, params_to_json
+from .connect import UNAVAILABLE, aclient, client
 
 
 class RedisLoop:
     def __init__(self, url: str, model: str, max_queue: int) -> None:
         self.url, self.model, self.max_queue = url, model, max_queue
-        self.sync = redis.Redis.from_url(url)
-        self.aio = aioredis.from_url(url)
+        self.sync = client(url)
+        self.aio = aclient(url)
         self.handles: dict[str, Handle] = {}
         self.tasks: dict[str, asyncio.Task] = {}
         self._ids = itertools.count()
@@ -52,7 +53,11 @@ class RedisLoop:
         return int(group.get("lag") or 0) + int(group.get("pending") or 0)
 
     def submit(self, params: GenerationParams) -> Handle:
-        if self.backlog() >= self.max_queue:
+        try:
+            backlog = self.backlog()
+        except UNAVAILABLE as exc:
+            raise Unavailable(f"{BACKEND_DOWN} ({exc})") from exc
+        if backlog >= self.max_queue:
             raise QueueFull(f"queue is full ({self.max_queue} jobs for {self.model!r})")
         job_id = f"img-{secrets.token_hex(6)}-{next(self._ids):06d}"
         handle = Handle(job_id, params, loop=self)
@@ -62,40 +67,103 @@ class RedisLoop:
 
     async def _run(self, handle: Handle) -> None:
         job_id = handle.id
-        pubsub = self.aio.pubsub()
-        await pubsub.subscribe(keys.events(job_id))  # before the job can finish
+        pubsub = None
         try:
-            await self.aio.hset(keys.job(job_id), mapping={
-                "status": "queued", "model": self.model, "steps": handle.params.steps,
-                "created_at": time.time(), "step": 0})
-            entry = await self.aio.xadd(keys.queue(self.model),
-                                        {"id": job_id, "params": params_to_json(handle.params)},
-                                        maxlen=100_000, approximate=True)
-            await self.aio.hset(keys.job(job_id), "entry", entry)
-            while True:
+            pubsub = await self._subscribe(job_id)  # before the job can finish
+            try:
+                await self._enqueue(handle)
+            except UNAVAILABLE as exc:
+                await handle.events.put(Failed(job_id, 503, "backend_unavailable",
+                                               f"{BACKEND_DOWN} ({exc})"))
+                return
+            await self._follow(handle, pubsub)
+        finally:
+            self.handles.pop(job_id, None)
+            self.tasks.pop(job_id, None)
+            if pubsub is not None:
+                await _close(pubsub)
+
+    async def _subscribe(self, job_id: str):
+        pubsub = self.aio.pubsub()
+        await pubsub.subscribe(keys.events(job_id))
+        return pubsub
+
+    async def _enqueue(self, handle: Handle) -> None:
+        """The job's hash and its stream entry are written together or not at all."""
+        job_id = handle.id
+        pipe = self.aio.pipeline(transaction=True)
+        pipe.hset(keys.job(job_id), mapping={
+            "status": "queued", "model": self.model, "steps": handle.params.steps,
+            "created_at": time.time(), "step": 0})
+        pipe.xadd(keys.queue(self.model),
+                  {"id": job_id, "params": params_to_json(handle.params)},
+                  maxlen=100_000, approximate=True)
+        _, entry = await pipe.execute()
+        await self.aio.hset(keys.job(job_id), "entry", entry)
+
+    async def _follow(self, handle: Handle, pubsub) -> None:
+        """Previews and the end arrive over pub/sub. Pub/sub drops messages while Redis
+        restarts, so after reconnecting (and every few quiet seconds) the job's stored
+        status is read too: the worker stores the outcome before it announces it."""
+        job_id = handle.id
+        quiet_since = time.monotonic()
+        while True:
+            try:
+                if pubsub is None:
+                    pubsub = await self._subscribe(job_id)
+                    quiet_since = 0.0  # check the stored status at once
                 msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                 if msg is None:
+                    if time.monotonic() - quiet_since > 5.0:
+                        quiet_since = time.monotonic()
+                        event = await self._stored_outcome(job_id)
+                        if event is not None:
+                            await self._deliver(handle, event)
+                            return
                     continue
+                quiet_since = time.monotonic()
                 event = json.loads(msg["data"])
                 if event["type"] == "preview":
                     images = images_from_bytes(base64.b64decode(event["images"]))
                     await handle.events.put(Preview(job_id, event["index"], event["step"],
                                                     images))
-                elif event["type"] == "completed":
-                    blob = await self.aio.get(keys.result(job_id))
-                    await handle.events.put(Completed(job_id, images_from_bytes(blob),
-                                                      event["steps"]))
-                    return
-                elif event["type"] == "failed":
-                    await handle.events.put(Failed(job_id, event["status"], event["code"],
-                                                   event["message"]))
-                    return
-                else:  # cancelled: the client side already gave up
-                    return
-        finally:
-            self.handles.pop(job_id, None)
-            self.tasks.pop(job_id, None)
-            await pubsub.aclose()
+                    continue
+                await self._deliver(handle, event)
+                return
+            except UNAVAILABLE:
+                if pubsub is not None:
+                    await _close(pubsub)
+                pubsub = None
+                await asyncio.sleep(0.5)
+
+    async def _stored_outcome(self, job_id: str) -> dict | None:
+        meta = await self.aio.hgetall(keys.job(job_id))
+        if not meta:  # the hash was written with the entry: Redis lost its data
+            return {"type": "failed", "status": 503, "code": "job_lost",
+                    "message": "the job was lost when Redis restarted without persistence; "
+                               "submit it again"}
+        status = meta.get(b"status", b"").decode()
+        if status == "completed":
+            return {"type": "completed", "steps": int(meta.get(b"steps", 1))}
+        if status == "failed":
+            return {"type": "failed", **json.loads(meta.get(b"error", b"{}") or b"{}")}
+        return {"type": "cancelled"} if status == "cancelled" else None
+
+    async def _deliver(self, handle: Handle, event: dict) -> None:
+        job_id = handle.id
+        if event["type"] == "completed":
+            blob = await self.aio.get(keys.result(job_id))
+            if blob is None:
+                await handle.events.put(Failed(job_id, 500, "result_missing",
+                                               "the job ended but its result expired"))
+                return
+            await handle.events.put(Completed(job_id, images_from_bytes(blob),
+                                              event["steps"]))
+        elif event["type"] == "failed":
+            await handle.events.put(Failed(job_id, event.get("status", 500),
+                                           event.get("code", "failed"),
+                                           event.get("message", "the job failed")))
+        # cancelled: the client side already gave up
 
     def remember_job(self, request_id: str, spec: dict, usage: dict) -> None:
         """What another API replica needs to answer GET /v1/jobs/{id} for this job."""
@@ -136,3 +204,10 @@ class RedisLoop:
         while self.handles and (deadline is None or time.monotonic() < deadline):
             time.sleep(0.05)
         return not self.handles
+
+
+async def _close(pubsub) -> None:
+    try:
+        await pubsub.aclose()
+    except Exception:  # the connection is already gone
+        pass

@@ -6,21 +6,24 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import redis
 
 from .codec import images_from_bytes, images_to_bytes
+from .connect import UNAVAILABLE, client
 
 PREFIX = "stepserve:rcache"
 
 
 class RedisResultCache:
     def __init__(self, url: str, max_bytes: int, ttl_s: float) -> None:
-        self.client = redis.Redis.from_url(url)
+        self.client = client(url)
         self.max_bytes, self.ttl_s = max_bytes, ttl_s
         self.hits = self.misses = 0
 
     def get(self, key: str) -> np.ndarray | None:
-        blob = self.client.get(f"{PREFIX}:{key}")
+        try:
+            blob = self.client.get(f"{PREFIX}:{key}")
+        except UNAVAILABLE:  # the cache is an optimisation: Redis down reads as a miss
+            blob = None
         if blob is None:
             self.misses += 1
             return None
@@ -31,13 +34,16 @@ class RedisResultCache:
         blob = images_to_bytes(images)
         if len(blob) > self.max_bytes:
             return
-        pipe = self.client.pipeline()
-        pipe.set(f"{PREFIX}:{key}", blob, ex=max(1, int(self.ttl_s)))
-        pipe.zadd(f"{PREFIX}:index", {key: time.time()})
-        pipe.hset(f"{PREFIX}:sizes", key, len(blob))
-        pipe.incrby(f"{PREFIX}:bytes", len(blob))
-        pipe.execute()
-        self._evict()
+        try:
+            pipe = self.client.pipeline()
+            pipe.set(f"{PREFIX}:{key}", blob, ex=max(1, int(self.ttl_s)))
+            pipe.zadd(f"{PREFIX}:index", {key: time.time()})
+            pipe.hset(f"{PREFIX}:sizes", key, len(blob))
+            pipe.incrby(f"{PREFIX}:bytes", len(blob))
+            pipe.execute()
+            self._evict()
+        except UNAVAILABLE:  # not cached this time; the caller already has its images
+            pass
 
     def _evict(self) -> None:
         """Oldest first until under the bound (sizes are tracked per key, so entries that

@@ -4,7 +4,11 @@ own scheduler loops (the same step-level batching as the all-in-one server).
 A job is acknowledged (XACK) only after its result is stored. Entries of a worker
 that died stay pending; after the visibility timeout another worker takes them
 over with XAUTOCLAIM and runs them again. Live workers keep their running jobs'
-entries fresh (XCLAIM ... JUSTID) so slow jobs are not taken from them.
+entries fresh (XCLAIM ... JUSTID) so slow jobs are not taken from them. A job's
+start and end are single Lua scripts (scripts.py), so a job run twice still ends,
+and is announced, exactly once. When Redis restarts, the worker keeps its running
+jobs, retries storing their results, and re-creates its consumer group if the
+restart lost it.
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
+from ..scheduler.core import QueueFull
 from ..scheduler.events import Completed, Failed, Preview
 from ..scheduler.loop import Handle
-from . import keys
+from . import keys, scripts
 from .codec import images_to_bytes, params_from_json
+from .connect import UNAVAILABLE, aclient, until_done
 
 log = logging.getLogger("stepserve.worker")
 FINAL = ("completed", "failed", "cancelled")
@@ -48,15 +54,10 @@ class RedisWorker:
         self.r: aioredis.Redis | None = None
 
     async def run(self, stop: asyncio.Event, drain_timeout_s: float = 120.0) -> None:
-        self.r = aioredis.from_url(self.url, decode_responses=False)
-        for name, served in self.models.items():
-            try:
-                await self.r.xgroup_create(keys.queue(name), keys.GROUP, id="0", mkstream=True)
-            except aioredis.ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
-            meta = {"info": _info_dict(served.info), "caps": served.caps.to_json()}
-            await self.r.hset(keys.MODELS, name, json.dumps(meta))
+        self.r = aclient(self.url)
+        self.start_script = self.r.register_script(scripts.START)
+        self.finish_script = self.r.register_script(scripts.FINISH)
+        await until_done(self._announce, "announcing models")
         done = asyncio.Event()  # set once running jobs have finished after a stop
         intake = [asyncio.create_task(self._forever(self._consume, name, stop))
                   for name in self.models]
@@ -73,6 +74,18 @@ class RedisWorker:
         await asyncio.gather(*intake, *service, return_exceptions=True)
         await self.r.aclose()
 
+    async def _announce(self) -> None:
+        """Create the consumer groups and publish the models (again after a Redis restart
+        that lost them: an API replica started later reads them from here)."""
+        for name, served in self.models.items():
+            try:
+                await self.r.xgroup_create(keys.queue(name), keys.GROUP, id="0", mkstream=True)
+            except aioredis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+            meta = {"info": _info_dict(served.info), "caps": served.caps.to_json()}
+            await self.r.hset(keys.MODELS, name, json.dumps(meta))
+
     async def _forever(self, fn, *args) -> None:
         """Run a service loop; a Redis hiccup (restart, network) is retried, not fatal."""
         stop = args[-1]
@@ -81,15 +94,24 @@ class RedisWorker:
                 await fn(*args)
             except asyncio.CancelledError:
                 raise
+            except UNAVAILABLE as exc:
+                log.warning("%s: Redis unavailable (%s); retrying in 1 s", fn.__name__, exc)
+                await asyncio.sleep(1.0)
+            except aioredis.ResponseError as exc:
+                if "NOGROUP" in str(exc):  # Redis came back empty: set up again
+                    log.warning("consumer group missing (Redis restarted?); re-creating")
+                    await self._announce()
+                    continue
+                log.exception("%s failed; retrying in 1 s", fn.__name__)
+                await asyncio.sleep(1.0)
             except Exception:
                 log.exception("%s failed; retrying in 1 s", fn.__name__)
                 await asyncio.sleep(1.0)
 
     # -- intake -------------------------------------------------------------------------
     async def _consume(self, name: str, stop: asyncio.Event) -> None:
-        served = self.models[name]
         while not stop.is_set():
-            free = served.settings.max_queue - served.loop.inflight
+            free = self._free(name)
             if free <= 0:
                 await asyncio.sleep(0.05)
                 continue
@@ -100,25 +122,33 @@ class RedisWorker:
                 for entry, fields in entries:
                     await self._start(name, entry.decode(), fields)
 
+    def _free(self, name: str) -> int:
+        """How many more jobs this worker's loop for `name` accepts now."""
+        served = self.models[name]
+        return served.settings.max_queue - served.loop.inflight
+
     async def _start(self, name: str, entry: str, fields: dict) -> None:
         job_id = fields[b"id"].decode()
-        meta = await self.r.hgetall(keys.job(job_id))
-        if meta.get(b"status", b"").decode() in FINAL:
-            await self.r.xack(keys.queue(name), keys.GROUP, entry)  # a re-delivered duplicate
+        if job_id in self.active:  # our own running job, reclaimed back to us: keep going
             return
-        if meta.get(b"cancelled") == b"1":
+        verdict = (await self.start_script(keys=[keys.job(job_id), keys.queue(name)],
+                                           args=[keys.GROUP, entry, self.consumer])).decode()
+        if verdict == "ended":  # a re-delivered job that has already ended
+            return
+        if verdict == "cancelled":
             await self._finish(name, entry, job_id, "cancelled", {"type": "cancelled"})
             return
         params = params_from_json(fields[b"params"].decode())
         try:
             handle = self.models[name].loop.submit(params)
+        except QueueFull:  # full after all: leave the entry pending for a later reclaim
+            await self.r.hset(keys.job(job_id), "status", "queued")
+            return
         except Exception as exc:  # e.g. invalid for this model: fail the job, never drop it
             await self._finish(name, entry, job_id, "failed",
                                {"type": "failed", "status": 400, "code": "invalid_value",
                                 "message": str(exc)})
             return
-        await self.r.hset(keys.job(job_id), mapping={"status": "running",
-                                                     "worker": self.consumer})
         act = Active(name, entry, handle)
         self.active[job_id] = act
         act.task = asyncio.create_task(self._follow(job_id, act))
@@ -128,15 +158,17 @@ class RedisWorker:
             while True:
                 event = await act.handle.events.get()
                 if isinstance(event, Preview):
-                    await self.r.publish(keys.events(job_id), json.dumps(
-                        {"type": "preview", "index": event.index, "step": event.step,
-                         "images": _b64(images_to_bytes(event.images))}))
+                    try:  # previews are best effort: a Redis hiccup skips one
+                        await self.r.publish(keys.events(job_id), json.dumps(
+                            {"type": "preview", "index": event.index, "step": event.step,
+                             "images": _b64(images_to_bytes(event.images))}))
+                    except UNAVAILABLE:
+                        pass
                     continue
                 if isinstance(event, Completed):
-                    await self.r.set(keys.result(job_id), images_to_bytes(event.images),
-                                     ex=self.result_ttl_s)
                     await self._finish(act.model, act.entry, job_id, "completed",
-                                       {"type": "completed", "steps": event.steps})
+                                       {"type": "completed", "steps": event.steps},
+                                       images_to_bytes(event.images))
                 elif isinstance(event, Failed):
                     await self._finish(act.model, act.entry, job_id, "failed",
                                        {"type": "failed", "status": event.status_code,
@@ -146,24 +178,31 @@ class RedisWorker:
             self.active.pop(job_id, None)
 
     async def _finish(self, model: str, entry: str, job_id: str, status: str,
-                      event: dict) -> None:
-        """Store the outcome, tell the API, then acknowledge: never the other way round."""
-        fields = {"status": status, "ended_at": time.time()}
-        if status == "failed":
-            fields["error"] = json.dumps({k: event[k] for k in ("status", "code", "message")})
-        await self.r.hset(keys.job(job_id), mapping=fields)
-        await self.r.expire(keys.job(job_id), self.result_ttl_s)
-        await self.r.publish(keys.events(job_id), json.dumps(event))
-        await self.r.xack(keys.queue(model), keys.GROUP, entry)
+                      event: dict, result: bytes = b"") -> bool:
+        """Store the outcome, tell the API, then acknowledge, in one script; while Redis is
+        down, keep trying (the entry stays pending, so nothing is lost either way)."""
+        error = (json.dumps({k: event[k] for k in ("status", "code", "message")})
+                 if status == "failed" else "")
+        args = [keys.GROUP, entry, status, time.time(), error, json.dumps(event),
+                self.result_ttl_s, result]
+        ended = await until_done(lambda: self.finish_script(
+            keys=[keys.job(job_id), keys.result(job_id), keys.queue(model),
+                  keys.events(job_id)], args=args), f"storing job {job_id}")
+        if not ended:
+            log.info("job %s had already ended elsewhere; not stored twice", job_id)
+        return bool(ended)
 
     # -- failure handling ---------------------------------------------------------------
     async def _reclaim(self, stop: asyncio.Event) -> None:
         """Take over entries whose worker stopped refreshing them (it died)."""
         while not stop.is_set():
             for name in self.models:
+                free = self._free(name)
+                if free <= 0:
+                    continue
                 result = await self.r.xautoclaim(
                     keys.queue(name), keys.GROUP, self.consumer,
-                    min_idle_time=self.visibility_ms, start_id="0-0", count=16)
+                    min_idle_time=self.visibility_ms, start_id="0-0", count=min(free, 16))
                 for entry, fields in result[1]:  # [next start, claimed, deleted ids]
                     if fields:  # deleted entries come back empty
                         log.warning("reclaimed %s from a silent worker", entry)
@@ -172,6 +211,7 @@ class RedisWorker:
 
     async def _heartbeat(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            await self._announce()
             by_model: dict[str, list[str]] = {}
             for act in list(self.active.values()):
                 by_model.setdefault(act.model, []).append(act.entry)
@@ -188,22 +228,34 @@ class RedisWorker:
                 msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
                 if msg is None:
                     continue
-                job_id = msg["data"].decode()
-                act = self.active.get(job_id)
-                if act is not None:  # running here: leave the batch at the next step
-                    act.handle.cancel()
-                    if act.task is not None:
-                        act.task.cancel()
-                    await self._finish(act.model, act.entry, job_id, "cancelled",
-                                       {"type": "cancelled"})
+                await self._cancel_here(msg["data"].decode())
         finally:
             await pubsub.aclose()
 
+    async def _cancel_here(self, job_id: str) -> None:
+        act = self.active.pop(job_id, None)
+        if act is not None:  # running here: it leaves its batch at the next step
+            act.handle.cancel()
+            if act.task is not None:
+                act.task.cancel()
+            await self._finish(act.model, act.entry, job_id, "cancelled",
+                               {"type": "cancelled"})
+
     async def _progress(self, stop: asyncio.Event) -> None:
+        """Publish each running job's step; also catch cancellations whose pub/sub
+        message was missed (e.g. sent while Redis was restarting)."""
         while not stop.is_set():
-            for job_id, act in list(self.active.items()):
-                _, step, _ = act.handle.loop.progress(act.handle.id)
-                await self.r.hset(keys.job(job_id), "step", step)
+            running = list(self.active.items())
+            if running:
+                pipe = self.r.pipeline(transaction=False)
+                for job_id, act in running:
+                    _, step, _ = act.handle.loop.progress(act.handle.id)
+                    pipe.hset(keys.job(job_id), "step", step)
+                    pipe.hget(keys.job(job_id), "cancelled")
+                replies = await pipe.execute()
+                for (job_id, _), flag in zip(running, replies[1::2]):
+                    if flag == b"1":
+                        await self._cancel_here(job_id)
             await asyncio.sleep(0.25)
 
 

@@ -27,6 +27,10 @@ class ShuttingDown(Exception):
     """Intake is closed (SIGTERM): the API answers 503."""
 
 
+class Unavailable(Exception):
+    """The job queue's backend (Redis) cannot be reached: the API answers 503."""
+
+
 @dataclass(eq=False)
 class Handle:
     """The API's view of one request: its id and the queue its events arrive on."""

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
-HELP = "benchmarks that print tables: openloop, batching, overhead, soak, engines, caches, parallel"
+HELP = ("benchmarks that print tables: openloop, batching, overhead, soak, engines, caches, "
+        "parallel, faults, scaleout")
 
 # bench name -> module under stepserve.loadtests; each has main(argv)
 BENCHES = {
@@ -16,6 +17,8 @@ BENCHES = {
     "engines": "engines",
     "caches": "caches",
     "parallel": "parallel",
+    "faults": "faults",
+    "scaleout": "scaleout",
 }
 
 
@@ -25,7 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "request batching; overhead: server vs raw engine; soak: many clients; "
                         "engines: quality and speed per engine and precision; caches: "
                         "step caches' compute saved vs quality; parallel: one request "
-                        "across processes")
+                        "across processes; faults: workers and Redis killed under load "
+                        "(lost / duplicated jobs); scaleout: api + worker over Redis vs "
+                        "the all-in-one server")
     p.add_argument("bench_args", nargs=argparse.REMAINDER,
                    help="the benchmark's own flags (`stepserve bench NAME --help`)")
 

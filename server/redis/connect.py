@@ -1,0 +1,50 @@
+"""Redis clients with timeouts, and what counts as "Redis is unavailable".
+
+Every role talks to Redis through these: a Redis that hangs must not hang a request
+handler (socket timeouts), and a restarted Redis is reconnected to on the next
+command (redis-py's pool does that) without restarting stepserve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import redis
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+log = logging.getLogger("stepserve.redis")
+T = TypeVar("T")
+
+# Connection refused or reset, timeouts, and a Redis still loading its data after a
+# restart (BusyLoadingError is a ConnectionError).
+UNAVAILABLE: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError)
+_OPTIONS = {"socket_connect_timeout": 2.0, "socket_timeout": 10.0,
+            "health_check_interval": 15, "retry_on_timeout": False}
+
+
+def client(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, **_OPTIONS)
+
+
+def aclient(url: str) -> aioredis.Redis:
+    return aioredis.from_url(url, **_OPTIONS)
+
+
+async def until_done(fn: Callable[[], Awaitable[T]], what: str, patience_s: float = 600.0,
+                     pause_s: float = 0.5) -> T:
+    """Retry `fn` while Redis is unavailable (a restart, a failover), up to `patience_s`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + patience_s
+    while True:
+        try:
+            return await fn()
+        except UNAVAILABLE as exc:
+            if loop.time() > deadline:
+                raise
+            log.warning("%s: Redis unavailable (%s); retrying", what, exc)
+            await asyncio.sleep(pause_s)
