@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> dict:
                    str(args.visibility), "--max-queue", str(args.worker_queue),
                    "--warmup-batch-sizes", "1")
     started = time.perf_counter()
-    with RedisServer(persist=True) as rs, Cluster(
+    with RedisServer(fsync="always") as rs, Cluster(
             rs.url, worker_args, ("--max-queue", str(4 * args.jobs))) as cl:
         listener = Completions(rs.url)
         listener.start()

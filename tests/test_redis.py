@@ -214,3 +214,27 @@ def test_running_job_cancelled_from_the_api_leaves_the_worker(redis_url, cluster
     assert int(client.hget(key, "step")) == step  # no longer advancing
     assert client.get(key.replace(":job:", ":result:")) is None
     assert httpx.get(f"{api.url}/v1/jobs/{job}").json()["status"] == "cancelled"
+
+
+def test_many_waiting_jobs_share_a_few_redis_connections(redis_url, cluster):
+    api, steady = cluster
+    client = redis.Redis.from_url(redis_url)
+    before = len(client.client_list())
+    steady.send_signal(signal.SIGSTOP)  # all of them wait at once
+    try:
+        with httpx.Client(timeout=60) as c:
+            jobs = [c.post(f"{api.url}/v1/jobs", json={"prompt": PROMPT, "seed": i,
+                                                       "num_inference_steps": 1}).json()["id"]
+                    for i in range(150)]
+        time.sleep(0.5)
+        assert len(client.client_list()) - before < 10  # not one connection per job
+    finally:
+        steady.send_signal(signal.SIGCONT)
+    with httpx.Client(timeout=60) as c:
+        for job in jobs:
+            for _ in range(600):
+                view = c.get(f"{api.url}/v1/jobs/{job}").json()
+                if view["status"] == "completed":
+                    break
+                time.sleep(0.1)
+            assert view["status"] == "completed", view

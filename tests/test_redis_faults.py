@@ -38,7 +38,7 @@ def wait_for(check, timeout: float, what: str):
 
 
 def test_redis_restart_gives_503_then_the_same_api_recovers():
-    with RedisServer(persist=True) as rs, Cluster(
+    with RedisServer(fsync="always") as rs, Cluster(
             rs.url, ("--threads", "1", "--warmup-batch-sizes", "1")) as cl:
         cl.add_worker()
         cl.start_api()

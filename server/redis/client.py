@@ -22,6 +22,7 @@ from ..scheduler.request import GenerationParams
 from . import keys
 from .codec import images_from_bytes, params_to_json
 from .connect import UNAVAILABLE, aclient, client
+from .event_hub import LOST, EventHub
 
 
 class RedisLoop:
@@ -29,6 +30,7 @@ class RedisLoop:
         self.url, self.model, self.max_queue = url, model, max_queue
         self.sync = client(url)
         self.aio = aclient(url)
+        self.hub: EventHub | None = None  # created inside the event loop, on first use
         self.handles: dict[str, Handle] = {}
         self.tasks: dict[str, asyncio.Task] = {}
         self._ids = itertools.count()
@@ -67,26 +69,23 @@ class RedisLoop:
 
     async def _run(self, handle: Handle) -> None:
         job_id = handle.id
-        pubsub = None
+        channel = keys.events(job_id)
         try:
-            pubsub = await self._subscribe(job_id)  # before the job can finish
             try:
+                if self.hub is None:
+                    self.hub = EventHub(self.aio)
+                messages = await self.hub.open(channel)  # before the job can finish
                 await self._enqueue(handle)
             except UNAVAILABLE as exc:
                 await handle.events.put(Failed(job_id, 503, "backend_unavailable",
                                                f"{BACKEND_DOWN} ({exc})"))
                 return
-            await self._follow(handle, pubsub)
+            await self._follow(handle, messages)
         finally:
             self.handles.pop(job_id, None)
             self.tasks.pop(job_id, None)
-            if pubsub is not None:
-                await _close(pubsub)
-
-    async def _subscribe(self, job_id: str):
-        pubsub = self.aio.pubsub()
-        await pubsub.subscribe(keys.events(job_id))
-        return pubsub
+            if self.hub is not None:
+                await self.hub.close(channel)
 
     async def _enqueue(self, handle: Handle) -> None:
         """The job's hash and its stream entry are written together or not at all."""
@@ -101,28 +100,23 @@ class RedisLoop:
         _, entry = await pipe.execute()
         await self.aio.hset(keys.job(job_id), "entry", entry)
 
-    async def _follow(self, handle: Handle, pubsub) -> None:
-        """Previews and the end arrive over pub/sub. Pub/sub drops messages while Redis
-        restarts, so after reconnecting (and every few quiet seconds) the job's stored
-        status is read too: the worker stores the outcome before it announces it."""
+    async def _follow(self, handle: Handle, messages: asyncio.Queue) -> None:
+        """Previews and the end arrive over pub/sub, which drops messages while Redis
+        restarts: after a reconnect (LOST), and every few quiet seconds, the job's stored
+        status is read too (the worker stores the outcome before it announces it)."""
         job_id = handle.id
-        quiet_since = time.monotonic()
         while True:
             try:
-                if pubsub is None:
-                    pubsub = await self._subscribe(job_id)
-                    quiet_since = 0.0  # check the stored status at once
-                msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                if msg is None:
-                    if time.monotonic() - quiet_since > 5.0:
-                        quiet_since = time.monotonic()
-                        event = await self._stored_outcome(job_id)
-                        if event is not None:
-                            await self._deliver(handle, event)
-                            return
-                    continue
-                quiet_since = time.monotonic()
-                event = json.loads(msg["data"])
+                data = await asyncio.wait_for(messages.get(), timeout=5.0)
+            except asyncio.TimeoutError:
+                data = LOST
+            try:
+                if data is LOST:
+                    event = await self._stored_outcome(job_id)
+                    if event is None:
+                        continue
+                else:
+                    event = json.loads(data)
                 if event["type"] == "preview":
                     images = images_from_bytes(base64.b64decode(event["images"]))
                     await handle.events.put(Preview(job_id, event["index"], event["step"],
@@ -130,11 +124,9 @@ class RedisLoop:
                     continue
                 await self._deliver(handle, event)
                 return
-            except UNAVAILABLE:
-                if pubsub is not None:
-                    await _close(pubsub)
-                pubsub = None
+            except UNAVAILABLE:  # Redis is restarting: wait for it
                 await asyncio.sleep(0.5)
+                messages.put_nowait(LOST)
 
     async def _stored_outcome(self, job_id: str) -> dict | None:
         meta = await self.aio.hgetall(keys.job(job_id))
@@ -205,9 +197,3 @@ class RedisLoop:
             time.sleep(0.05)
         return not self.handles
 
-
-async def _close(pubsub) -> None:
-    try:
-        await pubsub.aclose()
-    except Exception:  # the connection is already gone
-        pass
