@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> dict:
         "duplicated": duplicated,
         "announced_once": sum(listener.counts[i] == 1 for i in ids),
         "rerun_jobs": sum(r > 1 for _, _, r in final),
-        "served_by_api": served, "wall_s": round(wall, 1), "events": events,
+        "served_by_api": served["ok"], "api_views": dict(served), "wall_s": round(wall, 1), "events": events,
         "errors": dict(errors),
     }
 
@@ -174,14 +174,17 @@ def _errors(client: redis.Redis, ids: list[str]) -> collections.Counter:
     return collections.Counter(json.loads(e)["message"] for e in pipe.execute() if e)
 
 
-def _check_through_api(url: str, job_ids: list[str], n: int) -> int:
-    """Jobs whose GET /v1/jobs/{id} says completed with all their images."""
-    ok = 0
+def _check_through_api(url: str, job_ids: list[str], n: int) -> collections.Counter:
+    """What GET /v1/jobs/{id} says of each job ("ok": completed with all its images)."""
+    seen: collections.Counter = collections.Counter()
     with httpx.Client(timeout=60) as c:
         for j in job_ids:
             view = c.get(f"{url}/v1/jobs/{j}").json()
-            ok += view.get("status") == "completed" and len(view["result"]["data"]) == n
-    return ok
+            if view.get("status") == "completed" and len(view["result"]["data"]) == n:
+                seen["ok"] += 1
+            else:
+                seen[json.dumps({k: view.get(k) for k in ("status", "error")})] += 1
+    return seen
 
 
 def main(argv: list[str] | None = None) -> dict:

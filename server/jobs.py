@@ -153,10 +153,12 @@ def find(rt: Runtime, job_id: str) -> Job:
 @router.get("/v1/jobs/{job_id}")
 async def get_job(job_id: str, request: Request) -> JSONResponse:
     rt = runtime_of(request)
-    if job_id not in store_of(rt).jobs:
+    local = store_of(rt).jobs.get(job_id)
+    if _scaled_out(rt) and (local is None or not local.final):
+        # Redis holds the truth while a job runs (this replica may hear of its end late)
         from .redis.remote_jobs import remote_view
 
-        remote = await remote_view(rt, request, job_id) if _scaled_out(rt) else None
+        remote = await remote_view(rt, request, job_id)
         if remote is not None:
             return JSONResponse(remote)
     return JSONResponse(view(rt, find(rt, job_id)))

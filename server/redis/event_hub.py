@@ -3,8 +3,8 @@
 A connection per waiting job would not scale (redis-py's pool stops at 100 and Redis
 pays for each); instead channels are subscribed and unsubscribed on one connection
 and a reader task hands each message to its job's queue. When the connection drops
-(Redis restart), messages may be lost: every queue then gets `LOST`, and its reader
-checks the job's stored state instead.
+(Redis restart), messages may be lost: every queue gets `LOST` when the connection
+drops and again once it is back, and its reader then checks the job's stored state.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ class EventHub:
         self.pubsub = None
         self.reader: asyncio.Task | None = None
         self._connecting = asyncio.Lock()
+        self._dropped = False
 
     async def open(self, channel: str) -> asyncio.Queue:
         """Subscribe before the job is queued, so its end cannot be missed."""
@@ -56,6 +57,10 @@ class EventHub:
             pubsub = self.client.pubsub()
             await pubsub.subscribe(*self.queues)
             self.pubsub = pubsub
+            if self._dropped:  # what was announced while we were away is stored: look
+                self._dropped = False
+                for queue in list(self.queues.values()):
+                    queue.put_nowait(LOST)
             if self.reader is None or self.reader.done():
                 self.reader = asyncio.create_task(self._read())
 
@@ -73,6 +78,7 @@ class EventHub:
             except UNAVAILABLE as exc:
                 log.warning("event channel lost (%s); reconnecting", exc)
                 old, self.pubsub = self.pubsub, None
+                self._dropped = True
                 if old is not None:
                     with contextlib.suppress(Exception):
                         await old.aclose()
