@@ -109,7 +109,8 @@ def run(args: argparse.Namespace) -> dict:
         "duplicated": duplicated,
         "announced_once": sum(listener.counts[i] == 1 for i in ids),
         "rerun_jobs": sum(r > 1 for _, _, r in final),
-        "served_by_api": served["ok"], "api_views": dict(served), "wall_s": round(wall, 1), "events": events,
+        "served_by_api": served["ok"], "api_views": dict(served),
+        "wall_s": round(wall, 1), "events": events,
         "errors": dict(errors),
     }
 

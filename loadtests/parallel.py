@@ -55,6 +55,46 @@ def run(mode: str, procs: int, steps: int, guidance: float, seed: int, repeats: 
     return spawn(_trajectory, procs, (mode, steps, guidance, seed, repeats), threads=1)
 
 
+def paradigms_accuracy(n: int, steps: int, guidance: float | None, window: int, tol: float,
+                       sets: tuple[str, ...] = ("seen", "unseen"), chunk: int = 16
+                       ) -> list[dict]:
+    """All-five accuracy of ParaDiGMS vs sequential sampling on the yardstick's prompts,
+    from the same seeds; requests go through Picard iteration `chunk` at a time, their
+    windows sharing each forward."""
+    import numpy as np
+
+    from stepserve.engines.torch_engine import TorchEngine
+    from stepserve.models.builtin.yardstick import Yardstick, prompt_set
+    from stepserve.models.sampling.paradigms import paradigms_sample_many
+    from stepserve.server.scheduler.offline import generate_offline
+
+    engine = TorchEngine()
+    engine.warmup((1, 16))
+    guidance = engine.info.default_guidance if guidance is None else guidance
+    yardstick, rows = Yardstick(), []
+    for name in sets:
+        ps = prompt_set(name, n)
+        sequential = generate_offline(engine, ps.prompts, ps.seeds, steps, guidance=guidance)
+        images, rounds = [], []
+        for lo in range(0, n, chunk):
+            prompts, seeds = ps.prompts[lo:lo + chunk], ps.seeds[lo:lo + chunk]
+            cond, uncond = engine.encode(list(prompts)), engine.encode([""] * len(prompts))
+            states = [engine.init_state(seed, steps, cond.select([i]), uncond.select([0]),
+                                        guidance=guidance) for i, seed in enumerate(seeds)]
+            done, r = paradigms_sample_many(engine.denoise, states, window, tol)
+            images.append(engine.decode(torch.stack([d.x for d in done])))
+            rounds += r
+        picard = np.concatenate(images)
+        a = yardstick.accuracy(sequential, ps.labels)["all_five"]
+        b = yardstick.accuracy(picard, ps.labels)["all_five"]
+        grey = float(np.abs(sequential.astype(int) - picard.astype(int)).mean())
+        rows.append({"set": name, "prompts": n, "steps": steps, "guidance": guidance,
+                     "sequential_all_five": a, "paradigms_all_five": b, "difference": b - a,
+                     "mean_rounds": float(np.mean(rounds)), "max_rounds": int(max(rounds)),
+                     "mean_abs_grey_levels": grey})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="stepserve bench parallel", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,8 +103,23 @@ def main(argv: list[str] | None = None) -> None:
                    help="> 1 so CFG parallel has two halves to split")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--accuracy", type=int, default=0, metavar="N",
+                   help="also score ParaDiGMS vs sequential on N yardstick prompts per set")
+    p.add_argument("--window", type=int, default=8)
+    p.add_argument("--tol", type=float, default=1e-3)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
+    if args.accuracy:
+        acc = paradigms_accuracy(args.accuracy, args.steps, None, args.window, args.tol)
+        print("| set | prompts | steps | sequential all-five | ParaDiGMS all-five | "
+              "difference | mean rounds | mean abs grey levels |\n" + "|---" * 8 + "|")
+        for r in acc:
+            print(f"| {r['set']} | {r['prompts']} | {r['steps']} | "
+                  f"{r['sequential_all_five']:.1f} | {r['paradigms_all_five']:.1f} | "
+                  f"{r['difference']:+.1f} | {r['mean_rounds']:.1f} | "
+                  f"{r['mean_abs_grey_levels']:.2f} |")
+        if args.json:
+            args.json.with_suffix(".accuracy.json").write_text(json.dumps(acc, indent=2))
     base = run("sequential", 1, args.steps, args.guidance, args.seed, args.repeats)
     rows = [("1 process x 1 thread, sequential", base)]
     rows.append(("1 process x 1 thread, ParaDiGMS (window 8, tol 1e-3)",

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from stepserve.loadtests.parallel import run
-from stepserve.models.sampling.paradigms import paradigms_sample
+from stepserve.models.sampling.paradigms import paradigms_sample, paradigms_sample_many
 from stepserve.models.sampling.state import init_state, run_to_completion
 
 
@@ -32,6 +32,27 @@ def test_paradigms_takes_fewer_rounds_and_matches(engine):
     exact, rounds1 = paradigms_sample(engine.denoise, state, window=1)
     assert rounds1 == 32 and rel(exact.x, ref) < 1e-5  # window 1 is plain Euler
     torch.testing.assert_close(out.x0, out.x, atol=0.2, rtol=0)  # preview ~ the image
+
+
+def test_paradigms_for_several_requests_shares_forwards_and_matches_each_alone(engine):
+    info = engine.info
+    prompts = ["a large blue square on a yellow background", "a small red circle",
+               "a tiny green triangle at the top left"]
+    cond, uncond = engine.encode(prompts), engine.encode([""])
+    states = [init_state(7 + i, 16 * (1 + i % 2), cond.select([i]), uncond,
+                         shape=info.image_shape, guidance=1.0 + i, time_shift=info.time_shift)
+              for i in range(3)]  # different steps and guidance in one batch
+    calls = []
+
+    def counting(x, *args):
+        calls.append(x.shape[0])
+        return engine.denoise(x, *args)
+
+    many, rounds = paradigms_sample_many(counting, states, window=8, tol=1e-3)
+    assert len(calls) == max(rounds) and max(calls) > 8  # windows of all three per forward
+    for state, got, r in zip(states, many, rounds):
+        alone, r1 = paradigms_sample(engine.denoise, state, window=8, tol=1e-3)
+        assert abs(r - r1) <= 1 and rel(got.x, alone.x) < 1e-3
 
 
 def test_latency_mode_uses_picard_rounds_only_while_alone(engine):

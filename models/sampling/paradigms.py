@@ -54,11 +54,29 @@ def picard_init(state: SamplerState, window: int = 8, tol: float = 1e-3) -> Pica
 
 def picard_round(denoiser: Denoiser, p: PicardState) -> PicardState:
     """One batched forward over the window, then slide past the converged points."""
+    return picard_rounds(denoiser, [p])[0]
+
+
+def picard_rounds(denoiser: Denoiser, ps: list[PicardState]) -> list[PicardState]:
+    """One round for each of several requests, all their windows in ONE forward."""
+    live = [p for p in ps if not p.done]
+    spans = [(p.start, min(p.steps, p.start + p.window)) for p in live]
+    points = [replace(p.base, x=p.xs[j], step=j, x0=None)
+              for p, (start, end) in zip(live, spans) for j in range(start, end)]
+    if not points:
+        return ps
+    v, _ = guided_velocity(denoiser, points)
+    offset = 0
+    for p, (start, end) in zip(live, spans):
+        _update(p, start, end, v[offset:offset + end - start])
+        offset += end - start
+    return ps
+
+
+def _update(p: PicardState, start: int, end: int, v: torch.Tensor) -> None:
+    """Rebuild the window from its velocities; converged points are final."""
     times = torch.tensor(p.base.times)
     dt = times[1:] - times[:-1]  # negative: times run 1 -> 0
-    start, end = p.start, min(p.steps, p.start + p.window)
-    points = [replace(p.base, x=p.xs[j], step=j, x0=None) for j in range(start, end)]
-    v, _ = guided_velocity(denoiser, points)
     acc, errors = p.xs[start].clone(), []
     for k, j in enumerate(range(start, end)):
         acc = acc + dt[j] * v[k]
@@ -68,7 +86,6 @@ def picard_round(denoiser: Denoiser, p: PicardState) -> PicardState:
     p.start = start + max(1, moved)  # the first point is exact after one round
     p.rounds += 1
     p.x0 = predict_x0(p.xs[end - 1][None], v[-1][None], times[end - 1:end])[0]
-    return p
 
 
 def paradigms_sample(denoiser: Denoiser, state: SamplerState, window: int = 8,
@@ -80,3 +97,15 @@ def paradigms_sample(denoiser: Denoiser, state: SamplerState, window: int = 8,
     while not p.done and p.rounds < limit:
         picard_round(denoiser, p)
     return p.as_sampler_state(), p.rounds
+
+
+def paradigms_sample_many(denoiser: Denoiser, states: list[SamplerState], window: int = 8,
+                          tol: float = 1e-3) -> tuple[list[SamplerState], list[int]]:
+    """Several requests by Picard iteration together (their windows share forwards)."""
+    ps = [picard_init(s, window, tol) for s in states]
+    limit = 4 * max(p.steps for p in ps)
+    for _ in range(limit):
+        if all(p.done for p in ps):
+            break
+        picard_rounds(denoiser, ps)
+    return [p.as_sampler_state() for p in ps], [p.rounds for p in ps]
