@@ -105,3 +105,49 @@ def test_latency_mode_uses_picard_rounds_only_while_alone(engine):
     assert np.abs(fast["a"] - seq["a"]).max() <= 3
     mixed, _, _ = run_core("latency", join_after=2)  # someone arrives: back to steps
     assert set(mixed) == {"a", "b"} and np.abs(mixed["a"] - seq["a"]).max() <= 3
+
+
+def _flux_context_parallel(folder: str) -> dict:
+    """Runs on both ranks: the transformer's output alone, then context-parallel."""
+    from diffusers import FluxTransformer2DModel
+
+    from stepserve.engines import context_parallel
+
+    model = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer").eval()
+    g = torch.Generator().manual_seed(3)
+    h = w = 8
+    ids = torch.zeros(h, w, 3)
+    ids[..., 1], ids[..., 2] = torch.arange(h)[:, None], torch.arange(w)[None, :]
+    inputs = {"hidden_states": torch.randn(2, h * w, 4, generator=g),
+              "encoder_hidden_states": torch.randn(2, 8, 32, generator=g),
+              "pooled_projections": torch.randn(2, 32, generator=g),
+              "timestep": torch.tensor([0.9, 0.3]), "img_ids": ids.reshape(-1, 3),
+              "txt_ids": torch.zeros(8, 3), "return_dict": False}
+    with torch.inference_mode():
+        alone = model(**inputs)[0].clone()
+        context_parallel.enable(model, ulysses=2)
+        spread = model(**inputs)[0]
+    return {"alone": alone, "spread": spread, "type": type(spread).__name__}
+
+
+def test_diffusers_context_parallel_is_exact_on_two_processes(tmp_path):
+    from stepserve.engines.distributed import spawn
+    from stepserve.models.families.tiny import tiny_flux
+
+    folder = tiny_flux(tmp_path / "flux", seed=0)
+    out = spawn(_flux_context_parallel, 2, (str(folder),))
+    assert out["type"] == "Tensor"  # the gathered output is waited for, a plain tensor
+    assert rel(out["spread"], out["alone"]) <= 1e-4
+
+
+def test_context_parallel_refuses_models_without_a_plan():
+    import pytest
+    from diffusers import PixArtTransformer2DModel
+
+    from stepserve.engines import context_parallel
+
+    model = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8,
+                                     in_channels=4, num_layers=1, sample_size=8,
+                                     cross_attention_dim=16, caption_channels=16)
+    with pytest.raises(ValueError, match="no context-parallel plan"):
+        context_parallel.enable(model, ulysses=2)
