@@ -18,7 +18,7 @@ PROMPT = "a small red circle in the top left on a white background"
 
 
 def _trajectory(mode: str, steps: int, guidance: float, seed: int, repeats: int,
-                window: int = 8, tol: float = 1e-3) -> dict:
+                window: int = 8, tol: float = 1e-3, images: int = 1) -> dict:
     """Runs on every rank (or alone): the finished image tensor and the median latency."""
     from stepserve.engines.distributed import CFGParallel, SequenceParallel
     from stepserve.engines.torch_engine import TorchEngine
@@ -33,26 +33,30 @@ def _trajectory(mode: str, steps: int, guidance: float, seed: int, repeats: int,
                "sequence": SequenceParallel(engine.dit)}[mode]
     times, rounds, x = [], steps, None
     for _ in range(repeats + 1):  # the first run warms up
-        state = init_state(seed, steps, cond, uncond, shape=info.image_shape,
-                           guidance=guidance, time_shift=info.time_shift)
+        states = [init_state(seed + i, steps, cond, uncond, shape=info.image_shape,
+                             guidance=guidance, time_shift=info.time_shift)
+                  for i in range(images)]  # one request's `n` images
         start = time.perf_counter()
         if mode == "paradigms":
-            out, rounds = paradigms_sample(denoise, state, window, tol)
+            out, rounds = paradigms_sample(denoise, states[0], window, tol)
+            outs = [out]
         else:
-            out = run_to_completion(denoise, [state])[0]
+            outs = run_to_completion(denoise, states)
         times.append(time.perf_counter() - start)
-        x = out.x
+        x = torch.stack([o.x for o in outs])
     times = sorted(times[1:] or times)
     return {"mode": mode, "latency_s": times[len(times) // 2], "rounds": rounds, "x": x}
 
 
-def run(mode: str, procs: int, steps: int, guidance: float, seed: int, repeats: int) -> dict:
+def run(mode: str, procs: int, steps: int, guidance: float, seed: int, repeats: int,
+        images: int = 1) -> dict:
+    args = (mode, steps, guidance, seed, repeats, 8, 1e-3, images)
     if procs == 1:
         torch.set_num_threads(1)
-        return _trajectory(mode, steps, guidance, seed, repeats)
+        return _trajectory(*args)
     from stepserve.engines.distributed import spawn
 
-    return spawn(_trajectory, procs, (mode, steps, guidance, seed, repeats), threads=1)
+    return spawn(_trajectory, procs, args, threads=1)
 
 
 def paradigms_accuracy(n: int, steps: int, guidance: float | None, window: int, tol: float,
@@ -103,6 +107,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="> 1 so CFG parallel has two halves to split")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--images", type=int, default=1, help="the request's n (images)")
+    p.add_argument("--modes", default="paradigms,cfg,sequence",
+                   help="which of paradigms, cfg, sequence to time against sequential")
     p.add_argument("--accuracy", type=int, default=0, metavar="N",
                    help="also score ParaDiGMS vs sequential on N yardstick prompts per set")
     p.add_argument("--window", type=int, default=8)
@@ -120,13 +127,17 @@ def main(argv: list[str] | None = None) -> None:
                   f"{r['mean_abs_grey_levels']:.2f} |")
         if args.json:
             args.json.with_suffix(".accuracy.json").write_text(json.dumps(acc, indent=2))
-    base = run("sequential", 1, args.steps, args.guidance, args.seed, args.repeats)
-    rows = [("1 process x 1 thread, sequential", base)]
-    rows.append(("1 process x 1 thread, ParaDiGMS (window 8, tol 1e-3)",
-                 run("paradigms", 1, args.steps, args.guidance, args.seed, args.repeats)))
+    modes = args.modes.split(",")
+    common = (args.steps, args.guidance, args.seed, args.repeats, args.images)
+    base = run("sequential", 1, *common)
+    rows = [(f"1 process x 1 thread, sequential, n={args.images}", base)]
+    if "paradigms" in modes and args.images == 1:
+        rows.append(("1 process x 1 thread, ParaDiGMS (window 8, tol 1e-3)",
+                     run("paradigms", 1, *common)))
     for mode in ("cfg", "sequence"):
-        rows.append((f"2 processes x 1 thread, {mode} parallel",
-                     run(mode, 2, args.steps, args.guidance, args.seed, args.repeats)))
+        if mode in modes:
+            rows.append((f"2 processes x 1 thread, {mode} parallel, n={args.images}",
+                         run(mode, 2, *common)))
     out = []
     print("| variant | latency s | speed-up | sequential rounds | rel. L2 vs sequential |")
     print("|---|---|---|---|---|")
