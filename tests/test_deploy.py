@@ -52,6 +52,9 @@ def test_kustomizations_render_with_probes_drain_and_gpus(rendered):
     assert c["livenessProbe"]["httpGet"]["path"] == "/health"
     assert c["lifecycle"]["preStop"] and api["terminationGracePeriodSeconds"] >= 120
     assert api["securityContext"]["runAsNonRoot"]
+    redis_args = find(base, "Deployment", "redis")["spec"]["template"]["spec"][
+        "containers"][0]["args"]
+    assert redis_args[redis_args.index("--appendonly") + 1] == "yes"  # jobs survive a crash
     kinds = {d["kind"] for d in base}
     assert {"PodDisruptionBudget", "HorizontalPodAutoscaler", "ScaledObject",
             "ServiceMonitor", "PrometheusRule", "ConfigMap", "Service"} <= kinds

@@ -176,6 +176,8 @@ class RedisLoop:
         status = meta.get("status", "queued")
         if status == "running":
             return "running", int(meta.get("step", 0)), None
+        if status in ("completed", "failed", "cancelled"):
+            return status, int(meta.get("step", 0)), None
         entry = meta.get("entry")
         if entry is None:
             return "queued", 0, None
