@@ -238,3 +238,27 @@ def test_many_waiting_jobs_share_a_few_redis_connections(redis_url, cluster):
                     break
                 time.sleep(0.1)
             assert view["status"] == "completed", view
+
+
+def test_api_keys_and_rate_limits_are_shared_by_api_replicas(redis_url, cluster):
+    env = {"STEPSERVE_API_KEYS": '["k-one"]', "STEPSERVE_RATE_LIMIT_RPS": "0.05",
+           "STEPSERVE_RATE_LIMIT_BURST": "2"}
+    replicas = [ServerProcess("--redis-url", redis_url, role="api", env=env) for _ in range(2)]
+    try:
+        for r in replicas:
+            r.wait_ready()
+        a, b = (r.url for r in replicas)
+        denied = httpx.get(f"{a}/v1/models")
+        assert denied.status_code == 401
+        assert denied.json()["error"]["type"] == "authentication_error"
+        assert httpx.get(f"{b}/v1/models", headers={"Authorization": "Bearer nope"}
+                         ).status_code == 401
+        key = {"Authorization": "Bearer k-one"}
+        assert httpx.get(f"{a}/v1/models", headers=key).status_code == 200
+        assert httpx.get(f"{b}/v1/models", headers=key).status_code == 200  # burst of 2 spent
+        limited = httpx.get(f"{a}/v1/models", headers=key)  # one bucket for both replicas
+        assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
+        assert limited.json()["error"]["code"] == "rate_limit_exceeded"
+    finally:
+        for r in replicas:
+            r.stop()
