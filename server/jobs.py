@@ -29,7 +29,7 @@ from .generation import (
 )
 from .protocol import ImageGenerationRequest, ImagesResponse, usage_for
 from .runtime import Runtime
-from .scheduler.events import Completed, Failed, Preview
+from .scheduler.events import CANCELLED, Completed, Failed, Preview
 from .scheduler.loop import Handle
 
 router = APIRouter()
@@ -102,6 +102,8 @@ async def follow(rt: Runtime, request: Request, job: Job, params: Any) -> None:
                 usage=usage_for(params.prompt, params.n, job.handle.image_tokens)
             ).model_dump(exclude_none=True)
             job.status = "completed"
+        elif isinstance(event, Failed) and event.code == CANCELLED:
+            job.status, event = "cancelled", None
         elif isinstance(event, Failed):
             job.error = error_body(event.status_code, event.message, None, event.code)["error"]
             job.status = "failed"

@@ -262,3 +262,45 @@ def test_api_keys_and_rate_limits_are_shared_by_api_replicas(redis_url, cluster)
     finally:
         for r in replicas:
             r.stop()
+
+
+
+def test_job_cancelled_through_another_replica_ends_on_its_own(redis_url, cluster):
+    api, steady = cluster
+    other = ServerProcess("--redis-url", redis_url, role="api")
+    other.wait_ready()
+    steady.send_signal(signal.SIGSTOP)  # keep it queued
+    try:
+        job = httpx.post(f"{api.url}/v1/jobs", json={"prompt": PROMPT}).json()["id"]
+        time.sleep(0.3)
+        assert httpx.delete(f"{other.url}/v1/jobs/{job}").json()["status"] == "cancelled"
+        for _ in range(100):  # the creating replica's own wait ends too (not leaked)
+            metrics = httpx.get(f"{api.url}/metrics").text
+            if 'stepserve_requests_total{status="cancelled"}' in metrics:
+                break
+            time.sleep(0.1)
+        assert 'stepserve_requests_total{status="cancelled"}' in metrics
+        assert httpx.get(f"{api.url}/v1/jobs/{job}").json()["status"] == "cancelled"
+    finally:
+        steady.send_signal(signal.SIGCONT)
+        other.stop()
+
+
+def test_concurrent_requests_each_hear_their_end_promptly(cluster):
+    import asyncio
+
+    api, _ = cluster
+
+    async def one(c, i):
+        t0 = time.monotonic()
+        r = await c.post(f"{api.url}/v1/images/generations",
+                         json={"prompt": PROMPT, "num_inference_steps": 1})
+        assert r.status_code == 200
+        return time.monotonic() - t0
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=60) as c:
+            return await asyncio.gather(*(one(c, i) for i in range(24)))
+
+    waits = asyncio.run(burst())
+    assert max(waits) < 4.0, waits  # every subscription made before its job ran

@@ -69,3 +69,17 @@ def test_redis_restart_gives_503_then_the_same_api_recovers():
                        json={"prompt": PROMPT, "num_inference_steps": 2}, timeout=60)
         assert r.status_code == 200 and len(r.json()["data"]) == 1
         assert cl.api.poll() is None  # recovered without a restart
+
+        rs.kill()  # again, now while the API waits on no job at all
+        time.sleep(1.0)
+        rs.start()
+        wait_for(lambda: httpx.get(f"{cl.url}/ready").status_code == 200, 20, "/ready 200")
+        started = time.monotonic()
+        with httpx.stream("POST", f"{cl.url}/v1/images/generations", timeout=60, json={
+                "prompt": PROMPT, "num_inference_steps": 8, "stream": True,
+                "partial_images": 2}) as s:
+            kinds = [line.split(":", 1)[1].strip() for line in s.iter_lines()
+                     if line.startswith("event:")]
+        assert kinds == ["image_generation.partial_image"] * 2 + [
+            "image_generation.completed"]  # previews flow again: pub/sub is back
+        assert time.monotonic() - started < 4.0  # not via the stored-state fallback (5 s)

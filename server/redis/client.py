@@ -9,6 +9,7 @@ import asyncio
 import base64
 import itertools
 import json
+import logging
 import secrets
 import time
 
@@ -16,13 +17,15 @@ import redis
 
 from ..errors import BACKEND_DOWN
 from ..scheduler.core import QueueFull
-from ..scheduler.events import Completed, Failed, Preview
+from ..scheduler.events import CANCELLED, Completed, Failed, Preview
 from ..scheduler.loop import Handle, Unavailable
 from ..scheduler.request import GenerationParams
-from . import keys
+from . import keys, scripts
 from .codec import images_from_bytes, params_to_json
 from .connect import UNAVAILABLE, aclient, client
 from .event_hub import LOST, EventHub
+
+log = logging.getLogger("stepserve.api")
 
 
 class RedisLoop:
@@ -31,6 +34,7 @@ class RedisLoop:
         self.sync = client(url)
         self.aio = aclient(url)
         self.hub: EventHub | None = None  # created inside the event loop, on first use
+        self._enqueue_script = None
         self.handles: dict[str, Handle] = {}
         self.tasks: dict[str, asyncio.Task] = {}
         self._ids = itertools.count()
@@ -68,37 +72,44 @@ class RedisLoop:
         return handle
 
     async def _run(self, handle: Handle) -> None:
+        """Whatever happens (Redis down, an unexpected reply), the handle gets a final
+        event: a request never waits forever."""
         job_id = handle.id
         channel = keys.events(job_id)
+        if self.hub is None:
+            self.hub = EventHub(self.aio)
+        failure: Failed | None = None
         try:
-            try:
-                if self.hub is None:
-                    self.hub = EventHub(self.aio)
-                messages = await self.hub.open(channel)  # before the job can finish
-                await self._enqueue(handle)
-            except UNAVAILABLE as exc:
-                await handle.events.put(Failed(job_id, 503, "backend_unavailable",
-                                               f"{BACKEND_DOWN} ({exc})"))
-                return
+            messages = await self.hub.open(channel)  # before the job can finish
+            await self._enqueue(handle)
             await self._follow(handle, messages)
+        except UNAVAILABLE as exc:
+            failure = Failed(job_id, 503, "backend_unavailable", f"{BACKEND_DOWN} ({exc})")
+        except Exception as exc:  # e.g. Redis out of memory or read-only after a failover
+            log.exception("job %s: unexpected Redis error", job_id)
+            failure = Failed(job_id, 503, "backend_error", f"the job queue failed: {exc}")
         finally:
             self.handles.pop(job_id, None)
             self.tasks.pop(job_id, None)
-            if self.hub is not None:
-                await self.hub.close(channel)
+            self.hub.close(channel)
+        if failure is not None:
+            await handle.events.put(failure)
 
     async def _enqueue(self, handle: Handle) -> None:
-        """The job's hash and its stream entry are written together or not at all."""
-        job_id = handle.id
-        pipe = self.aio.pipeline(transaction=True)
-        pipe.hset(keys.job(job_id), mapping={
-            "status": "queued", "model": self.model, "steps": handle.params.steps,
-            "created_at": time.time(), "step": 0})
-        pipe.xadd(keys.queue(self.model),
-                  {"id": job_id, "params": params_to_json(handle.params)},
-                  maxlen=100_000, approximate=True)
-        _, entry = await pipe.execute()
-        await self.aio.hset(keys.job(job_id), "entry", entry)
+        """The job's hash and its stream entry, in one script (scripts.ENQUEUE)."""
+        if self._enqueue_script is None:
+            self._enqueue_script = self.aio.register_script(scripts.ENQUEUE)
+        args = [self.model, handle.params.steps, time.time(), handle.id,
+                params_to_json(handle.params), 100_000]
+        for attempt in range(3):  # a pooled connection may predate a Redis restart
+            try:
+                await self._enqueue_script(keys=[keys.job(handle.id), keys.queue(self.model)],
+                                           args=args)
+                return
+            except UNAVAILABLE:
+                if attempt == 2:
+                    raise
+                await asyncio.sleep(0.1)
 
     async def _follow(self, handle: Handle, messages: asyncio.Queue) -> None:
         """Previews and the end arrive over pub/sub, which drops messages while Redis
@@ -139,7 +150,8 @@ class RedisLoop:
             return {"type": "completed", "steps": int(meta.get(b"steps", 1))}
         if status == "failed":
             return {"type": "failed", **json.loads(meta.get(b"error", b"{}") or b"{}")}
-        return {"type": "cancelled"} if status == "cancelled" else None
+        cancelled = status == "cancelled" or meta.get(b"cancelled") == b"1"
+        return {"type": "cancelled"} if cancelled else None
 
     async def _deliver(self, handle: Handle, event: dict) -> None:
         job_id = handle.id
@@ -155,7 +167,8 @@ class RedisLoop:
             await handle.events.put(Failed(job_id, event.get("status", 500),
                                            event.get("code", "failed"),
                                            event.get("message", "the job failed")))
-        # cancelled: the client side already gave up
+        else:  # cancelled, perhaps through another API replica: end this side's wait too
+            await handle.events.put(Failed(job_id, 409, CANCELLED, "the job was cancelled"))
 
     def remember_job(self, request_id: str, spec: dict, usage: dict) -> None:
         """What another API replica needs to answer GET /v1/jobs/{id} for this job."""
@@ -165,7 +178,9 @@ class RedisLoop:
     def cancel(self, request_id: str) -> None:
         """Queued: the worker skips it; running: it leaves its batch at the next step."""
         self.sync.hset(keys.job(request_id), "cancelled", 1)
-        self.sync.publish(keys.CANCEL, request_id)
+        self.sync.publish(keys.CANCEL, request_id)  # to the worker running it, if any
+        # and to the API replica that created it, which may not be this one
+        self.sync.publish(keys.events(request_id), json.dumps({"type": "cancelled"}))
         self.handles.pop(request_id, None)
         task = self.tasks.pop(request_id, None)
         if task is not None:

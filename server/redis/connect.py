@@ -23,8 +23,10 @@ T = TypeVar("T")
 # Connection refused or reset, timeouts, and a Redis still loading its data after a
 # restart (BusyLoadingError is a ConnectionError).
 UNAVAILABLE: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError)
+# A connection idle for over 2 s is PINGed before use: one left over from before a
+# Redis restart is then replaced instead of failing the request that picks it up.
 _OPTIONS = {"socket_connect_timeout": 2.0, "socket_timeout": 10.0,
-            "health_check_interval": 15, "retry_on_timeout": False}
+            "health_check_interval": 2, "retry_on_timeout": False}
 
 
 def client(url: str) -> redis.Redis:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ from .connect import UNAVAILABLE, aclient, until_done
 
 log = logging.getLogger("stepserve.worker")
 FINAL = ("completed", "failed", "cancelled")
+MAX_RUNS = 3  # a job whose worker dies this many times (it may be what kills them) fails
 
 
 @dataclass
@@ -57,6 +59,7 @@ class RedisWorker:
         self.r = aclient(self.url)
         self.start_script = self.r.register_script(scripts.START)
         self.finish_script = self.r.register_script(scripts.FINISH)
+        self.requeue_script = self.r.register_script(scripts.REQUEUE)
         await until_done(self._announce, "announcing models")
         done = asyncio.Event()  # set once running jobs have finished after a stop
         intake = [asyncio.create_task(self._forever(self._consume, name, stop))
@@ -100,7 +103,9 @@ class RedisWorker:
             except aioredis.ResponseError as exc:
                 if "NOGROUP" in str(exc):  # Redis came back empty: set up again
                     log.warning("consumer group missing (Redis restarted?); re-creating")
-                    await self._announce()
+                    with contextlib.suppress(Exception):  # if not now, on the next turn
+                        await self._announce()
+                    await asyncio.sleep(0.2)
                     continue
                 log.exception("%s failed; retrying in 1 s", fn.__name__)
                 await asyncio.sleep(1.0)
@@ -131,9 +136,16 @@ class RedisWorker:
         job_id = fields[b"id"].decode()
         if job_id in self.active:  # our own running job, reclaimed back to us: keep going
             return
-        verdict = (await self.start_script(keys=[keys.job(job_id), keys.queue(name)],
-                                           args=[keys.GROUP, entry, self.consumer])).decode()
-        if verdict == "ended":  # a re-delivered job that has already ended
+        error = {"status": 500, "code": "worker_crashed",
+                 "message": f"the job was started {MAX_RUNS} times and its worker died "
+                            "each time; it is not retried again"}
+        verdict = (await self.start_script(
+            keys=[keys.job(job_id), keys.queue(name), keys.events(job_id)],
+            args=[keys.GROUP, entry, self.consumer, MAX_RUNS, time.time(), json.dumps(error),
+                  json.dumps({"type": "failed", **error}), self.result_ttl_s])).decode()
+        if verdict in ("ended", "crashed"):  # re-delivered after its end, or given up
+            if verdict == "crashed":
+                log.error("job %s failed: its workers died %d times", job_id, MAX_RUNS)
             return
         if verdict == "cancelled":
             await self._finish(name, entry, job_id, "cancelled", {"type": "cancelled"})
@@ -142,7 +154,7 @@ class RedisWorker:
         try:
             handle = self.models[name].loop.submit(params)
         except QueueFull:  # full after all: leave the entry pending for a later reclaim
-            await self.r.hset(keys.job(job_id), "status", "queued")
+            await self.requeue_script(keys=[keys.job(job_id)], args=[self.consumer])
             return
         except Exception as exc:  # e.g. invalid for this model: fail the job, never drop it
             await self._finish(name, entry, job_id, "failed",
@@ -158,12 +170,17 @@ class RedisWorker:
             while True:
                 event = await act.handle.events.get()
                 if isinstance(event, Preview):
-                    try:  # previews are best effort: a Redis hiccup skips one
-                        await self.r.publish(keys.events(job_id), json.dumps(
-                            {"type": "preview", "index": event.index, "step": event.step,
-                             "images": _b64(images_to_bytes(event.images))}))
-                    except UNAVAILABLE:
-                        pass
+                    message = json.dumps({"type": "preview", "index": event.index,
+                                          "step": event.step,
+                                          "images": _b64(images_to_bytes(event.images))})
+                    # best effort: one retry (a pooled connection may predate a Redis
+                    # restart), then the preview is skipped rather than the job held up
+                    for _ in range(2):
+                        try:
+                            await self.r.publish(keys.events(job_id), message)
+                            break
+                        except UNAVAILABLE:
+                            continue
                     continue
                 if isinstance(event, Completed):
                     await self._finish(act.model, act.entry, job_id, "completed",
@@ -197,16 +214,20 @@ class RedisWorker:
         """Take over entries whose worker stopped refreshing them (it died)."""
         while not stop.is_set():
             for name in self.models:
-                free = self._free(name)
-                if free <= 0:
-                    continue
-                result = await self.r.xautoclaim(
-                    keys.queue(name), keys.GROUP, self.consumer,
-                    min_idle_time=self.visibility_ms, start_id="0-0", count=min(free, 16))
-                for entry, fields in result[1]:  # [next start, claimed, deleted ids]
-                    if fields:  # deleted entries come back empty
-                        log.warning("reclaimed %s from a silent worker", entry)
-                        await self._start(name, entry.decode(), fields)
+                cursor = "0-0"
+                while self._free(name) > 0:  # scan the whole pending list, page by page
+                    result = await self.r.xautoclaim(  # [next start, claimed, (deleted)]
+                        keys.queue(name), keys.GROUP, self.consumer,
+                        min_idle_time=self.visibility_ms, start_id=cursor,
+                        count=min(self._free(name), 16))
+                    cursor, claimed = result[0], result[1]
+                    for entry, fields in claimed:
+                        if fields:  # deleted entries come back empty
+                            log.warning("reclaimed %s from a silent worker", entry)
+                            await self._start(name, entry.decode(), fields)
+                    cursor = cursor.decode() if isinstance(cursor, bytes) else cursor
+                    if cursor == "0-0":
+                        break
             await asyncio.sleep(self.visibility_ms / 2000)
 
     async def _heartbeat(self, stop: asyncio.Event) -> None:

@@ -31,3 +31,7 @@ class Failed:
 
 
 Event = Preview | Completed | Failed
+
+# Failed.code of a request cancelled elsewhere (e.g. a job cancelled through another
+# API replica): the request ends as cancelled, not as an error.
+CANCELLED = "cancelled"
