@@ -304,3 +304,31 @@ def test_concurrent_requests_each_hear_their_end_promptly(cluster):
 
     waits = asyncio.run(burst())
     assert max(waits) < 4.0, waits  # every subscription made before its job ran
+
+
+def test_job_scripts_enqueue_once_and_give_up_on_a_job_that_kills_workers(redis_url):
+    import json
+
+    from stepserve.server.redis import keys, scripts
+
+    r = redis.Redis.from_url(redis_url)
+    stream, job = keys.queue("scripts-test"), keys.job("img-scripts-test")
+    r.delete(stream, job)
+    r.xgroup_create(stream, keys.GROUP, id="0", mkstream=True)
+    enqueue = r.register_script(scripts.ENQUEUE)
+    args = ["scripts-test", 4, 0.0, "img-scripts-test", "{}", 1000]
+    first = enqueue(keys=[job, stream], args=args)
+    assert enqueue(keys=[job, stream], args=args) == first  # a retry queues nothing more
+    assert r.xlen(stream) == 1 and r.hget(job, "entry") == first
+    (_, [(entry, _)]), = r.xreadgroup(keys.GROUP, "w1", {stream: ">"}, count=1)
+    start = r.register_script(scripts.START)
+    error = {"status": 500, "code": "worker_crashed", "message": "gave up"}
+    start_args = [keys.GROUP, entry, "w1", 3, 1.0, json.dumps(error),
+                  json.dumps({"type": "failed", **error}), 60]
+    channel = [job, stream, keys.events("img-scripts-test")]
+    for _ in range(3):  # three workers took it and died
+        assert start(keys=channel, args=start_args) == b"run"
+    assert start(keys=channel, args=start_args) == b"crashed"
+    assert r.hget(job, "status") == b"failed"
+    assert json.loads(r.hget(job, "error"))["code"] == "worker_crashed"
+    assert r.xpending(stream, keys.GROUP)["pending"] == 0  # acknowledged: not retried
