@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
+
+import redis
 
 from stepserve.engines.base import EngineInfo
 
@@ -21,20 +24,22 @@ log = logging.getLogger("stepserve.api")
 
 
 class ApiRuntime(Runtime):
-    _pinged_at = float("-inf")
     _down: str | None = None
 
     def backend_error(self) -> str | None:
-        """Redis reachable? Asked at most once a second (readiness, every request)."""
-        now = time.monotonic()
-        if now - self._pinged_at >= 1.0 and getattr(self, "_client", None) is not None:
-            self._pinged_at = now
-            try:
-                self._client.ping()
-                self._down = None
-            except UNAVAILABLE as exc:
-                self._down = f"{BACKEND_DOWN} ({exc})"
+        """Why Redis cannot take jobs now (None: it can). Read from a watcher thread's
+        last ping, so a Redis that hangs never blocks a request or /ready."""
         return self._down
+
+    def _watch(self, url: str) -> None:
+        pinger = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
+        while True:
+            try:
+                pinger.ping()
+                self._down = None
+            except redis.RedisError as exc:
+                self._down = f"{BACKEND_DOWN} ({exc})"
+            time.sleep(1.0)
 
     def _load(self) -> None:
         url = self.settings.redis_url
@@ -64,6 +69,8 @@ class ApiRuntime(Runtime):
                 RedisLoop(url, name, self.settings.max_queue))
         self.metrics.watch(waiting=lambda: sum(m.loop.waiting for m in self.models.values()),
                            running=lambda: 0)
+        threading.Thread(target=self._watch, args=(url,), name="stepserve-redis-watch",
+                         daemon=True).start()
         self.metrics.ready.set(1)
         self._ready.set()
         log.info("api ready; models from workers: %s", ", ".join(self.models))

@@ -30,7 +30,9 @@ _OPTIONS = {"socket_connect_timeout": 2.0, "socket_timeout": 10.0,
 
 
 def client(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, **_OPTIONS)
+    """Blocking client: the API calls it from request handlers (short commands), so a
+    Redis that hangs holds a handler for at most 2 s."""
+    return redis.Redis.from_url(url, **{**_OPTIONS, "socket_timeout": 2.0})
 
 
 def aclient(url: str) -> aioredis.Redis:
