@@ -17,9 +17,11 @@ from .errors import (
     BACKEND_ERRORS,
     APIError,
     api_error_handler,
+    backend_down,
     backend_error_handler,
     error_response,
     http_error_handler,
+    response_of,
     validation_error_handler,
 )
 from .generation import router as generation_router
@@ -64,7 +66,7 @@ def create_app(settings: Settings | None = None, builder: EngineBuilder = build_
     async def ready() -> Response:
         down = runtime.backend_error() if runtime.ready else None
         if down:
-            return error_response(503, down, None, "backend_unavailable", {"Retry-After": "2"})
+            return response_of(backend_down(down))
         if runtime.ready:
             return JSONResponse({"status": "ready", "models": runtime.names()})
         if runtime.error:

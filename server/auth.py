@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from .errors import BACKEND_DOWN, BACKEND_ERRORS, error_response
+from .errors import BACKEND_DOWN, BACKEND_ERRORS, backend_down, error_response, response_of
 from .settings import Settings
 
 # KEYS[1]: bucket hash; ARGV: rate (tokens/s), burst, now (s). Returns {allowed, wait_ms}.
@@ -122,8 +122,7 @@ class AuthMiddleware:
             try:
                 denied = self.auth.check(value.decode("latin-1") if value else None)
             except BACKEND_ERRORS as exc:  # the shared rate limiter lives in Redis
-                denied = error_response(503, f"{BACKEND_DOWN} ({exc})", None,
-                                        "backend_unavailable", {"Retry-After": "2"})
+                denied = response_of(backend_down(f"{BACKEND_DOWN} ({exc})"))
             if denied is not None:
                 await denied(scope, receive, send)
                 return

@@ -32,9 +32,13 @@ def error_response(status: int, message: str, param: str | None = None,
                         headers=headers)
 
 
+def response_of(exc: APIError) -> JSONResponse:
+    return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
+
+
 async def api_error_handler(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, APIError)
-    return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
+    return response_of(exc)
 
 
 async def validation_error_handler(_: Request, exc: Exception) -> JSONResponse:
@@ -70,7 +74,10 @@ BACKEND_ERRORS = _backend_errors()
 BACKEND_DOWN = "the job queue (Redis) is unavailable; retry shortly"
 
 
-async def backend_error_handler(_: Request, exc: Exception) -> JSONResponse:
+def backend_down(message: str) -> APIError:
     """Redis down (restart, network): a 503 the client can retry, not a 500."""
-    return error_response(503, f"{BACKEND_DOWN} ({exc})", None, "backend_unavailable",
-                          {"Retry-After": "2"})
+    return APIError(503, message, None, "backend_unavailable", {"Retry-After": "2"})
+
+
+async def backend_error_handler(_: Request, exc: Exception) -> JSONResponse:
+    return response_of(backend_down(f"{BACKEND_DOWN} ({exc})"))

@@ -17,7 +17,7 @@ from sse_starlette.sse import EventSourceResponse
 from stepserve.models.caches.config import CacheConfig, CacheConfigError
 
 from .capabilities import Capabilities
-from .errors import APIError, error_body
+from .errors import APIError, backend_down, error_body
 from .images import CONTENT_TYPES, b64, encode_image
 from .protocol import SIZE_RE, ImageData, ImageGenerationRequest, ImagesResponse, usage_for
 from .result_cache import result_key
@@ -137,7 +137,7 @@ def require_ready(rt: Runtime) -> None:
         raise APIError(503, message, None, "not_ready", {"Retry-After": "5"})
     down = rt.backend_error()
     if down:
-        raise APIError(503, down, None, "backend_unavailable", {"Retry-After": "2"})
+        raise backend_down(down)
 
 
 def submit(rt: Runtime, served: Served, params: GenerationParams,
@@ -174,8 +174,7 @@ def _queue(rt: Runtime, served: Served, params: GenerationParams) -> Handle:
     except ShuttingDown as exc:
         raise APIError(503, str(exc), None, "shutting_down") from exc
     except Unavailable as exc:
-        raise APIError(503, str(exc), None, "backend_unavailable",
-                       {"Retry-After": "2"}) from exc
+        raise backend_down(str(exc)) from exc
     except ValueError as exc:
         raise APIError(400, str(exc), "n", "invalid_value") from exc
 

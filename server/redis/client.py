@@ -213,4 +213,3 @@ class RedisLoop:
         while self.handles and (deadline is None or time.monotonic() < deadline):
             time.sleep(0.05)
         return not self.handles
-

@@ -33,8 +33,11 @@ from .codec import images_to_bytes, params_from_json
 from .connect import UNAVAILABLE, aclient, until_done
 
 log = logging.getLogger("stepserve.worker")
-FINAL = ("completed", "failed", "cancelled")
 MAX_RUNS = 3  # a job whose worker dies this many times (it may be what kills them) fails
+_CRASH = {"status": 500, "code": "worker_crashed",
+          "message": f"the job was started {MAX_RUNS} times and its worker died each time; "
+                     "it is not retried again"}
+_CRASHED, _CRASHED_EVENT = json.dumps(_CRASH), json.dumps({"type": "failed", **_CRASH})
 
 
 @dataclass
@@ -136,13 +139,10 @@ class RedisWorker:
         job_id = fields[b"id"].decode()
         if job_id in self.active:  # our own running job, reclaimed back to us: keep going
             return
-        error = {"status": 500, "code": "worker_crashed",
-                 "message": f"the job was started {MAX_RUNS} times and its worker died "
-                            "each time; it is not retried again"}
         verdict = (await self.start_script(
             keys=[keys.job(job_id), keys.queue(name), keys.events(job_id)],
-            args=[keys.GROUP, entry, self.consumer, MAX_RUNS, time.time(), json.dumps(error),
-                  json.dumps({"type": "failed", **error}), self.result_ttl_s])).decode()
+            args=[keys.GROUP, entry, self.consumer, MAX_RUNS, time.time(), _CRASHED,
+                  _CRASHED_EVENT, self.result_ttl_s])).decode()
         if verdict in ("ended", "crashed"):  # re-delivered after its end, or given up
             if verdict == "crashed":
                 log.error("job %s failed: its workers died %d times", job_id, MAX_RUNS)
