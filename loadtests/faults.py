@@ -118,7 +118,8 @@ def run(args: argparse.Namespace) -> dict:
 def _drive(args, rs: RedisServer, cl: Cluster, client: redis.Redis, ids: list[str]
            ) -> list[dict]:
     """Kill workers (and Redis) at evenly spaced points of progress, each while it is
-    running a job; a replacement worker starts after each kill."""
+    running a job (at the latest once no job waits to be taken); a replacement worker
+    starts after each kill."""
     plan = ["worker"] * args.kills + ["redis"] * args.redis_kills
     marks = [len(ids) * (k + 1) / (len(plan) + 1) for k in range(len(plan))]
     events: list[dict] = []
@@ -130,7 +131,9 @@ def _drive(args, rs: RedisServer, cl: Cluster, client: redis.Redis, ids: list[st
         except redis.RedisError:
             continue
         done = sum(s in FINAL for s, _, _ in now)
-        if done < marks[len(events)]:
+        queued = sum(s == "queued" for s, _, _ in now)
+        kills = sum(e["what"] != "missed" for e in events)
+        if done < marks[kills] and queued:  # not yet; but at the latest once all are taken
             continue
         if plan[0] == "redis":
             rs.kill()
@@ -146,9 +149,14 @@ def _drive(args, rs: RedisServer, cl: Cluster, client: redis.Redis, ids: list[st
             continue  # wait until a live worker is mid-job
         victim.kill()
         victim.wait()
-        events.append({"what": "worker", "at_done": done,
-                       "running": running[cl.consumer(victim)]})
         cl.add_worker()
+        # what it held at the moment it died (its batch may have ended just before)
+        held = sum(s == "running" and w == cl.consumer(victim)
+                   for s, w, _ in statuses(client, ids))
+        if not held:
+            events.append({"what": "missed", "at_done": done})  # try another kill
+            continue
+        events.append({"what": "worker", "at_done": done, "running": held})
         plan.pop(0)
     return events
 
