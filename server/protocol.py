@@ -1,6 +1,6 @@
 """Wire types of the OpenAI Images API plus stepserve's flat extensions.
 
-See ../shared/notes/openai-images-api.md.  Unknown fields are rejected so a
+See docs/openai-api.md.  Unknown fields are rejected so a
 typo in an extension name is an error naming the field, not a silent default.
 """
 

@@ -1,4 +1,4 @@
-"""Renderer for the "shapes" dataset (../shared/spec/shapes-dataset.md).
+"""Renderer for the "shapes" dataset (the contract: docs/shapes-dataset.md).
 
 Anti-aliasing is done by supersampling the inside test on a finer grid and
 averaging, vectorised over a whole batch, so training never waits on data.

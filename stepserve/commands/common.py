@@ -1,4 +1,4 @@
-"""Flags shared by the commands that run the model (see ../shared/spec/cli.md)."""
+"""Flags shared by the commands that run the model (the contract: docs/cli.md)."""
 
 from __future__ import annotations
 
