@@ -1,17 +1,28 @@
-"""The engine interface the scheduler drives: encode text, one batched forward, decode."""
+"""The engine contract, exactly as the scheduler core and the runtime call it.
+
+An engine encodes prompts, builds each request image's sampler state, advances a
+batch of states with at most ONE denoiser forward, and turns samples into images.
+What it accepts (samplers, cache policies, schedules, latency mode) it declares as
+`capabilities`, data the API checks requests against.
+
+Implementations: engines/flow_sampling.py (the built-in model: torch, onnxruntime,
+tensorrt) and engines/diffusers_engine.py (diffusers folders).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from stepserve.models.builtin.text import TextBatch
 from stepserve.models.caches.config import CacheConfig
+from stepserve.models.sampling.batch import RowState
 from stepserve.models.sampling.qsched import QSched
+
+from .capabilities import Capabilities
 
 
 @dataclass(frozen=True)
@@ -20,38 +31,51 @@ class EngineInfo:
     model: str  # served model name
     precision: str
     device: str
-    image_shape: tuple[int, int, int]  # (C, H, W) of one sample
+    image_shape: tuple[int, int, int]  # (C, H, W) of one output image
     time_shift: float
-    default_steps: int
     default_guidance: float
-    qsched: QSched | None = None  # sampler correction for a quantized build
+    qsched: QSched | None = None  # sampler correction of a quantized build (fixed at load)
 
 
-@runtime_checkable
 class Engine(Protocol):
     info: EngineInfo
+    build_seconds: float  # export / compile / quantize time paid at start-up
 
-    def encode(self, prompts: list[str]) -> TextBatch:
-        """Batched, cached text encoding."""
+    @property
+    def capabilities(self) -> Capabilities:
+        """What this engine's model accepts."""
 
-    def denoise(self, x: torch.Tensor, t: torch.Tensor, d: torch.Tensor,
-                text: TextBatch) -> torch.Tensor:
-        """ONE forward for a batch whose members may be at different t / d / prompts."""
+    def encode(self, prompts: list[str]) -> Any:
+        """Batched, cached text encoding; the result has `select(index)` (one prompt per
+        request: its `cond` / `uncond`)."""
 
-    def decode(self, x: torch.Tensor) -> np.ndarray:
-        """Model samples (N, C, H, W) -> uint8 RGB images (N, H, W, 3)."""
-
-    # The sampling contract the scheduler drives (flow_sampling.FlowSampling for the
-    # built-in model). A state exposes .step, .done, .x and .x0 (the preview).
     def init_state(self, seed: int, steps: int, cond: Any, uncond: Any, *, guidance: float,
-                   sampler: str = "euler", cache: CacheConfig | None = None) -> Any:
-        """One request image's own sampler state."""
+                   sampler: str, cache: CacheConfig | None = None,
+                   schedule: dict[str, Sequence[float]] | None = None) -> RowState:
+        """One request image's own sampler state. `schedule` is {"timesteps": [...]} or
+        {"sigmas": [...]} where `capabilities.schedule_kinds` allows it. Raises
+        ValueError for parameters this model cannot run (the request's fault)."""
+
+    def needs_forward(self, state: Any) -> bool:
+        """False when the state's step cache predicts its next step instead."""
 
     def step_batch(self, states: Sequence[Any]) -> list[Any]:
         """Advance every state one step with at most ONE batched forward."""
 
-    def needs_forward(self, state: Any) -> bool:
-        """False when the state's step cache predicts its next step instead."""
+    def decode(self, x: torch.Tensor) -> np.ndarray:
+        """Final samples (N, ...) -> uint8 RGB images (N, H, W, 3)."""
+
+    def preview(self, x0: torch.Tensor) -> np.ndarray:
+        """Cheap images of predicted clean samples (N, ...) for streamed previews."""
+
+    def picard_init(self, state: Any) -> Any:
+        """Latency mode (capabilities.latency_mode): a request's ParaDiGMS state."""
+
+    def picard_round(self, p: Any) -> Any:
+        """One batched ParaDiGMS round for it."""
+
+    def text_cache_stats(self) -> tuple[int, int]:
+        """(hits, misses) of the prompt-encoding cache so far."""
 
     def warmup(self, batch_sizes: tuple[int, ...]) -> None:
         """Run representative forwards so the first request pays no start-up cost."""

@@ -15,6 +15,7 @@ from stepserve.models.builtin.dit import DiT
 from stepserve.models.builtin.loading import DIT_PATH, default_guidance, load_dit
 from stepserve.models.builtin.shapes import to_uint8
 from stepserve.models.builtin.text import TextBatch, TextEncoder
+from stepserve.models.sampling.qsched import QSched
 
 from .base import EngineInfo
 from .flow_sampling import FlowSampling
@@ -24,9 +25,9 @@ class BuiltinEngine(FlowSampling):
     name = "base"
 
     def __init__(self, model: str = "builtin", precision: str = "fp32", device: str = "cpu",
-                 text_cache_size: int = 4096, default_steps: int = 4,
-                 weights: Path | None = None, dit: DiT | None = None,
-                 encoder: TextEncoder | None = None, guidance: float | None = None) -> None:
+                 text_cache_size: int = 4096, weights: Path | None = None, dit: DiT | None = None,
+                 encoder: TextEncoder | None = None, guidance: float | None = None,
+                 qsched: QSched | None = None) -> None:
         self.device = torch.device(device)
         self.weights = Path(weights) if weights else DIT_PATH
         self.dit = (dit if dit is not None else load_dit(self.weights)).eval()
@@ -36,16 +37,15 @@ class BuiltinEngine(FlowSampling):
         self.info = EngineInfo(engine=self.name, model=model, precision=precision,
                                device=str(self.device),
                                image_shape=(cfg.channels, cfg.image_size, cfg.image_size),
-                               time_shift=cfg.time_shift, default_steps=default_steps,
+                               time_shift=cfg.time_shift,
                                default_guidance=default_guidance(self.weights)
-                               if guidance is None else guidance)
+                               if guidance is None else guidance, qsched=qsched)
 
     def encode(self, prompts: list[str]) -> TextBatch:
         return self.encoder.encode(prompts)
 
-    def denoise(self, x: torch.Tensor, t: torch.Tensor, d: torch.Tensor,
-                text: TextBatch) -> torch.Tensor:
-        raise NotImplementedError
+    def text_cache_stats(self) -> tuple[int, int]:
+        return self.encoder.hits, self.encoder.misses
 
     def decode(self, x: torch.Tensor) -> np.ndarray:
         return to_uint8(x)

@@ -19,7 +19,7 @@ import torch
 
 
 def supports(model: Any) -> bool:
-    return getattr(model, "_cp_plan", None) is not None
+    return model._cp_plan is not None  # diffusers models that ship a plan set it
 
 
 @contextlib.contextmanager
@@ -39,12 +39,14 @@ def _cpu_device_count() -> Iterator[None]:
 def _waited(value: Any) -> Any:
     """diffusers returns the gathered output as an AsyncCollectiveTensor: wait for it here
     so callers get a plain tensor (and no collective is left unwaited)."""
-    wait = getattr(value, "wait", None)
-    if callable(wait) and torch.is_tensor(value):
-        return wait()
+    from diffusers.utils import BaseOutput
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+
+    if isinstance(value, AsyncCollectiveTensor):
+        return value.wait()
     if isinstance(value, tuple):
         return tuple(_waited(v) for v in value)
-    if hasattr(value, "sample"):
+    if isinstance(value, BaseOutput) and "sample" in value:
         value.sample = _waited(value.sample)
     return value
 
@@ -64,7 +66,7 @@ def enable(model: Any, ulysses: int = 1, ring: int = 1) -> Any:
     if ring > 1 and next(model.parameters()).device.type == "cpu":
         raise ValueError("ring attention needs an attention backend that returns the "
                          "log-sum-exp (a GPU one); use ulysses on CPUs")
-    heads = getattr(model.config, "num_attention_heads", ulysses)
+    heads = model.config.get("num_attention_heads", ulysses)  # a config dict
     if heads % ulysses:
         raise ValueError(f"{name} has {heads} attention heads: not divisible by "
                          f"ulysses={ulysses}")

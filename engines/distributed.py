@@ -18,6 +18,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -144,6 +145,6 @@ def spawn(fn: Callable, world: int = 2, args: tuple = (), threads: int = 1) -> A
         raise RuntimeError(f"a rank failed: exit codes {[p.exitcode for p in procs]}")
     out = results.get()
     if isinstance(out, dict):
-        out = {k: torch.from_numpy(v) if hasattr(v, "__array_interface__") else v
+        out = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
                for k, v in out.items()}
     return out

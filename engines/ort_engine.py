@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -59,7 +59,8 @@ class OnnxRuntimeEngine(BuiltinEngine):
     def __init__(self, precision: str = "fp32", device: str = "cpu",
                  quantization: str = "static", providers: list[str] | None = None,
                  threads: int | None = None, opt_level: str = "all",
-                 build_dir: Path | str | None = None, **kwargs: Any) -> None:
+                 build_dir: Path | str | None = None,
+                 qsched: QSched | None | Literal["stored"] = "stored", **kwargs: Any) -> None:
         try:
             import onnxruntime as ort
         except ImportError as exc:
@@ -68,14 +69,15 @@ class OnnxRuntimeEngine(BuiltinEngine):
 
         if opt_level not in OPT_LEVELS:
             raise ValueError(f"opt_level must be one of {OPT_LEVELS}, not {opt_level!r}")
-        super().__init__(precision=precision, device=device, **kwargs)
+        super().__init__(precision=precision, device=device,
+                         qsched=None if qsched == "stored" else qsched, **kwargs)
         self.quantization = quantization
         build = onnx_graph(self.dit, precision, quantization, BuildCache(build_dir),
                            encoder=self.encoder)
         self.build_seconds = build.seconds
         self.graph_path = build.path
         qsched_path = build.path.parent / QSCHED_FILE
-        if precision != "fp32" and qsched_path.is_file():
+        if qsched == "stored" and precision != "fp32" and qsched_path.is_file():
             self.info = dataclasses.replace(self.info, qsched=QSched.load(qsched_path))
             log.info("Q-Sched correction %s", self.info.qsched)
         log.info("onnxruntime graph %s (%s, %.1f s)", build.path,

@@ -8,18 +8,18 @@ pair never scores worse than no correction on the calibration set.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from stepserve.models.builtin.yardstick import Yardstick, palette_error, prompt_set
 from stepserve.models.sampling.qsched import QSched
-from stepserve.server.scheduler.offline import generate_offline
+from stepserve.models.sampling.state import init_state
 
-from .base import Engine
 from .calibration import CALIBRATION_SEED
+from .flow_sampling import FlowSampling
 
 GRID = tuple(round(0.8 + 0.05 * i, 2) for i in range(9))  # 0.80 .. 1.20
 
@@ -32,21 +32,30 @@ class QSchedResult:
     table: list[tuple[float, float, float, float, float]]  # c_m, c_s, agree, palette, score
 
 
-def score(engine: Engine, qsched: QSched, prompts: list[str], labels: np.ndarray,
+def generate_with(engine: FlowSampling, qsched: QSched, prompts: list[str], seeds: list[int],
+                  steps: int) -> np.ndarray:
+    """The engine's images with this Q-Sched pair (the engine's own pair is not used)."""
+    text = engine.encode([*prompts, ""])
+    uncond = text.select([len(prompts)])
+    info = engine.info
+    states = [init_state(seed, steps, text.select([i]), uncond, shape=info.image_shape,
+                         guidance=info.default_guidance, time_shift=info.time_shift,
+                         qsched=qsched) for i, seed in enumerate(seeds)]
+    while not states[0].done:  # equal step counts: the batch finishes together
+        states = engine.step_batch(states)
+    return engine.decode(torch.stack([s.x for s in states]))
+
+
+def score(engine: FlowSampling, qsched: QSched, prompts: list[str], labels: np.ndarray,
           seeds: list[int], steps: int, yardstick: Yardstick,
           quality_weight: float) -> tuple[float, float, float]:
-    base = engine.info
-    engine.info = dataclasses.replace(base, qsched=qsched)
-    try:
-        images = generate_offline(engine, prompts, seeds, steps)
-    finally:
-        engine.info = base
+    images = generate_with(engine, qsched, prompts, seeds, steps)
     agree = yardstick.agreement(images, labels)
     quality = palette_error(images)
     return agree, quality, agree - quality_weight * quality
 
 
-def search_qsched(engine: Engine, prompts: int = 25, steps: int = 4,
+def search_qsched(engine: FlowSampling, prompts: int = 25, steps: int = 4,
                   grid: tuple[float, ...] = GRID, quality_weight: float = 1.0,
                   yardstick: Yardstick | None = None) -> QSchedResult:
     yardstick = yardstick or Yardstick()

@@ -123,7 +123,7 @@ class TensorRTEngine(BuiltinEngine):
         flags = {"fp16": ["FP16"], "bf16": ["BF16"], "int8": ["INT8", "FP16"],
                  "fp8": ["FP8", "FP16"], "fp32": []}[precision]
         for flag in flags:
-            config.set_flag(getattr(trt.BuilderFlag, flag))
+            config.set_flag(trt.BuilderFlag.__members__[flag])
         profile = builder.create_optimization_profile()
         for name, (lo, opt, hi) in shapes.items():
             profile.set_shape(name, lo, opt, hi)

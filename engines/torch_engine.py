@@ -5,20 +5,21 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from stepserve.models.builtin.text import TextBatch
-from stepserve.models.caches.block_cache import BlockState, RowCache, cached_forward
+from stepserve.models.caches.block_cache import RowCache, cached_forward
 from stepserve.models.caches.lazydit import load_gates_for
 
 from .builtin_base import BuiltinEngine
 
+M = TypeVar("M", bound=torch.nn.Module)
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": None}
 
 
-def int8_weights(module: torch.nn.Module) -> torch.nn.Module:
+def int8_weights(module: M) -> M:
     """A copy whose Linear weights are int8 (per-channel scales; activations stay float)."""
     try:
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
@@ -32,6 +33,7 @@ def int8_weights(module: torch.nn.Module) -> torch.nn.Module:
 
 class TorchEngine(BuiltinEngine):
     name = "torch"
+    runs_blocks = True  # denoise_cached runs the DiT's blocks itself (block caches)
 
     def __init__(self, precision: str = "fp32", device: str = "cpu", compile: bool = False,
                  **kwargs: Any) -> None:
@@ -65,7 +67,7 @@ class TorchEngine(BuiltinEngine):
     @torch.inference_mode()
     def denoise_cached(self, x: torch.Tensor, t: torch.Tensor, d: torch.Tensor,
                        text: TextBatch, rows: list[RowCache | None]
-                       ) -> tuple[torch.Tensor, list[BlockState | None]]:
+                       ) -> tuple[torch.Tensor, list[Any]]:
         """The forward with per-row block caches (runs the DiT's blocks itself)."""
         with self._autocast():
             v, states = cached_forward(self.dit, x.to(self.device), t.to(self.device),

@@ -46,13 +46,13 @@ class CountingEngine(FlowSampling):
     a full forward of one row costs `depth`, a block cache's partial one less. The
     sampling contract (FlowSampling) routes every forward through the counters."""
 
+    runs_blocks = True
+
     def __init__(self, engine: TorchEngine) -> None:
         self.engine, self.info, self.rows = engine, engine.info, 0
         self.depth = len(engine.dit.blocks)
         self.gates = engine.gates
-
-    def __getattr__(self, name: str):
-        return getattr(self.engine, name)
+        self.encode, self.decode = engine.encode, engine.decode
 
     def denoise(self, x, t, d, text):
         self.rows += x.shape[0] * self.depth

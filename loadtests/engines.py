@@ -9,7 +9,6 @@ machine noise hits all variants alike; ratios are against torch fp32.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import time
@@ -40,18 +39,16 @@ VARIANTS = [
 
 def build(variant: tuple, encoder: TextEncoder, build_dir: Path | None):
     label, name, precision, quantization, qsched = variant
-    kwargs = {"precision": precision, "encoder": encoder}
+    kwargs: dict = {"precision": precision, "encoder": encoder}
     if name == "onnxruntime":
         kwargs.update(quantization=quantization, build_dir=build_dir,
-                      threads=torch.get_num_threads())
-    engine = create_engine(name, **kwargs)
-    if name == "torch" and qsched:  # borrow the static int8 build's pair
+                      threads=torch.get_num_threads(), qsched="stored" if qsched else None)
+    elif qsched:  # borrow the static int8 build's pair
         int8 = create_engine("onnxruntime", precision="int8", quantization="static",
                              encoder=encoder, build_dir=build_dir)
-        engine.info = dataclasses.replace(engine.info, qsched=int8.info.qsched)
-    if not qsched:
-        engine.info = dataclasses.replace(engine.info, qsched=None)
-    elif engine.info.qsched is None:
+        kwargs["qsched"] = int8.info.qsched
+    engine = create_engine(name, **kwargs)
+    if qsched and engine.info.qsched is None:
         return None  # no Q-Sched stored with this build (stepserve build --qsched)
     return engine
 

@@ -14,7 +14,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .auth import Auth, AuthMiddleware
 from .errors import (
-    BACKEND_ERRORS,
     APIError,
     api_error_handler,
     backend_down,
@@ -27,6 +26,7 @@ from .errors import (
 from .generation import router as generation_router
 from .jobs import router as jobs_router
 from .runtime import EngineBuilder, Runtime, build_engine
+from .scheduler.backend import BackendUnavailable
 from .settings import Settings
 
 PLAYGROUND = Path(__file__).resolve().parent / "static" / "playground.html"
@@ -41,7 +41,7 @@ def create_app(settings: Settings | None = None, builder: EngineBuilder = build_
     async def lifespan(app: FastAPI):
         runtime.start(background=load_in_background)
         yield
-        runtime.shutdown()  # uvicorn has stopped intake; finish what is in flight
+        await runtime.drain()  # uvicorn has stopped intake; finish what is in flight
 
     app = FastAPI(title="stepserve", lifespan=lifespan)
     app.state.runtime = runtime
@@ -52,8 +52,7 @@ def create_app(settings: Settings | None = None, builder: EngineBuilder = build_
     app.add_exception_handler(APIError, api_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
-    for exc_class in BACKEND_ERRORS:
-        app.add_exception_handler(exc_class, backend_error_handler)
+    app.add_exception_handler(BackendUnavailable, backend_error_handler)
     app.include_router(generation_router)
     app.include_router(jobs_router)
     started = int(time.time())

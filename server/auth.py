@@ -12,24 +12,15 @@ import math
 import threading
 import time
 from pathlib import Path
+from typing import Protocol
 
-from .errors import BACKEND_DOWN, BACKEND_ERRORS, backend_down, error_response, response_of
+from .errors import backend_down, error_response, response_of
+from .scheduler.backend import BackendUnavailable
 from .settings import Settings
 
-# KEYS[1]: bucket hash; ARGV: rate (tokens/s), burst, now (s). Returns {allowed, wait_ms}.
-_LUA = """
-local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
-local rate, burst, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local tokens = tonumber(b[1]) or burst
-local ts = tonumber(b[2]) or now
-tokens = math.min(burst, tokens + (now - ts) * rate)
-local allowed, wait = 0, 0
-if tokens >= 1 then tokens = tokens - 1; allowed = 1
-else wait = math.ceil((1 - tokens) / rate * 1000) end
-redis.call('HSET', KEYS[1], 'tokens', tokens, 'ts', now)
-redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
-return {allowed, wait}
-"""
+
+class Buckets(Protocol):
+    def take(self, key: str) -> float: ...
 
 
 class MemoryBuckets:
@@ -51,20 +42,6 @@ class MemoryBuckets:
             return (1 - tokens) / self.rate
 
 
-class RedisBuckets:
-    def __init__(self, url: str, rate: float, burst: int) -> None:
-        from .redis.connect import client
-
-        self.rate, self.burst = rate, burst
-        self.client = client(url)
-        self.script = self.client.register_script(_LUA)
-
-    def take(self, key: str) -> float:
-        allowed, wait_ms = self.script(keys=[f"stepserve:ratelimit:{key}"],
-                                       args=[self.rate, self.burst, time.time()])
-        return 0.0 if int(allowed) else int(wait_ms) / 1000
-
-
 def load_keys(settings: Settings) -> list[str]:
     keys = list(settings.api_keys)
     if settings.api_keys_file:
@@ -78,12 +55,15 @@ class Auth:
 
     def __init__(self, settings: Settings) -> None:
         self.keys = [k.encode() for k in load_keys(settings)]
-        self.buckets = None
+        self.buckets: MemoryBuckets | Buckets | None = None
         if settings.rate_limit_rps > 0:
             burst = settings.rate_limit_burst or max(1, math.ceil(settings.rate_limit_rps))
-            self.buckets = (RedisBuckets(settings.redis_url, settings.rate_limit_rps, burst)
-                            if settings.redis_url else
-                            MemoryBuckets(settings.rate_limit_rps, burst))
+            if settings.redis_url:
+                from .redis.rate_limit import RedisBuckets
+
+                self.buckets = RedisBuckets(settings.redis_url, settings.rate_limit_rps, burst)
+            else:
+                self.buckets = MemoryBuckets(settings.rate_limit_rps, burst)
 
     @property
     def enabled(self) -> bool:
@@ -121,8 +101,8 @@ class AuthMiddleware:
             value = headers.get(b"authorization")
             try:
                 denied = self.auth.check(value.decode("latin-1") if value else None)
-            except BACKEND_ERRORS as exc:  # the shared rate limiter lives in Redis
-                denied = response_of(backend_down(f"{BACKEND_DOWN} ({exc})"))
+            except BackendUnavailable as exc:  # a shared rate limiter's store is down
+                denied = response_of(backend_down(str(exc)))
             if denied is not None:
                 await denied(scope, receive, send)
                 return

@@ -7,6 +7,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .scheduler.backend import BackendUnavailable, QueueFull, ShuttingDown
+from .scheduler.events import Failed, FinishReason
+
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
           408: "timeout_error", 429: "rate_limit_error", 503: "server_unavailable"}
 
@@ -62,22 +65,46 @@ async def http_error_handler(_: Request, exc: Exception) -> JSONResponse:
                           dict(exc.headers or {}))
 
 
-def _backend_errors() -> tuple[type[Exception], ...]:
-    try:
-        from .redis.connect import UNAVAILABLE
-    except ImportError:  # the redis extra is not installed: no Redis to lose
-        return ()
-    return UNAVAILABLE
+BACKEND_DOWN = "the job queue is unavailable; retry shortly"
+
+# The one table that turns a scheduler outcome into an HTTP status and error code.
+FINISH_HTTP: dict[FinishReason, tuple[int, str]] = {
+    FinishReason.CANCELLED: (409, "cancelled"),
+    FinishReason.TIMEOUT: (504, "timeout"),
+    FinishReason.REJECTED: (429, "queue_full"),
+    FinishReason.INVALID: (400, "invalid_value"),
+    FinishReason.ERROR: (500, "engine_error"),
+    FinishReason.UNAVAILABLE: (503, "backend_unavailable"),
+}
 
 
-BACKEND_ERRORS = _backend_errors()
-BACKEND_DOWN = "the job queue (Redis) is unavailable; retry shortly"
+def failure_http(event: Failed) -> tuple[int, str]:
+    """(HTTP status, error code) for a request that ended without images."""
+    status, code = FINISH_HTTP[event.reason]
+    return status, event.code or code
+
+
+def failure_body(event: Failed) -> dict:
+    status, code = failure_http(event)
+    return error_body(status, event.message, None, code)
 
 
 def backend_down(message: str) -> APIError:
-    """Redis down (restart, network): a 503 the client can retry, not a 500."""
+    """The job backend is down (a Redis restart, the network): a 503 the client can
+    retry, not a 500."""
     return APIError(503, message, None, "backend_unavailable", {"Retry-After": "2"})
 
 
+def submit_error(exc: Exception, retry_after_s: int) -> APIError:
+    """A backend's refusal at submit time, as the API answers it."""
+    if isinstance(exc, QueueFull):
+        return APIError(429, str(exc), None, "queue_full", {"Retry-After": str(retry_after_s)})
+    if isinstance(exc, ShuttingDown):
+        return APIError(503, str(exc), None, "shutting_down")
+    if isinstance(exc, BackendUnavailable):
+        return backend_down(str(exc))
+    return APIError(400, str(exc), "n", "invalid_value")
+
+
 async def backend_error_handler(_: Request, exc: Exception) -> JSONResponse:
-    return response_of(backend_down(f"{BACKEND_DOWN} ({exc})"))
+    return response_of(backend_down(str(exc) or BACKEND_DOWN))

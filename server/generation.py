@@ -7,39 +7,27 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette.sse import EventSourceResponse
 
+from stepserve.engines.capabilities import Capabilities
 from stepserve.models.caches.config import CacheConfig, CacheConfigError
 
-from .capabilities import Capabilities
-from .errors import APIError, backend_down, error_body
+from .errors import APIError, backend_down, failure_body, failure_http, submit_error
 from .images import CONTENT_TYPES, b64, encode_image
 from .protocol import SIZE_RE, ImageData, ImageGenerationRequest, ImagesResponse, usage_for
 from .result_cache import result_key
 from .runtime import Runtime, Served
-from .scheduler.core import QueueFull
-from .scheduler.events import Completed, Event, Failed, Preview
-from .scheduler.loop import Handle, ShuttingDown, Unavailable
+from .scheduler.backend import BackendUnavailable, Handle, QueueFull, ShuttingDown
+from .scheduler.events import Completed, Event, Failed, FinishReason, Preview
 from .scheduler.request import GenerationParams
+from .submission import OutputSpec, Submission
 
 router = APIRouter()
 MAX_UPSCALE = 16
-
-
-@dataclass(frozen=True)
-class OutputSpec:
-    """How finished images are returned."""
-
-    response_format: str
-    output_format: str
-    compression: int | None
-    size: str
-    upscale: int
 
 
 def runtime_of(request: Request) -> Runtime:
@@ -82,7 +70,7 @@ def resolve(body: ImageGenerationRequest, rt: Runtime
                        else "cache", "invalid_value") from exc
     except TypeError as exc:  # a knob of the wrong type
         raise APIError(400, f"invalid cache options: {exc}", "cache", "invalid_value") from exc
-    problem = caps.cache_error(cache, info)
+    problem = caps.cache_error(cache, s.model_name, info.engine)
     if problem:
         raise APIError(400, problem, "cache", "unsupported_value")
     samplers = caps.samplers
@@ -141,42 +129,26 @@ def require_ready(rt: Runtime) -> None:
 
 
 def submit(rt: Runtime, served: Served, params: GenerationParams,
-           seeded: bool = False) -> Handle:
+           seeded: bool = False) -> Submission:
     """Queue the request, or answer it from the exact result cache (seeded requests)."""
     require_ready(rt)
-    handle = _submit(rt, served, params, seeded)
-    _, h, w = served.info.image_shape
-    handle.image_tokens = h * w // 16  # usage: one output token per 4x4 pixels
-    return handle
-
-
-def _submit(rt: Runtime, served: Served, params: GenerationParams, seeded: bool) -> Handle:
     key = result_key(served.info, params) if seeded and rt.results.max_bytes else None
+    _, h, w = served.info.image_shape
+    tokens = h * w // 16  # usage: one output token per 4x4 pixels
     if key is not None:
         images = rt.results.get(key)
         rt.metrics.result_cache.labels("hit" if images is not None else "miss").inc()
         if images is not None:
-            handle = Handle(f"img-cached-{secrets.token_hex(6)}", params)
+            handle = Handle(f"img-cached-{secrets.token_hex(12)}", params)
             handle.events.put_nowait(Completed(handle.id, images, params.steps))
-            return handle
-    handle = _queue(rt, served, params)
-    handle.result_key = key
-    return handle
-
-
-def _queue(rt: Runtime, served: Served, params: GenerationParams) -> Handle:
+            return Submission(handle, None, tokens)
     try:
-        return served.loop.submit(params)
-    except QueueFull as exc:
-        rt.metrics.requests.labels("rejected").inc()
-        raise APIError(429, str(exc), None, "queue_full",
-                       {"Retry-After": str(rt.settings.retry_after_s)}) from exc
-    except ShuttingDown as exc:
-        raise APIError(503, str(exc), None, "shutting_down") from exc
-    except Unavailable as exc:
-        raise backend_down(str(exc)) from exc
-    except ValueError as exc:
-        raise APIError(400, str(exc), "n", "invalid_value") from exc
+        handle = served.loop.submit(params)
+    except (QueueFull, ShuttingDown, BackendUnavailable, ValueError) as exc:
+        if isinstance(exc, QueueFull):
+            rt.metrics.requests.labels("rejected").inc()
+        raise submit_error(exc, rt.settings.retry_after_s) from exc
+    return Submission(handle, key, tokens)
 
 
 async def encode_all(images: np.ndarray, spec: OutputSpec) -> list[bytes]:
@@ -196,14 +168,16 @@ async def image_data(rt: Runtime, request: Request, images: np.ndarray,
     return [ImageData(url=f"{base}/v1/images/files/{k}") for k in keys]
 
 
-def record_end(rt: Runtime, handle: Handle, event: Event | None) -> None:
-    if isinstance(event, Completed) and handle.result_key is not None:
-        rt.results.put(handle.result_key, event.images)
-    status = ("ok" if isinstance(event, Completed) else "cancelled" if event is None
-              else "timeout" if event.code == "timeout" else "error")
+def record_end(rt: Runtime, sub: Submission, event: Event | None) -> None:
+    if isinstance(event, Completed) and sub.result_key is not None:
+        rt.results.put(sub.result_key, event.images)
+    reason = event.reason if isinstance(event, Failed) else None
+    status = ("ok" if isinstance(event, Completed)
+              else "cancelled" if event is None or reason is FinishReason.CANCELLED
+              else "timeout" if reason is FinishReason.TIMEOUT else "error")
     rt.metrics.requests.labels(status).inc()
     if isinstance(event, Completed):
-        rt.metrics.latency.observe(time.monotonic() - handle.submitted_at)
+        rt.metrics.latency.observe(time.monotonic() - sub.handle.submitted_at)
         rt.metrics.images.inc(len(event.images))
 
 
@@ -225,37 +199,37 @@ async def generate(body: ImageGenerationRequest, request: Request) -> Response:
     rt = runtime_of(request)
     require_ready(rt)
     served, params, spec = resolve(body, rt)
-    handle = submit(rt, served, params, seeded=body.seed is not None)
+    sub = submit(rt, served, params, seeded=body.seed is not None)
     if body.stream:
-        return EventSourceResponse(stream(rt, request, handle, spec, body),
+        return EventSourceResponse(stream(rt, request, sub, spec, body),
                                    ping=15, send_timeout=30)
     event: Event | None = None
     try:
-        event = await next_final(handle, request)
+        event = await next_final(sub.handle, request)
     finally:
         if event is None:
-            handle.cancel()
-        record_end(rt, handle, event)
+            sub.handle.cancel()
+        record_end(rt, sub, event)
     if event is None:
         return Response(status_code=499)
     if isinstance(event, Failed):
-        return JSONResponse(error_body(event.status_code, event.message, None, event.code),
-                            status_code=event.status_code)
+        return JSONResponse(failure_body(event), status_code=failure_http(event)[0])
     assert isinstance(event, Completed)
     data = await image_data(rt, request, event.images, spec)
     out = ImagesResponse(created=int(time.time()), data=data, background="opaque",
                          output_format=spec.output_format, quality=body.quality or "auto",
                          size=spec.size,
-                         usage=usage_for(params.prompt, params.n, handle.image_tokens))
+                         usage=usage_for(params.prompt, params.n, sub.image_tokens))
     return JSONResponse(out.model_dump(exclude_none=True))
 
 
-async def stream(rt: Runtime, request: Request, handle: Handle, spec: OutputSpec,
+async def stream(rt: Runtime, request: Request, sub: Submission, spec: OutputSpec,
                  body: ImageGenerationRequest) -> AsyncIterator[dict]:
     """SSE events: partial images (real x0 previews) then completed (or an error)."""
     common = {"background": "opaque", "output_format": spec.output_format,
               "quality": body.quality or "auto", "size": spec.size}
     final: Event | None = None
+    handle = sub.handle
     try:
         while True:
             event = await handle.events.get()
@@ -271,12 +245,12 @@ async def stream(rt: Runtime, request: Request, handle: Handle, spec: OutputSpec
             final = event
             break
         if isinstance(final, Failed):
-            err = error_body(final.status_code, final.message, None, final.code)
+            err = failure_body(final)
             yield {"event": "error", "data": json.dumps({"type": "error", **err})}
             return
         assert isinstance(final, Completed)
         usage = usage_for(handle.params.prompt, handle.params.n,
-                          handle.image_tokens).model_dump()
+                          sub.image_tokens).model_dump()
         for i, data in enumerate(await encode_all(final.images, spec)):
             payload = {"type": "image_generation.completed", "b64_json": b64(data),
                        "created_at": int(time.time()), "image_index": i, "usage": usage,
@@ -285,4 +259,4 @@ async def stream(rt: Runtime, request: Request, handle: Handle, spec: OutputSpec
     finally:
         if final is None:  # client disconnected mid-stream
             handle.cancel()
-        record_end(rt, handle, final)
+        record_end(rt, sub, final)

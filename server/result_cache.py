@@ -13,6 +13,7 @@ import json
 import threading
 import time
 from collections import OrderedDict
+from typing import Protocol
 
 import numpy as np
 
@@ -21,9 +22,21 @@ from stepserve.engines.base import EngineInfo
 from .scheduler.request import GenerationParams
 
 
+class Results(Protocol):
+    """An exact result cache: in memory (below) or in Redis (server/redis/result_cache.py)."""
+
+    max_bytes: int
+
+    def get(self, key: str) -> np.ndarray | None: ...
+
+    def put(self, key: str, images: np.ndarray) -> None: ...
+
+
 def result_key(info: EngineInfo, params: GenerationParams) -> str:
     fields = dataclasses.asdict(params)
     fields.pop("priority"), fields.pop("timeout_s"), fields.pop("partial_images")
+    if params.cache is not None:  # two policies may share option names: key on the name too
+        fields["cache"] = {"policy": params.cache.policy, **fields["cache"]}
     engine = {"model": info.model, "engine": info.engine, "precision": info.precision,
               "qsched": dataclasses.asdict(info.qsched) if info.qsched else None}
     blob = json.dumps({"engine": engine, "params": fields}, sort_keys=True, default=str)

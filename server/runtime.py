@@ -6,6 +6,8 @@ Loading and warm-up run in a background thread so /health answers at once and
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import threading
 import time
@@ -14,13 +16,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from stepserve.engines.base import Engine, EngineInfo
+from stepserve.engines.capabilities import Capabilities
 from stepserve.engines.registry import create_engine
 from stepserve.models.caches.config import CacheConfig
 
-from .capabilities import Capabilities, capabilities_of
+from .job_store import JobStore
 from .metrics import Metrics
-from .result_cache import ResultCache
+from .result_cache import ResultCache, Results
 from .results import ResultStore
+from .scheduler.backend import JobBackend
 from .scheduler.core import SchedulerConfig, SchedulerCore, StepStats
 from .scheduler.loop import EngineLoop
 from .scheduler.loop_group import LoopGroup
@@ -31,14 +35,18 @@ log = logging.getLogger("stepserve")
 EngineBuilder = Callable[[Settings], Engine]
 
 
-def build_engine(settings: Settings) -> Engine:
+def build_engine(settings: Settings, **extra: Any) -> Engine:
+    """The engine the settings name; `extra` goes to the built-in model's engines (e.g.
+    `weights`, `encoder`)."""
     if settings.threads:
         import torch
 
         torch.set_num_threads(settings.threads)
     if settings.model != "builtin":
+        if extra:
+            raise ValueError(f"{sorted(extra)} apply to the built-in model only")
         return diffusers_engine(settings)
-    return create_engine(settings.engine, **engine_kwargs(settings))
+    return create_engine(settings.engine, **engine_kwargs(settings), **extra)
 
 
 def diffusers_engine(settings: Settings) -> Engine:
@@ -54,15 +62,13 @@ def diffusers_engine(settings: Settings) -> Engine:
     if settings.engine != "torch":
         raise ValueError("diffusers folders run on --engine torch for now")
     return DiffusersEngine(settings.model_name, folder, precision=settings.precision,
-                           device=settings.device, default_steps=settings.default_steps,
-                           image_size=settings.image_size)
+                           device=settings.device, image_size=settings.image_size)
 
 
 def engine_kwargs(settings: Settings) -> dict:
     """The settings each engine takes (engines reject options that are not theirs)."""
     kwargs = {"model": settings.model_name, "precision": settings.precision,
-              "device": settings.device, "text_cache_size": settings.text_cache_size,
-              "default_steps": settings.default_steps}
+              "device": settings.device, "text_cache_size": settings.text_cache_size}
     if settings.engine == "torch":
         kwargs["compile"] = settings.compile
     if settings.engine in ("onnxruntime", "tensorrt"):
@@ -78,14 +84,14 @@ def engine_kwargs(settings: Settings) -> dict:
 
 @dataclass
 class Served:
-    """One served model: its settings, what it accepts, and the loop that runs it (a
-    local EngineLoop, or in the API role a Redis-backed stand-in with no engine)."""
+    """One served model: its settings, what it accepts, and the backend that runs it (a
+    local EngineLoop or LoopGroup, or in the API role a Redis client with no engine)."""
 
     name: str
     settings: Settings
     info: EngineInfo
     caps: Capabilities
-    loop: Any
+    loop: JobBackend
     engine: Engine | None = None
 
 
@@ -95,8 +101,9 @@ class Runtime:
         self.builder = builder
         self.metrics = Metrics()
         self.store = ResultStore(settings.url_ttl_s)
-        self.results = ResultCache(int(settings.result_cache_mb * 2**20),
-                                   settings.result_cache_ttl_s)
+        self.results: Results = ResultCache(int(settings.result_cache_mb * 2**20),
+                                            settings.result_cache_ttl_s)
+        self.jobs = JobStore(settings.url_ttl_s)
         self.models: dict[str, Served] = {}
         self.error: str | None = None
         self._ready = threading.Event()
@@ -121,7 +128,7 @@ class Runtime:
         return self.default.engine if self.default else None
 
     @property
-    def loop(self) -> EngineLoop | None:
+    def loop(self) -> JobBackend | None:
         return self.default.loop if self.default else None
 
     def served(self, name: str | None) -> Served | None:
@@ -160,8 +167,7 @@ class Runtime:
         self.metrics.watch(waiting=lambda: sum(m.loop.waiting for m in self.models.values()),
                            running=lambda: sum(m.loop.running for m in self.models.values()))
         self.metrics.warmup_s.set(time.perf_counter() - start)
-        self.metrics.build_s.set(sum(getattr(m.engine, "build_seconds", 0.0)
-                                     for m in loaded))
+        self.metrics.build_s.set(sum(m.engine.build_seconds for m in loaded if m.engine))
         self.metrics.ready.set(1)
         self._ready.set()
         log.info("%d model(s) ready in %.1f s: %s", len(loaded), time.perf_counter() - start,
@@ -178,14 +184,15 @@ class Runtime:
         engines, loops = [], []
         for device in devices:
             engine = self.builder(settings.model_copy(update={"device": device}))
-            caps = capabilities_of(engine)
-            problem = caps.cache_error(CacheConfig.parse(settings.cache), engine.info)
+            caps = engine.capabilities
+            problem = caps.cache_error(CacheConfig.parse(settings.cache), name,
+                                       engine.info.engine)
             if problem:
                 raise ValueError(f"{name}: --cache {settings.cache}: {problem}")
             engine.warmup(tuple(settings.warmup_batch_sizes))
             engines.append(engine)
             loops.append(EngineLoop(SchedulerCore(engine, config),
-                                    on_step=lambda stats, n=name: self._observe(stats, n)))
+                                    on_step=functools.partial(self._observe, model=name)))
         loop = loops[0] if len(loops) == 1 else LoopGroup(loops)
         return Served(name, settings, engines[0].info, caps, loop, engines[0])
 
@@ -198,16 +205,21 @@ class Runtime:
             if req.first_preview_at is not None:
                 m.first_preview.observe(req.first_preview_at - req.arrival)
         served = self.models.get(model)
-        encoder = getattr(served.engine, "encoder", None) if served and served.engine else None
-        if encoder is not None:
-            hits, misses = encoder.hits, encoder.misses
+        if served is not None and served.engine is not None:
+            hits, misses = served.engine.text_cache_stats()
             seen = self._cache_seen.get(model, (0, 0))
             m.text_cache_hits.inc(max(0, hits - seen[0]))
             m.text_cache_misses.inc(max(0, misses - seen[1]))
             self._cache_seen[model] = (hits, misses)
 
-    def shutdown(self) -> None:
-        for served in self.models.values():  # stop intake everywhere, then finish work
-            served.loop.close_intake()
+    async def drain(self) -> bool:
+        """Stop intake everywhere, then await in-flight work (up to drain_timeout_s)."""
         for served in self.models.values():
-            served.loop.drain(self.settings.drain_timeout_s)
+            served.loop.close_intake()
+        done = await asyncio.gather(*(served.loop.drain(self.settings.drain_timeout_s)
+                                      for served in self.models.values()))
+        return all(done)
+
+    def shutdown(self) -> None:
+        """`drain` for callers outside an event loop (tests, the worker command)."""
+        asyncio.run(self.drain())

@@ -7,10 +7,11 @@ uses the same keys as the flags, with underscores (`max_batch_size = 16`).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic_settings import (
     BaseSettings,
     JsonConfigSettingsSource,
@@ -18,6 +19,28 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from stepserve.engines.registry import PRECISIONS
+from stepserve.engines.registry import available as engine_names
+from stepserve.models.caches.config import policy_names
+
+# Fields whose values a registry lists: the CLI offers these choices, validation uses them.
+CHOICES: dict[str, Callable[[], tuple[str, ...] | list[str]]] = {
+    "engine": engine_names, "precision": lambda: PRECISIONS, "cache": policy_names}
+
+
+def _one_of(field: str) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        allowed = CHOICES[field]()
+        if value not in allowed:
+            raise ValueError(f"{field} must be one of {', '.join(allowed)}, not {value!r}")
+        return value
+    return check
+
+
+EngineName = Annotated[str, AfterValidator(_one_of("engine"))]
+Precision = Annotated[str, AfterValidator(_one_of("precision"))]
+CachePolicy = Annotated[str, AfterValidator(_one_of("cache"))]
 
 
 class ModelEntry(BaseModel):
@@ -28,18 +51,12 @@ class ModelEntry(BaseModel):
 
     path: str = Field(description="'builtin' or a local diffusers folder")
     name: str | None = Field(None, description="name clients use (default: folder name)")
-    engine: Literal["torch", "onnxruntime", "tensorrt"] | None = None
-    precision: Literal["fp32", "bf16", "fp16", "int8", "fp8"] | None = None
+    engine: EngineName | None = None
+    precision: Precision | None = None
     device: str | None = None
     default_steps: int | None = Field(None, ge=1, le=100)
-    models: list[ModelEntry] = Field(
-        default_factory=list, description="several served models (config file); "
-        "the first is the default; empty: serve --model alone")
-    model_alias: str | None = Field(None, description="name clients use for --model "
-                                                      "(default: 'builtin' or the folder's)")
     image_size: int | None = Field(None, ge=8, le=4096)
-    cache: Literal["none", "ab-cache", "first-blocks", "teacache", "lazydit",
-                   "deepcache"] | None = None
+    cache: CachePolicy | None = None
     quantization: Literal["static", "dynamic"] | None = None
 
 
@@ -57,10 +74,10 @@ class Settings(BaseSettings):
                                                       "(default: 'builtin' or the folder's)")
     image_size: int | None = Field(
         None, ge=8, le=4096, description="diffusers folders: output size (default: the model's)")
-    engine: Literal["torch", "onnxruntime", "tensorrt"] = Field(
-        "torch", description="denoiser engine")
-    precision: Literal["fp32", "bf16", "fp16", "int8", "fp8"] = Field(
-        "fp32", description="numeric precision of the denoiser")
+    engine: EngineName = Field("torch", description="denoiser engine")
+    precision: Precision = Field(
+        "fp32", description="numeric precision of the denoiser (int8: onnxruntime, tensorrt, "
+        "or torch with torchao int8 weights; fp8: tensorrt on Hopper)")
     device: str = Field("cpu", description="cpu, cuda or cuda:N")
     batching: Literal["step", "request"] = Field(
         "step", description="step-level continuous batching or whole-request batching")
@@ -71,7 +88,7 @@ class Settings(BaseSettings):
     max_steps: int = Field(64, ge=1, le=100, description="most steps a request may ask for")
     url_ttl_s: float = Field(3600.0, gt=0, description="how long url results stay fetchable")
     compile: bool = Field(False, description="torch.compile the denoiser")
-    cache: Literal["none", "ab-cache", "first-blocks", "teacache", "lazydit", "deepcache"] = Field(
+    cache: CachePolicy = Field(
         "none", description="default step-cache policy (a request's `cache` field overrides)")
     quantization: Literal["static", "dynamic"] = Field(
         "static", description="int8 with onnxruntime: static QDQ (calibrated) or dynamic")

@@ -35,8 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     # On small shared CPUs, OpenMP threads that spin at barriers slow torch ~5x as soon
     # as any other process wants a core; sleeping waits cost little when uncontended.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from .commands.common import CommandError
+
     args = build_parser().parse_args(argv)
-    return int(args.run(args) or 0)
+    try:
+        return int(args.run(args) or 0)
+    except CommandError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

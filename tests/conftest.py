@@ -11,6 +11,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Keep the default tier free of server subprocesses: a test that uses live_server
+    must carry the slow marker (it then runs with `pytest -m slow`)."""
+    for item in items:
+        if "live_server" in getattr(item, "fixturenames", ()) and not item.get_closest_marker(
+                "slow"):
+            raise pytest.UsageError(f"{item.nodeid} starts a server subprocess (live_server): "
+                                    "mark it @pytest.mark.slow")
+
+
 @pytest.fixture(scope="session")
 def encoder():
     from stepserve.models.builtin.text import TextEncoder

@@ -1,6 +1,8 @@
-"""A fake engine: the scheduler's tests need no model."""
+"""Fake engines: the scheduler's and the API's tests need no model."""
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 import torch
@@ -15,7 +17,7 @@ BOOM = "boom"  # a prompt containing this makes the forward raise
 class FakeEngine(FlowSampling):
     def __init__(self, shape: tuple[int, int, int] = (3, 4, 4)) -> None:
         self.info = EngineInfo(engine="fake", model="fake", precision="fp32", device="cpu",
-                               image_shape=shape, time_shift=1.0, default_steps=4,
+                               image_shape=shape, time_shift=1.0,
                                default_guidance=1.0)
         self.batches: list[int] = []  # rows per forward
         self.encoded: list[list[str]] = []
@@ -38,3 +40,45 @@ class FakeEngine(FlowSampling):
 
     def warmup(self, batch_sizes=(1,)) -> None:
         pass
+
+
+class GatedEngine(FakeEngine):
+    """A FakeEngine whose every forward waits at a gate the test controls.
+
+    `open()` lets every forward through until `close()`; while closed, `allow(n)` lets
+    exactly n more forwards through. A forward that waits longer than `timeout` seconds
+    runs anyway (so a broken test cannot hang the server thread forever) and is counted
+    in `timed_out`.
+    """
+
+    def __init__(self, shape: tuple[int, int, int] = (3, 8, 8), timeout: float = 10.0) -> None:
+        super().__init__(shape)
+        self.timeout = timeout
+        self.timed_out = 0
+        self._cond = threading.Condition()
+        self._open = False
+        self._permits = 0
+
+    def open(self) -> None:
+        with self._cond:
+            self._open = True
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._open = False
+
+    def allow(self, n: int = 1) -> None:
+        with self._cond:
+            self._permits += n
+            self._cond.notify_all()
+
+    def denoise(self, x, t, d, text: TextBatch) -> torch.Tensor:
+        with self._cond:
+            passed = self._cond.wait_for(lambda: self._open or self._permits > 0,
+                                         timeout=self.timeout)
+            if not passed:
+                self.timed_out += 1
+            elif not self._open:
+                self._permits -= 1
+        return super().denoise(x, t, d, text)

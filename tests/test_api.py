@@ -10,21 +10,9 @@ import httpx
 import pytest
 from PIL import Image
 
-from fakes import BOOM, FakeEngine
+from fakes import BOOM, FakeEngine, GatedEngine
 from stepserve.server.app import create_app
 from stepserve.server.settings import Settings
-
-
-class GatedEngine(FakeEngine):
-    """Blocks every forward until the test opens the gate."""
-
-    def __init__(self):
-        super().__init__((3, 8, 8))
-        self.gate = threading.Event()
-
-    def denoise(self, x, t, d, text):
-        self.gate.wait(timeout=10)
-        return super().denoise(x, t, d, text)
 
 
 def make_app(engine=None, **settings):
@@ -164,7 +152,7 @@ def test_queue_full_is_429_with_retry_after():
                                                json={"prompt": "a", "num_inference_steps": 2}))
             await asyncio.sleep(0.2)
             second = await c.post("/v1/images/generations", json={"prompt": "b"})
-            engine.gate.set()
+            engine.open()
             return await first, second
 
     first, second = asyncio.run(go())
@@ -183,7 +171,7 @@ def test_timeout_is_an_error_and_frees_the_slot():
             task = asyncio.create_task(c.post("/v1/images/generations", json={
                 "prompt": "slow", "num_inference_steps": 50, "timeout": 0.3}))
             await asyncio.sleep(0.5)
-            engine.gate.set()
+            engine.open()
             slow = await task
             ok = await c.post("/v1/images/generations", json={"prompt": "next"})
             return slow, ok
@@ -299,7 +287,7 @@ def test_several_devices_share_the_load():
 
     def builder(settings):
         engines.append(GatedEngine())
-        engines[-1].gate.set()
+        engines[-1].open()
         return engines[-1]
 
     app = create_app(Settings(model="fake", device="cpu,cpu", max_batch_size=2),
@@ -315,8 +303,8 @@ def test_several_devices_share_the_load():
 
     try:
         for e in engines:
-            e.gate.clear()  # hold both devices so the six requests pile up...
-        threading.Timer(0.3, lambda: [e.gate.set() for e in engines]).start()
+            e.close()  # hold both devices so the six requests pile up...
+        threading.Timer(0.3, lambda: [e.open() for e in engines]).start()
         rs = asyncio.run(go())
     finally:
         app.state.runtime.shutdown()

@@ -4,6 +4,10 @@ import json
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # a live server and `stepserve` CLI subprocesses
+
 
 def test_openloop_bench_reports_served_requests(live_server, tmp_path):
     raw = tmp_path / "samples.json"
@@ -21,7 +25,7 @@ def test_openloop_bench_reports_served_requests(live_server, tmp_path):
     assert int(cells["ok"]) == len(samples) and int(cells["errors"]) == 0
     # 2-step requests stream one preview, which arrives before the final image
     streamed = [s for s in samples if s["steps"] == 2]
-    assert all(0 < s["first_preview_s"] < s["latency_s"] for s in streamed)
+    assert streamed and all(0 < s["first_preview_s"] < s["latency_s"] for s in streamed)
     assert float(cells["p50_s"]) > 0
 
 

@@ -6,7 +6,7 @@ import torch
 
 from fakes import FakeEngine
 from stepserve.models.caches import ab_cache
-from stepserve.models.caches.block_cache import BlockState, RowCache, cached_forward
+from stepserve.models.caches.block_cache import RowCache, cached_forward
 from stepserve.models.caches.config import CacheConfig, CacheConfigError
 from stepserve.server.scheduler.core import SchedulerConfig, SchedulerCore
 from stepserve.server.scheduler.events import Completed, Preview
@@ -110,7 +110,8 @@ def test_cached_images_stay_close_and_extrapolation_beats_plain_reuse(generate):
 
 
 def row(policy, state=None, step=1, steps=16, **knobs):
-    return RowCache(CacheConfig(policy, **knobs), state or BlockState(), step, steps)
+    cfg = CacheConfig(policy, **knobs)
+    return RowCache(cfg, state or cfg.new_row_state(), step, steps)
 
 
 def test_block_caches_are_exact_when_nothing_changes_and_skip_blocks(engine):
@@ -153,12 +154,13 @@ def test_block_caches_through_the_scheduler_stay_close(generate):
 
 
 def test_lazydit_gates_train_and_reuse_modules(engine):
-    from stepserve.models.caches.lazydit import GateTrainConfig, train_gates
+    from stepserve.models.caches.lazydit_train import GateTrainConfig, train_gates
 
     dit = engine.dit
     cfg = GateTrainConfig(steps=3, batch=4, prompts=2, step_counts=(3,), penalty=0.5)
     gates, meta = train_gates(dit, engine, cfg)
-    assert meta["pairs"] == 2 * 2 and all(np.isfinite(r["rel_mse"]) for r in meta["log"])
+    assert meta["pairs"] == 2 * 2 and meta["log"]
+    assert all(np.isfinite(r["rel_mse"]) for r in meta["log"])
     assert not any(p.requires_grad for p in dit.parameters())  # base frozen
     text = engine.encode(["a small red circle in the top left on a white background"] * 2)
     gen = torch.Generator().manual_seed(0)
@@ -181,9 +183,56 @@ def test_cache_benchmark_counts_the_compute_it_saves(engine):
     from stepserve.loadtests.caches import POLICIES, CountingEngine, quality_rows
     from stepserve.models.builtin.yardstick import Yardstick
 
-    counting = CountingEngine(engine)
+    class Recording(CountingEngine):
+        """Keeps every run's block-row count: quality_rows resets `rows` to 0 per policy."""
+
+        def __init__(self, engine):
+            self.runs = []
+            super().__init__(engine)
+
+        @property
+        def rows(self):
+            return self.runs[-1]
+
+        @rows.setter
+        def rows(self, value):
+            if value == 0:
+                self.runs.append(0)
+            else:
+                self.runs[-1] = value
+
+    counting = Recording(engine)
     policies = {k: POLICIES[k] for k in ("none", "ab-cache k=2 every 3", "first-blocks 0.15")}
-    rows = quality_rows(counting, Yardstick(), [8], 4, policies)
+    prompts, steps = 4, 8
+    rows = quality_rows(counting, Yardstick(), [steps], prompts, policies)
+    base, ab, fb = counting.runs[1:]  # runs[0]: the count CountingEngine starts with
+    depth = len(engine.dit.blocks)
+    lanes = prompts * (2 if engine.info.default_guidance != 1.0 else 1)  # cond + uncond rows
+    # no cache: every step runs every block on every row
+    assert base == lanes * steps * depth
+    # ab-cache every 3 of 8 steps computes steps 0, 3, 6 and the last one, 7: whole forwards
+    assert ab == lanes * 4 * depth
+    # first-blocks forces step 0 and the last step; a reused step still runs the first block
+    skipped = base - fb
+    assert 0 < skipped <= lanes * (steps - 2) * (depth - 1) and skipped % (depth - 1) == 0
     saved = {r["policy"]: r["compute_saved_x"] for r in rows}
-    assert saved["none"] == 1.0 and saved["ab-cache k=2 every 3"] > 1.5
-    assert saved["first-blocks 0.15"] >= 1.0
+    assert saved == {"none": 1.0, "ab-cache k=2 every 3": base / ab,
+                     "first-blocks 0.15": base / fb}
+
+
+def test_policies_own_their_options_and_results_are_keyed_by_policy():
+    from stepserve.engines.base import EngineInfo
+    from stepserve.models.caches.config import ForwardCache, StepCache
+    from stepserve.server.result_cache import result_key
+
+    ab, tea = CacheConfig("ab-cache", interval=3), CacheConfig("teacache")
+    assert isinstance(ab, StepCache) and isinstance(tea, ForwardCache)
+    assert (ab.policy, ab.interval, tea.policy) == ("ab-cache", 3, "teacache")
+    with pytest.raises(CacheConfigError) as err:  # a knob of another policy
+        CacheConfig("teacache", interval=3)
+    assert err.value.field == "interval"
+    info = EngineInfo("torch", "m", "fp32", "cpu", (3, 4, 4), 1.0, 1.0)
+    keys = {result_key(info, GenerationParams("p", 8, 1, 1.0, cache=c))
+            for c in (None, CacheConfig("lazydit"), CacheConfig("teacache"),
+                      CacheConfig("ab-cache"), CacheConfig("ab-cache", order=3))}
+    assert len(keys) == 5

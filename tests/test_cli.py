@@ -4,7 +4,10 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
+
+pytestmark = pytest.mark.slow  # `stepserve` CLI subprocesses
 
 
 def stepserve(*args: str) -> subprocess.CompletedProcess:

@@ -44,6 +44,7 @@ def find(docs, kind, name):
     return next(d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name)
 
 
+@pytest.mark.slow  # runs `kubectl kustomize`
 def test_kustomizations_render_with_probes_drain_and_gpus(rendered):
     base = rendered["base"]
     api = find(base, "Deployment", "stepserve-api")["spec"]["template"]["spec"]
@@ -65,6 +66,7 @@ def test_kustomizations_render_with_probes_drain_and_gpus(rendered):
         "spec"]["containers"][0]["image"].endswith(":cpu")
 
 
+@pytest.mark.slow  # runs `kubectl kustomize`
 def test_autoscaler_alerts_and_settings_match_the_code(rendered):
     base = rendered["base"]
     trigger = find(base, "ScaledObject", "stepserve-worker")["spec"]["triggers"][0]
@@ -112,6 +114,7 @@ def base_documents() -> list[dict]:
     return docs
 
 
+@pytest.mark.slow  # runs `kubectl kustomize` where kubectl exists
 def test_manifests_validate_against_kubernetes_schemas(request):
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
     docs = base_documents()
@@ -137,6 +140,7 @@ def promtool(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["promtool", *args], capture_output=True, text=True)
 
 
+@pytest.mark.slow  # runs promtool
 def test_alert_rules_pass_promtool_and_fire_when_they_should(tmp_path):
     if shutil.which("promtool") is None:
         pytest.skip("promtool is not installed (Debian package prometheus)")

@@ -16,6 +16,7 @@ from PIL import Image
 from server_process import ServerProcess
 from stepserve.models.builtin.yardstick import Yardstick, prompt_set
 
+pytestmark = pytest.mark.slow  # server subprocesses
 PROMPT = "a large yellow triangle at the bottom left on a blue background"
 
 

@@ -1,25 +1,12 @@
 """The async jobs API in the all-in-one server (in-process, fake engine)."""
 
 import asyncio
-import threading
 
 import httpx
 
-from fakes import BOOM, FakeEngine
+from fakes import BOOM, FakeEngine, GatedEngine
 from stepserve.server.app import create_app
 from stepserve.server.settings import Settings
-
-
-class GatedEngine(FakeEngine):
-    """Every forward waits for the test to allow it."""
-
-    def __init__(self):
-        super().__init__((3, 8, 8))
-        self.allow = threading.Semaphore(0)
-
-    def denoise(self, x, t, d, text):
-        self.allow.acquire(timeout=10)
-        return super().denoise(x, t, d, text)
 
 
 def run(engine, scenario, **settings):
@@ -60,8 +47,16 @@ def test_job_runs_to_completion_with_progress_and_result():
     assert done["result"]["data"][0]["b64_json"] and done["error"] is None
 
 
+def settled(views) -> bool:
+    """Six jobs, one forward done and the second one held at the gate: the first four
+    admitted and running (one step between them), the last two queued in order."""
+    return ([v["status"] for v in views] == ["running"] * 4 + ["queued"] * 2
+            and sum(v["progress"]["step"] for v in views[:4]) == 1
+            and [v["queue_position"] for v in views[4:]] == [0, 1])
+
+
 def test_queue_position_progress_and_cancel():
-    engine = GatedEngine()
+    engine = GatedEngine(timeout=30)  # longer than the polling below: no forward slips by
 
     async def scenario(c):
         ids = []
@@ -69,28 +64,39 @@ def test_queue_position_progress_and_cancel():
             r = await c.post("/v1/jobs", json={"prompt": "p", "num_inference_steps": 4})
             ids.append(r.json()["id"])
         # the first job's first forward is blocked: the others wait in the inbox; one step
-        # later they are admitted (up to 4 running with batch 1), two stay queued
-        engine.allow.release(1)
-        await asyncio.sleep(0.3)
-        views = [(await c.get(f"/v1/jobs/{i}")).json() for i in ids]
-        cancel_queued = await c.delete(f"/v1/jobs/{ids[5]}")
-        cancel_running = await c.delete(f"/v1/jobs/{ids[0]}")
-        again = await c.delete(f"/v1/jobs/{ids[0]}")
-        engine.allow.release(100)
+        # later they are admitted (up to 4 running with batch 1), two stay queued. The
+        # second forward then waits at the gate, so that state holds until released.
+        engine.allow(1)
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while True:
+                views = [(await c.get(f"/v1/jobs/{i}")).json() for i in ids]
+                if settled(views) or loop.time() > deadline:
+                    break
+                await asyncio.sleep(0.02)
+            forwards = len(engine.batches)
+            cancel_queued = await c.delete(f"/v1/jobs/{ids[5]}")
+            cancel_running = await c.delete(f"/v1/jobs/{ids[0]}")
+            again = await c.delete(f"/v1/jobs/{ids[0]}")
+        finally:
+            engine.open()
         done = [await wait_for(c, i, "completed") for i in ids[1:5]]
         missing = await c.get("/v1/jobs/job-nope")
-        return views, cancel_queued, cancel_running, again, done, missing
+        return views, forwards, cancel_queued, cancel_running, again, done, missing
 
-    views, cq, cr, again, done, missing = run(engine, scenario, max_batch_size=1, max_queue=8)
-    assert [v["status"] for v in views] == ["running"] * 4 + ["queued"] * 2
+    views, forwards, cq, cr, again, done, missing = run(engine, scenario, max_batch_size=1,
+                                                        max_queue=8)
+    assert [v["status"] for v in views] == ["running"] * 4 + ["queued"] * 2, views
     assert sum(v["progress"]["step"] for v in views[:4]) == 1  # one forward so far
     assert [v["queue_position"] for v in views[4:]] == [0, 1]
+    assert forwards == 1  # the gate let exactly one forward through while we looked
     assert cq.json()["status"] == "cancelled" and cr.json()["status"] == "cancelled"
     assert again.status_code == 409 and again.json()["error"]["param"] == "id"
     assert all(d["status"] == "completed" for d in done)
     # the four finished jobs ran 16 forwards; the cancelled running one at most 2 (1 + one
     # more step before it left), the cancelled queued one none: not 24
-    assert 16 <= len(engine.batches) <= 18
+    assert 16 <= len(engine.batches) <= 18 and engine.timed_out == 0
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "job_not_found"
 
 

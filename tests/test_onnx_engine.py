@@ -48,12 +48,14 @@ def rel(a, b):
     return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
 
 
+@pytest.mark.slow  # the ort_engines fixture exports and quantizes three graphs (~15 s)
 @pytest.mark.parametrize("n", [1, 5, 16])
 def test_fp32_graph_matches_torch_at_any_batch_and_text_length(ort_engines, engine, n):
     args = batch(engine, n, seed=n)
     assert rel(ort_engines["fp32", "static"].denoise(*args), engine.denoise(*args)) < 1e-5
 
 
+@pytest.mark.slow  # the ort_engines fixture exports and quantizes three graphs (~15 s)
 def test_int8_graphs_stay_close_and_static_one_is_qdq(ort_engines, engine):
     args = batch(engine, 12)
     ref = engine.denoise(*args)
@@ -75,6 +77,7 @@ def test_int8_graphs_stay_close_and_static_one_is_qdq(ort_engines, engine):
     assert max(np.prod(i.dims) for i in floats) < 256 * 256  # biases and scales only
 
 
+@pytest.mark.slow  # the ort_engines fixture exports and quantizes three graphs (~15 s)
 def test_fp32_graph_gives_the_same_images_as_torch(ort_engines, engine, generate):
     from stepserve.server.scheduler.offline import generate_offline
 
@@ -84,6 +87,7 @@ def test_fp32_graph_gives_the_same_images_as_torch(ort_engines, engine, generate
     assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) <= 1e-3
 
 
+@pytest.mark.slow  # the ort_engines fixture exports and quantizes three graphs (~15 s)
 def test_build_cache_reuses_builds_and_keys_on_weights(ort_engines, build_dir, encoder):
     again = OnnxRuntimeEngine(precision="int8", quantization="static", encoder=encoder,
                               build_dir=build_dir, threads=1)
@@ -99,6 +103,7 @@ def test_build_cache_reuses_builds_and_keys_on_weights(ort_engines, build_dir, e
     assert changed.graph_path != ort_engines["fp32", "static"].graph_path
 
 
+@pytest.mark.slow  # ~9 s: the providers check comes after exporting the fp32 graph
 def test_bad_engine_options_are_clear_errors(build_dir, encoder):
     with pytest.raises(ValueError, match="fp32 or int8"):
         OnnxRuntimeEngine(precision="bf16", encoder=encoder, build_dir=build_dir)
@@ -135,6 +140,7 @@ def test_tensorrt_engine_matches_torch(build_dir, encoder, engine):
     assert rel(trt.denoise(*args).cpu(), engine.denoise(*args)) < 1e-3
 
 
+@pytest.mark.slow  # the ort_engines fixture exports and quantizes three graphs (~15 s)
 def test_server_serves_with_the_onnxruntime_engine(ort_engines):
     int8 = ort_engines["int8", "static"]
     app = create_app(Settings(engine="onnxruntime", precision="int8"), builder=lambda s: int8)
@@ -155,6 +161,7 @@ def test_server_serves_with_the_onnxruntime_engine(ort_engines):
     assert "stepserve_engine_build_seconds" in metrics
 
 
+@pytest.mark.slow  # `stepserve build` / `generate` subprocesses
 def test_build_command_then_generate_uses_the_build(build_dir, tmp_path):
     def stepserve(*args):
         return subprocess.run([sys.executable, "-m", "stepserve.cli", *args],
@@ -175,18 +182,44 @@ def test_build_command_then_generate_uses_the_build(build_dir, tmp_path):
     assert stepserve("build", "--engine", "torch").returncode == 2
 
 
-def test_qsched_search_never_scores_below_no_correction_and_is_applied(ort_engines, tmp_path):
+@pytest.mark.slow  # the ort_engines fixture exports and quantizes three graphs (~15 s)
+def test_qsched_search_scores_the_whole_grid_picks_the_best_and_is_applied(ort_engines,
+                                                                          tmp_path):
     import dataclasses
+    import itertools
 
     from stepserve.engines.ort_engine import QSCHED_FILE
     from stepserve.engines.qsched_search import search_qsched
     from stepserve.models.sampling.qsched import QSched
+    from stepserve.server.scheduler.offline import generate_offline
 
     int8 = ort_engines["int8", "dynamic"]
-    result = search_qsched(int8, prompts=4, steps=2, grid=(0.9, 1.0, 1.1))
-    assert len(result.table) == 9
-    assert result.score >= result.identity_score
-    assert all(0 < row[2] <= 1 and row[3] >= 0 for row in result.table)
+    grid = (0.9, 1.0, 1.1)
+    result = search_qsched(int8, prompts=4, steps=2, grid=grid)
+    # every (c_m, c_s) pair of the grid scored exactly once
+    assert sorted((row[0], row[1]) for row in result.table) == sorted(
+        itertools.product(grid, grid))
+    scores = {(row[0], row[1]): row[4] for row in result.table}
+    # each row's score is agreement minus the palette term (quality_weight 1)
+    assert all(0 < row[2] <= 1 and row[3] >= 0 and row[4] == pytest.approx(row[2] - row[3])
+               for row in result.table)
+    # the chosen pair is the best-scoring row, and identity_score is the (1, 1) row
+    assert result.score == max(scores.values())
+    assert scores[result.best.model, result.best.sample] == result.score
+    assert result.identity_score == scores[1.0, 1.0]
+    # the pair really reaches the sampler during the search: the rows do not all agree
+    assert len(set(scores.values())) > 1, result.table
+    if not result.best.identity:  # a correction was chosen: it changes the images
+        plain = int8.info
+
+        def images(qsched):
+            int8.info = dataclasses.replace(plain, qsched=qsched)
+            try:
+                return generate_offline(int8, PROMPTS[:2], [0, 1], 2)
+            finally:
+                int8.info = plain
+
+        assert not np.array_equal(images(result.best), images(None))
     # a stored pair is picked up by a new engine on the same build and reaches the sampler
     QSched(1.1, 0.9).save(int8.graph_path.parent / QSCHED_FILE)
     try:

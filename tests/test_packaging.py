@@ -7,6 +7,9 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # builds the wheel with pip in a subprocess
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = {"stepserve": "stepserve", "models": "stepserve/models",
            "engines": "stepserve/engines", "server": "stepserve/server",

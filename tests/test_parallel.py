@@ -2,6 +2,7 @@
 match single-process sampling, ParaDiGMS needs far fewer sequential rounds."""
 
 import numpy as np
+import pytest
 import torch
 
 from stepserve.loadtests.parallel import run
@@ -13,6 +14,7 @@ def rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
+@pytest.mark.slow  # spawns torch.distributed (gloo) processes
 def test_cfg_and_sequence_parallel_are_exact():
     base = run("sequential", 1, 4, 3.0, 5, 0)
     for mode in ("cfg", "sequence"):
@@ -34,6 +36,7 @@ def test_paradigms_takes_fewer_rounds_and_matches(engine):
     torch.testing.assert_close(out.x0, out.x, atol=0.2, rtol=0)  # preview ~ the image
 
 
+@pytest.mark.slow  # ~6 s: every request is also sampled alone
 def test_paradigms_for_several_requests_shares_forwards_and_matches_each_alone(engine):
     info = engine.info
     prompts = ["a large blue square on a yellow background", "a small red circle",
@@ -66,24 +69,14 @@ def test_latency_mode_uses_picard_rounds_only_while_alone(engine):
         calls = []
         denoise = engine.denoise
 
-        class Counting:
+        from stepserve.engines.flow_sampling import FlowSampling
+
+        class Counting(FlowSampling):  # the engine's sampling, its forwards counted
             info, encode, decode = engine.info, engine.encode, engine.decode
-            samplers, default_sampler = engine.samplers, engine.default_sampler
-            needs_forward = staticmethod(engine.needs_forward)
-            init_state = engine.init_state
-            picard_init = engine.picard_init
 
             def denoise(self, *a):
                 calls.append(1)
                 return denoise(*a)
-
-            def step_batch(self, states):
-                from stepserve.models.sampling.state import step_batch
-                return step_batch(self.denoise, states)
-
-            def picard_round(self, p):
-                from stepserve.models.sampling.paradigms import picard_round
-                return picard_round(self.denoise, p)
 
         core = SchedulerCore(Counting(), SchedulerConfig(max_batch_size=16))
         core.submit(Request("a", GenerationParams(prompt, 24, 5, 1.0, mode=mode,
@@ -130,6 +123,7 @@ def _flux_context_parallel(folder: str) -> dict:
     return {"alone": alone, "spread": spread, "type": type(spread).__name__}
 
 
+@pytest.mark.slow  # spawns torch.distributed (gloo) processes
 def test_diffusers_context_parallel_is_exact_on_two_processes(tmp_path):
     from stepserve.engines.distributed import spawn
     from stepserve.models.families.tiny import tiny_flux
@@ -141,7 +135,6 @@ def test_diffusers_context_parallel_is_exact_on_two_processes(tmp_path):
 
 
 def test_context_parallel_refuses_models_without_a_plan():
-    import pytest
     from diffusers import PixArtTransformer2DModel
 
     from stepserve.engines import context_parallel

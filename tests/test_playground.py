@@ -6,9 +6,10 @@ import pytest
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER),
-                                reason="needs Debian's chromium and chromium-driver "
-                                       "(.ci/run installs them)")
+pytestmark = [pytest.mark.slow,  # a headless browser against a server subprocess
+              pytest.mark.skipif(not (CHROMIUM and DRIVER),
+                                 reason="needs Debian's chromium and chromium-driver "
+                                        "(.ci/run installs them)")]
 
 
 @pytest.fixture

@@ -15,8 +15,9 @@ import redis
 
 from server_process import ServerProcess, free_port
 
-pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
-                                reason="redis-server is not installed (.ci/run installs it)")
+pytestmark = [pytest.mark.slow,  # redis-server and `stepserve api`/`worker` subprocesses
+              pytest.mark.skipif(shutil.which("redis-server") is None,
+                                 reason="redis-server is not installed (.ci/run installs it)")]
 PROMPT = "a large yellow triangle at the bottom left on a blue background"
 
 
@@ -137,7 +138,7 @@ def test_cancelled_queued_job_is_never_run(redis_url, cluster):
 
 
 def test_rate_limit_bucket_is_shared_through_redis(redis_url):
-    from stepserve.server.auth import RedisBuckets
+    from stepserve.server.redis.rate_limit import RedisBuckets
 
     a, b = RedisBuckets(redis_url, 0.5, 2), RedisBuckets(redis_url, 0.5, 2)  # two replicas
     assert a.take("key1") == 0 and b.take("key1") == 0

@@ -13,8 +13,9 @@ from stepserve.loadtests.cluster import Cluster
 from stepserve.loadtests.redis_server import RedisServer
 from stepserve.server.redis import keys
 
-pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
-                                reason="redis-server is not installed (.ci/run installs it)")
+pytestmark = [pytest.mark.slow,  # redis-server, server subprocesses, kill -9
+              pytest.mark.skipif(shutil.which("redis-server") is None,
+                                 reason="redis-server is not installed (.ci/run installs it)")]
 PROMPT = "a small blue circle at the top right on a white background"
 
 

@@ -4,7 +4,7 @@ import pytest
 
 from fakes import BOOM, FakeEngine
 from stepserve.server.scheduler.core import QueueFull, SchedulerConfig, SchedulerCore
-from stepserve.server.scheduler.events import Completed, Failed, Preview
+from stepserve.server.scheduler.events import Completed, Failed, FinishReason, Preview
 from stepserve.server.scheduler.request import GenerationParams, Request, Status, preview_steps
 
 
@@ -148,7 +148,7 @@ def test_timeout_frees_slot_with_error():
         clock.now = float(tick)
         events += core.step()
     (failed,) = [e for e in events if isinstance(e, Failed)]
-    assert failed.request_id == "slow" and failed.status_code == 504
+    assert failed.request_id == "slow" and failed.reason is FinishReason.TIMEOUT
     assert "timed out" in failed.message
     assert [r.id for r in core.running] == ["ok"]
 
@@ -160,8 +160,39 @@ def test_engine_failure_fails_only_that_batch_and_core_keeps_serving():
     events = run(core)
     failed = [e for e in events if isinstance(e, Failed)]
     completed = [e for e in events if isinstance(e, Completed)]
-    assert [e.request_id for e in failed] == ["bad"] and failed[0].status_code == 500
+    assert [e.request_id for e in failed] == ["bad"] and failed[0].reason is FinishReason.ERROR
     assert [e.request_id for e in completed] == ["good"]
+
+
+class RefusingEngine(FakeEngine):
+    """init_state raises for a request's own parameters (e.g. a schedule a sampler
+    refuses) or because the engine broke."""
+
+    def init_state(self, seed, steps, cond, uncond, **kw):
+        if seed == 666:
+            raise ValueError("timesteps must decrease")
+        if seed == 667:
+            raise RuntimeError("out of memory")
+        return super().init_state(seed, steps, cond, uncond, **kw)
+
+
+def test_a_request_whose_state_cannot_be_built_fails_alone_and_once():
+    engine = RefusingEngine()
+    core = SchedulerCore(engine, SchedulerConfig(max_batch_size=8))
+    core.submit(Request("bad", GenerationParams("p", 3, seed=666, guidance=1.0), 0.0))
+    core.submit(Request("broken", GenerationParams("p", 3, seed=667, guidance=1.0), 0.0))
+    core.submit(Request("good", GenerationParams("p", 3, seed=1, guidance=1.0), 0.0))
+    first = core.step()  # all three admitted together: two fail at once, one forward runs
+    failed = {e.request_id: e for e in first if isinstance(e, Failed)}
+    assert set(failed) == {"bad", "broken"}
+    assert failed["bad"].reason is FinishReason.INVALID
+    assert "timesteps must decrease" in failed["bad"].message
+    assert failed["broken"].reason is FinishReason.ERROR
+    assert [r.id for r in core.running] == ["good"] and not core.waiting
+    assert engine.batches == [1]
+    rest = run(core)  # never re-admitted: no second failure event
+    assert not [e for e in rest if isinstance(e, Failed)]
+    assert [e.request_id for e in rest if isinstance(e, Completed)] == ["good"]
 
 
 def test_previews_are_evenly_spread_x0_predictions():

@@ -6,6 +6,7 @@ averaging, vectorised over a whole batch, so training never waits on data.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,14 +60,16 @@ class Scene:
     cy: float
 
     def __post_init__(self) -> None:
+        values = dataclasses.asdict(self)
         for attr in ATTRIBUTES:
-            if getattr(self, attr) not in VALUES[attr]:
-                raise ValueError(f"{attr}={getattr(self, attr)!r} not in {VALUES[attr]}")
+            if values[attr] not in VALUES[attr]:
+                raise ValueError(f"{attr}={values[attr]!r} not in {VALUES[attr]}")
         if self.colour == self.background:
             raise ValueError("shape colour must differ from background")
 
     def labels(self) -> dict[str, int]:
-        return {a: VALUES[a].index(getattr(self, a)) for a in ATTRIBUTES}
+        values = dataclasses.asdict(self)
+        return {a: VALUES[a].index(values[a]) for a in ATTRIBUTES}
 
 
 def sample_scene(rng: np.random.Generator, **fixed: str) -> Scene:

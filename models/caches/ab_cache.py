@@ -9,10 +9,49 @@ schedules) are exact: for equal spacing it reduces to 2*O1 - O2 (k=2) and
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 
-from .config import CacheConfig
+from .config import CacheConfigError, StepCache
+
+
+@dataclass(frozen=True)
+class ABCacheConfig(StepCache):
+    """Extrapolation order k (1 = reuse the last output), and when to compute: one full
+    compute every `interval` steps, or (with a threshold) whenever the error estimate
+    reaches it; never more than `max_skips` skipped steps in a row."""
+
+    policy: ClassVar[str] = "ab-cache"
+    order: int = 2
+    interval: int = 2
+    threshold: float | None = None
+    max_skips: int = 3
+
+    def validate(self) -> None:
+        if not 1 <= self.order <= 3:
+            raise CacheConfigError("order", "order must be 1, 2 or 3")
+        if self.interval < 1:
+            raise CacheConfigError("interval", "interval must be at least 1")
+        if self.threshold is not None and not self.threshold > 0:
+            raise CacheConfigError("threshold", "threshold must be positive")
+        if self.max_skips < 1:
+            raise CacheConfigError("max_skips", "max_skips must be at least 1")
+
+    def new_state(self) -> ABState:
+        return ABState()
+
+    def must_compute(self, state: ABState, step: int, steps: int, t: float) -> bool:
+        return must_compute(self, state, step, steps, t)
+
+    def record(self, state: ABState, t: float, out: torch.Tensor) -> ABState:
+        return record(state, t, out, self.order)
+
+    def predict(self, state: ABState, t: float) -> torch.Tensor:
+        return predict(state, t, self.order)
+
+    def skipped(self, state: ABState) -> ABState:
+        return skipped(state)
 
 
 @dataclass(frozen=True)
@@ -40,7 +79,10 @@ def lagrange_weights(times: tuple[float, ...], t: float) -> list[float]:
 def predict(state: ABState, t: float, order: int) -> torch.Tensor:
     k = min(order, len(state.times))
     weights = lagrange_weights(state.times[:k], t)
-    return sum(w * o for w, o in zip(weights, state.outputs[:k]))
+    out = weights[0] * state.outputs[0]
+    for w, o in zip(weights[1:], state.outputs[1:k]):
+        out = out + w * o
+    return out
 
 
 def error_estimate(state: ABState, t: float, order: int) -> float:
@@ -53,7 +95,7 @@ def error_estimate(state: ABState, t: float, order: int) -> float:
     return float(torch.linalg.norm(hi - lo) / (torch.linalg.norm(state.outputs[0]) + 1e-12))
 
 
-def must_compute(cfg: CacheConfig, state: ABState, step: int, steps: int, t: float) -> bool:
+def must_compute(cfg: ABCacheConfig, state: ABState, step: int, steps: int, t: float) -> bool:
     if step == 0 or step == steps - 1 or not state.times:
         return True
     if state.skips_in_row >= cfg.max_skips:

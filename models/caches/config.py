@@ -1,75 +1,71 @@
-"""Which cache a request uses and with which knobs; validated once, at the API edge.
+"""What every step-cache policy is: a frozen config with its own knobs, a fresh
+per-request (or per-row) state, and the hook that applies it.
 
-One frozen config per request (from its `cache` field or the server's `--cache`
-default); the per-request state that the policy keeps lives with the request's
-sampler state, so it follows the request from batch to batch.
+Two levels, as in the methods themselves:
+- `StepCache` (AB-Cache): decides per request and step whether the denoiser runs
+  at all; a skipped step's output is predicted, and the request takes no batch row.
+- `ForwardCache` (first-blocks, TeaCache, LazyDiT, DeepCache): runs inside the
+  forward, per batch row (a request's conditional and unconditional rows each keep
+  a state); the model's forward applies it (models/caches/block_cache.py for the
+  built-in DiT, models/caches/deepcache.py for U-Nets).
+
+Policies are registered by name at the end of this module (lazily imported);
+`CacheConfig(policy, **knobs)` builds the named policy's config. Choices for the
+API, the settings and the CLI come from `policy_names()`; nothing outside this
+package compares policy names.
 """
 
 from __future__ import annotations
 
+import abc
+import importlib
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-POLICIES = ("none", "ab-cache", "first-blocks", "teacache", "lazydit", "deepcache")
-AVAILABLE = POLICIES
-BLOCK_POLICIES = ("first-blocks", "teacache", "lazydit")  # engines that run DiT blocks
+if TYPE_CHECKING:
+    import torch
+
+
+class CacheConfigError(ValueError):
+    """A bad cache option; `field` names it for the API's error message."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class _ByPolicy(abc.ABCMeta):
+    """`CacheConfig("ab-cache", order=3)` builds that policy's own config class."""
+
+    def __call__(cls, *args: Any, **knobs: Any) -> Any:
+        if cls is CacheConfig:
+            return cache_config(*args, **knobs)
+        return super().__call__(*args, **knobs)
 
 
 @dataclass(frozen=True)
-class CacheConfig:
-    policy: str = "none"
-    # ab-cache: extrapolation order k (1 = reuse the last output), and when to compute:
-    # (deepcache: a full U-Net step every `interval` steps after `warmup`)
-    # one full compute every `interval` steps, or (with a threshold) whenever the
-    # error estimate reaches it; never more than max_skips skipped steps in a row
-    order: int = 2
-    interval: int = 2
-    threshold: float | None = None
-    max_skips: int = 3
-    # block caches: relative-L1 threshold, blocks always computed, forced warm-up steps
-    block_threshold: float = 0.08
-    first_blocks: int = 1
-    last_blocks: int = 0
-    warmup: int = 1
-    gate_threshold: float = 0.5  # lazydit: reuse a module when its skip probability is over
+class CacheConfig(metaclass=_ByPolicy):
+    """Base of every policy's config; `policy` is its registry name."""
+
+    policy: ClassVar[str] = "none"
+    requires: ClassVar[str | None] = None  # engine feature it needs (engines/capabilities.py)
 
     def __post_init__(self) -> None:
-        for name in ("order", "interval", "max_skips", "first_blocks", "last_blocks", "warmup"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise CacheConfigError(name, f"{name} must be an integer, not {value!r}")
-        for name in ("block_threshold", "gate_threshold", "threshold"):
-            value = getattr(self, name)
-            if value is None and name == "threshold":
+        values = vars(self)
+        for f in fields(self):
+            value, kind = values[f.name], str(f.type)  # annotations are strings here
+            if value is None and "None" in kind:
                 continue
-            if not isinstance(value, int | float) or isinstance(value, bool):
-                raise CacheConfigError(name, f"{name} must be a number, not {value!r}")
-        if not isinstance(self.policy, str) or self.policy not in POLICIES:
-            raise CacheConfigError("policy", f"unknown cache policy {self.policy!r}; "
-                                             f"one of {', '.join(POLICIES)}")
-        if self.policy not in AVAILABLE:
-            raise CacheConfigError("policy", f"cache policy {self.policy!r} is not available "
-                                             f"yet; available: {', '.join(AVAILABLE)}")
-        if not 1 <= self.order <= 3:
-            raise CacheConfigError("order", "order must be 1, 2 or 3")
-        if self.interval < 1:
-            raise CacheConfigError("interval", "interval must be at least 1")
-        if self.threshold is not None and not self.threshold > 0:
-            raise CacheConfigError("threshold", "threshold must be positive")
-        if self.max_skips < 1:
-            raise CacheConfigError("max_skips", "max_skips must be at least 1")
-        if not self.block_threshold > 0:
-            raise CacheConfigError("block_threshold", "block_threshold must be positive")
-        if self.first_blocks < 1 or self.last_blocks < 0:
-            raise CacheConfigError("first_blocks", "first_blocks must be >= 1, last_blocks >= 0")
-        if self.warmup < 1:
-            raise CacheConfigError("warmup", "warmup must be at least 1 (step 0 is computed)")
-        if not 0 <= self.gate_threshold <= 1:
-            raise CacheConfigError("gate_threshold", "gate_threshold must be in [0, 1]")
+            if kind.startswith("int") and (not isinstance(value, int)
+                                           or isinstance(value, bool)):
+                raise CacheConfigError(f.name, f"{f.name} must be an integer, not {value!r}")
+            if kind.startswith("float") and (not isinstance(value, int | float)
+                                             or isinstance(value, bool)):
+                raise CacheConfigError(f.name, f"{f.name} must be a number, not {value!r}")
+        self.validate()
 
-    @property
-    def block_level(self) -> bool:
-        return self.policy in BLOCK_POLICIES
+    def validate(self) -> None:
+        """Range checks of the policy's own knobs (raise CacheConfigError)."""
 
     @property
     def enabled(self) -> bool:
@@ -80,21 +76,96 @@ class CacheConfig:
               ) -> CacheConfig:
         """A policy name, or {"policy": name, knob: value, ...}; None gives the default,
         and a dict without a policy sets knobs of the default policy."""
-        if value is None:
-            return default or CacheConfig()
-        if isinstance(value, str):
-            return CacheConfig(policy=value)
-        known = {f.name for f in fields(CacheConfig)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise CacheConfigError(unknown[0], f"unknown cache option {unknown[0]!r}; "
-                                               f"known: {', '.join(sorted(known))}")
-        if "policy" not in value:
-            value = {**value, "policy": (default or CacheConfig()).policy}
-        return CacheConfig(**value)
+        return parse_cache(value, default)
 
 
-class CacheConfigError(ValueError):
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
+@dataclass(frozen=True)
+class NoCache(CacheConfig):
+    policy: ClassVar[str] = "none"
+
+
+@dataclass(frozen=True)
+class StepCache(CacheConfig, abc.ABC):
+    """A policy that skips whole denoiser calls for a request."""
+
+    @abc.abstractmethod
+    def new_state(self) -> Any:
+        """The request's fresh cache state."""
+
+    @abc.abstractmethod
+    def must_compute(self, state: Any, step: int, steps: int, t: float) -> bool:
+        """Whether this step runs the denoiser (else its output is predicted)."""
+
+    @abc.abstractmethod
+    def record(self, state: Any, t: float, out: torch.Tensor) -> Any:
+        """The state after a computed step with (guided) model output `out`."""
+
+    @abc.abstractmethod
+    def predict(self, state: Any, t: float) -> torch.Tensor:
+        """A skipped step's model output."""
+
+    @abc.abstractmethod
+    def skipped(self, state: Any) -> Any:
+        """The state after a predicted step."""
+
+
+@dataclass(frozen=True)
+class ForwardCache(CacheConfig, abc.ABC):
+    """A policy applied inside the forward, per batch row."""
+
+    @abc.abstractmethod
+    def new_row_state(self) -> Any:
+        """One row's fresh state; it must have a `skipped_blocks` count."""
+
+
+# name -> "module:config class" under this package
+_POLICIES: dict[str, str] = {
+    "none": "config:NoCache",
+    "ab-cache": "ab_cache:ABCacheConfig",
+    "first-blocks": "first_blocks:FirstBlocksConfig",
+    "teacache": "teacache:TeaCacheConfig",
+    "lazydit": "lazydit:LazyDiTConfig",
+    "deepcache": "deepcache:DeepCacheConfig",
+}
+
+
+def policy_names() -> tuple[str, ...]:
+    return tuple(_POLICIES)
+
+
+def cache_policy(name: str) -> type[CacheConfig]:
+    if not isinstance(name, str) or name not in _POLICIES:
+        raise CacheConfigError("policy", f"unknown cache policy {name!r}; "
+                                         f"one of {', '.join(_POLICIES)}")
+    module, _, attr = _POLICIES[name].partition(":")
+    return getattr(importlib.import_module(f"{__package__}.{module}"), attr)  # by name
+
+
+def options(name: str) -> tuple[str, ...]:
+    """The options a policy takes (besides its name)."""
+    return tuple(f.name for f in fields(cache_policy(name)))
+
+
+def cache_config(policy: str = "none", **knobs: Any) -> CacheConfig:
+    """The named policy's config; an option it does not take is an error naming it."""
+    cls = cache_policy(policy)
+    allowed = options(policy)
+    unknown = sorted(set(knobs) - set(allowed))
+    if unknown:
+        raise CacheConfigError(unknown[0], f"cache policy {policy!r} has no option "
+                                           f"{unknown[0]!r}; its options: "
+                                           f"{', '.join(allowed) or 'none'}")
+    return cls(**knobs)
+
+
+def parse_cache(value: str | dict[str, Any] | None, default: CacheConfig | None = None
+                ) -> CacheConfig:
+    """A policy name, or {"policy": name, option: value, ...}; None gives the default,
+    and a dict without a policy sets options of the default policy."""
+    if value is None:
+        return default or cache_config()
+    if isinstance(value, str):
+        return cache_config(value)
+    knobs = dict(value)
+    policy = knobs.pop("policy", (default or cache_config()).policy)
+    return cache_config(policy, **knobs)

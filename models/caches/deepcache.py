@@ -11,13 +11,48 @@ one trajectory per module.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
+
+from .config import CacheConfigError, ForwardCache
+
+
+@dataclass(frozen=True)
+class DeepState:
+    """One row's deep features from its last full step."""
+
+    features: torch.Tensor | None = None
+    skipped_blocks: float = 0.0
+
+
+@dataclass(frozen=True)
+class DeepCacheConfig(ForwardCache):
+    """A full U-Net step every `interval` steps after `warmup`, and at the last step."""
+
+    policy: ClassVar[str] = "deepcache"
+    requires: ClassVar[str | None] = "unet"
+    interval: int = 2
+    warmup: int = 1
+
+    def validate(self) -> None:
+        if self.interval < 1:
+            raise CacheConfigError("interval", "interval must be at least 1")
+        if self.warmup < 1:
+            raise CacheConfigError("warmup", "warmup must be at least 1 (step 0 is computed)")
+
+    def new_row_state(self) -> DeepState:
+        return DeepState()
+
+    def reuses(self, state: DeepState, step: int, steps: int) -> bool:
+        return should_reuse(step, steps, self.interval, self.warmup,
+                            state.features is not None)
 
 
 def _block(block: Any, sample: torch.Tensor, emb: torch.Tensor, ehs: torch.Tensor | None,
            **kwargs: Any) -> Any:
+    # probed: diffusers sets has_cross_attention only on its cross-attention blocks
     if getattr(block, "has_cross_attention", False):
         return block(hidden_states=sample, temb=emb, encoder_hidden_states=ehs, **kwargs)
     return block(hidden_states=sample, temb=emb, **kwargs)
@@ -60,7 +95,7 @@ def deepcache_forward(unet: Any, x: torch.Tensor, t: torch.Tensor, *,
             down_res += r
         if unet.mid_block is not None:
             s = (unet.mid_block(s, e, encoder_hidden_states=h)
-                 if getattr(unet.mid_block, "has_cross_attention", False)
+                 if getattr(unet.mid_block, "has_cross_attention", False)  # as above
                  else unet.mid_block(s, e))
         for block in unet.up_blocks[:-1]:
             k = len(block.resnets)
@@ -68,11 +103,14 @@ def deepcache_forward(unet: Any, x: torch.Tensor, t: torch.Tensor, *,
                        upsample_size=None)
             down_res = down_res[:-k]
         deep = s
-    features = (torch.empty((n, *deep.shape[1:]), dtype=deep.dtype, device=deep.device)
-                if deep is not None else torch.empty_like(cached))
     if deep is not None:
+        features = torch.empty((n, *deep.shape[1:]), dtype=deep.dtype, device=deep.device)
         features[torch.tensor(full, device=x.device)] = deep
+    else:
+        assert cached is not None, "every row reuses: their features must be given"
+        features = torch.empty_like(cached)
     if bool(reuse.any()):
+        assert cached is not None
         rows = reuse.nonzero().flatten().to(x.device)
         features[rows] = cached[rows].to(features)
     out = _block(last, features, emb, ehs, res_hidden_states_tuple=shallow_res,

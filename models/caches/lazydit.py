@@ -1,32 +1,25 @@
-"""LazyDiT: learned per-block gates that decide, per row and step, whether a block's
-self-attention and MLP are recomputed or their previous-step outputs reused.
+"""LazyDiT at serving time: learned per-block gates decide, per row and step, whether
+a block's self-attention and MLP are recomputed or their previous-step outputs reused.
 
 A gate is a linear map of the module's time-modulated input (token mean) to a
-skip probability. The gates are trained with the base DiT frozen on pairs of
-consecutive steps of real sampling runs: loss = MSE(full output, lazy output)
-+ penalty * (fraction of modules computed), with soft (probability-weighted)
-reuse during training and a hard threshold when serving.
+skip probability; where it is over the row's `gate_threshold` (and the row is not
+forced to compute), the module's output from the row's previous step is reused.
+The gates are trained offline (lazydit_train.py).
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
-import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from ..builtin.checkpoint import (
-    WEIGHTS_DIR,
-    load_config,
-    load_state,
-    module_hash,
-    save_module,
-)
+from ..builtin.checkpoint import WEIGHTS_DIR, load_config, load_state, module_hash
 from ..builtin.dit import DiT, DiTBlock, DiTInputs, modulate
+from .block_cache import BlockCache, BlockPass
+from .config import CacheConfigError
 
 LAZYDIT_PATH = WEIGHTS_DIR / "lazydit.safetensors"
 
@@ -113,78 +106,58 @@ def load_gates_for(dit: DiT, path: Path = LAZYDIT_PATH) -> LazyGates | None:
     return load_state(LazyGates(cfg["depth"], cfg["hidden"]), path).eval()
 
 
-@dataclass
-class GateTrainConfig:
-    steps: int = 400
-    batch: int = 32
-    lr: float = 3e-3
-    penalty: float = 0.02  # weight of the fraction of modules computed
-    prompts: int = 96
-    step_counts: tuple[int, ...] = (8, 16, 32)
-    seed: int = 0
 
 
-def trajectory_pairs(engine, cfg: GateTrainConfig) -> list[tuple]:
-    """(x_prev, t_prev, d_prev, x, t, d, text) for consecutive steps of real runs."""
-    from ..builtin.yardstick import prompt_set
-    from ..sampling.state import init_state, step_batch
+@dataclass(frozen=True)
+class LazyDiTState:
+    prev: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None  # (attn, mlp) per block
+    skips_in_row: int = 0
+    skipped_blocks: float = 0.0  # block-equivalents reused (attn + mlp halves)
 
-    ps = prompt_set("seen", cfg.prompts, seed=cfg.seed + 11)
-    cond, uncond = engine.encode(list(ps.prompts)), engine.encode([""])
-    pairs = []
-    for steps in cfg.step_counts:
-        states = [init_state(cfg.seed * 7919 + i, steps, cond.select([i]), uncond,
-                             shape=engine.info.image_shape, time_shift=engine.info.time_shift)
-                  for i in range(len(ps.prompts))]
+
+@dataclass(frozen=True)
+class LazyDiTConfig(BlockCache):
+    policy: ClassVar[str] = "lazydit"
+    requires: ClassVar[str | None] = "lazydit-gates"
+    gate_threshold: float = 0.5  # reuse a module when its skip probability is over this
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 <= self.gate_threshold <= 1:
+            raise CacheConfigError("gate_threshold", "gate_threshold must be in [0, 1]")
+
+    def new_row_state(self) -> LazyDiTState:
+        return LazyDiTState()
+
+    @classmethod
+    def before(cls, p: BlockPass, idx: list[int]) -> None:
+        """Run these rows through every block with their gates (the shared block loop
+        then skips them)."""
+        if p.gates is None:
+            raise ValueError("lazydit needs trained gates (models/builtin/weights/lazydit)")
+        rows = [p.rows[i] for i in idx]
+        assert all(r is not None for r in rows)
+        sub = torch.tensor(idx)
+        sub_inp = DiTInputs(p.inp.c[sub], p.inp.ctx[sub], p.inp.ctx_mask[sub])
+        dev = p.h0.device
+        allow = torch.tensor([not r.forced and r.state.prev is not None for r in rows],
+                             device=dev)
+        thresholds = torch.tensor([r.cfg.gate_threshold for r in rows], device=dev)
         prev = None
-        while not states[0].done:
-            cur = [(s.x, s.t, s.d) for s in states]
-            if prev is not None:
-                pairs += [(*p, *c, i) for i, (p, c) in enumerate(zip(prev, cur))]
-            prev = cur
-            states = step_batch(engine.denoise, states)
-    return [(*p[:6], cond.select([p[6]])) for p in pairs]
-
-
-def train_gates(dit: DiT, engine, cfg: GateTrainConfig | None = None
-                ) -> tuple[LazyGates, dict]:
-    from ..builtin.text import TextBatch
-
-    cfg = cfg or GateTrainConfig()
-
-    for p in dit.parameters():
-        p.requires_grad_(False)
-    gates = LazyGates(len(dit.blocks), dit.cfg.hidden)
-    opt = torch.optim.Adam(gates.parameters(), lr=cfg.lr)
-    pairs = trajectory_pairs(engine, cfg)
-    rng = np.random.default_rng(cfg.seed)
-    start, log = time.perf_counter(), []
-    for step in tqdm(range(cfg.steps), desc="LazyDiT gates"):
-        batch = [pairs[i] for i in rng.integers(len(pairs), size=cfg.batch)]
-        xp, tp, dp, x, t, d = (torch.stack([torch.as_tensor(b[k]) for b in batch]).float()
-                               for k in range(6))
-        text = TextBatch.cat([b[6] for b in batch])
-        with torch.no_grad():
-            hp, inp_p = dit.embed(xp, tp, dp, text)
-            _, prev, _ = lazy_forward(dit, gates, hp, inp_p, None)
-            target = dit(x, t, d, text)
-        h, inp = dit.embed(x, t, d, text)
-        h, _, probs = lazy_forward(dit, gates, h, inp, prev, soft=True)
-        out = dit.head(h, inp)
-        mse = torch.mean((out - target) ** 2) / torch.mean(target ** 2)
-        computed = 1 - probs.mean()
-        loss = mse + cfg.penalty * computed
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 50 == 0 or step == cfg.steps - 1:
-            log.append({"step": step, "rel_mse": float(mse.detach()),
-                        "computed": float(computed.detach())})
-    return gates.eval(), {"train_seconds": round(time.perf_counter() - start),
-                          "pairs": len(pairs), "log": log}
-
-
-def save_gates(gates: LazyGates, dit: DiT, path: Path, meta: dict) -> None:
-    save_module(gates, path, {"depth": len(gates.attn), "hidden": gates.attn[0].in_features},
-                {"dit_hash": module_hash(dit), **meta})
-
+        if bool(allow.any()):
+            zeros = torch.zeros_like(p.h0[sub][0])
+            prev = [tuple(torch.stack([r.state.prev[b][k] if r.state.prev is not None
+                                       else zeros for r in rows]) for k in range(2))
+                    for b in range(p.depth)]
+        h, outs, decisions = lazy_forward(p.dit, p.gates, p.h0[sub], sub_inp, prev,
+                                          threshold=thresholds, allow=allow)
+        if prev is None:
+            decisions = torch.zeros_like(decisions)
+        p.h[sub] = h
+        for k, (i, r) in enumerate(zip(idx, rows)):
+            reused = float(decisions[:, :, k].sum()) / 2  # attn + mlp = one block
+            mine = tuple((a[k].clone(), f[k].clone()) for a, f in outs)  # not batch views
+            p.new[i] = replace(r.state, prev=mine,
+                               skips_in_row=r.state.skips_in_row + 1 if reused else 0,
+                               skipped_blocks=r.state.skipped_blocks + reused)
+            p.skip[i] = range(p.depth)

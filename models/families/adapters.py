@@ -47,7 +47,7 @@ class SDFamily:
 
     @property
     def denoiser(self) -> torch.nn.Module:
-        return getattr(self.pipe, self.denoiser_name)
+        return self.pipe.components[self.denoiser_name]
 
     @property
     def unet(self) -> bool:

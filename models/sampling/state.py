@@ -1,40 +1,44 @@
-"""Per-request sampler state and the batched step over many such states.
+"""The built-in flow model's per-request sampler state, and its `StepModel` for the
+one batched step (batch.py): the shortcut-aware Euler solver with optional Q-Sched.
 
 Why not diffusers' schedulers: they keep one trajectory's position in the
 scheduler object (`_step_index`), so one instance cannot advance requests that
-sit at different steps in one batch.  Here each request carries its own state
-and the step functions are pure.
+sit at different steps in one batch. Here each request carries its own state
+and the step functions (flow.py) are pure.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
 from ..builtin.text import TextBatch
-from ..caches import ab_cache
-from ..caches.block_cache import BlockState, RowCache
 from ..caches.config import CacheConfig
-from .flow import apply_guidance, euler_step, predict_x0
+from . import batch
+from .batch import Row, needs_forward
+from .flow import euler_step, predict_x0
 from .qsched import QSched
 from .schedules import flow_timesteps
+
+__all__ = ["SAMPLERS", "BlockDenoiser", "Denoiser", "FlowStepModel", "SamplerState", "advance",
+           "guided_velocity", "init_state", "needs_forward", "run_to_completion", "step_batch"]
 
 # v = denoiser(x, t, d, text): one batched forward; members may differ in t, d and text.
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, TextBatch], torch.Tensor]
 # (v, new row states) = block_denoiser(x, t, d, text, rows): the same forward with per-row
-# block caches (engines that run DiT blocks themselves, e.g. torch)
-BlockDenoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, TextBatch,
-                          list[RowCache | None]],
-                         tuple[torch.Tensor, list[BlockState | None]]]
+# block caches (models/caches/block_cache.py; engines that run DiT blocks themselves)
+BlockDenoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, TextBatch, list[Any]],
+                         tuple[torch.Tensor, list[Any]]]
 
 SAMPLERS = ("euler", "flow-euler")
 
 
 @dataclass(frozen=True)
 class SamplerState:
-    """One request's trajectory.  `x` is (C, H, W); times run 1 -> 0."""
+    """One request image's trajectory.  `x` is (C, H, W); times run 1 -> 0."""
 
     x: torch.Tensor
     times: tuple[float, ...]
@@ -46,12 +50,8 @@ class SamplerState:
     x0: torch.Tensor | None = field(default=None, repr=False)
     qsched: QSched | None = None  # set when a quantized engine with Q-Sched serves
     cache: CacheConfig | None = None  # step-cache policy; its state below follows the request
-    cache_state: ab_cache.ABState | None = field(default=None, repr=False)
-    block_state: tuple[BlockState, BlockState] | None = field(default=None, repr=False)
-
-    @property
-    def skipped_blocks(self) -> float:
-        return sum(b.skipped_blocks for b in self.block_state) if self.block_state else 0.0
+    cache_state: Any = field(default=None, repr=False)
+    row_caches: tuple[Any, Any] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -60,6 +60,10 @@ class SamplerState:
             raise ValueError("times must decrease and hold at least two entries")
         if len(self.cond) != 1 or len(self.uncond) != 1:
             raise ValueError("cond and uncond hold exactly one prompt each")
+
+    @property
+    def skipped_blocks(self) -> float:
+        return batch.skipped_blocks(self)
 
     @property
     def steps(self) -> int:
@@ -97,51 +101,12 @@ def init_state(seed: int, steps: int, cond: TextBatch, uncond: TextBatch, *,
                time_shift: float = 1.0, qsched: QSched | None = None,
                cache: CacheConfig | None = None) -> SamplerState:
     cache = cache if cache is not None and cache.enabled else None
+    cache_state, row_caches = batch.cache_states(cache)
     return SamplerState(x=initial_noise(seed, shape),
                         times=tuple(flow_timesteps(steps, time_shift)),
                         cond=cond, uncond=uncond, guidance=guidance, sampler=sampler,
                         qsched=None if qsched is None or qsched.identity else qsched,
-                        cache=cache,
-                        cache_state=ab_cache.ABState() if cache and not cache.block_level
-                        else None,
-                        block_state=(BlockState(), BlockState()) if cache and cache.block_level
-                        else None)
-
-
-def guided_velocity(denoiser: Denoiser, states: Sequence[SamplerState],
-                    device: torch.device | str = "cpu",
-                    block_denoiser: BlockDenoiser | None = None
-                    ) -> tuple[torch.Tensor, list[SamplerState]]:
-    """One denoiser forward for all states: conditional rows for every state plus
-    unconditional rows only for the states that use guidance. Returns the (guided)
-    velocities and the states with their block caches updated."""
-    guided = [i for i, s in enumerate(states) if s.uses_guidance]
-    rows = list(states) + [states[i] for i in guided]
-    x = torch.stack([s.x for s in rows]).to(device)
-    t = torch.tensor([s.t for s in rows], device=device)
-    d = torch.tensor([s.d for s in rows], device=device)
-    text = TextBatch.cat([s.cond for s in states] + [states[i].uncond for i in guided])
-    states = list(states)
-    if any(s.block_state is not None for s in states):
-        if block_denoiser is None:
-            raise ValueError("a block cache needs an engine that runs the DiT blocks itself")
-        row_caches = [RowCache(s.cache, s.block_state[k], s.step, s.steps)
-                      if s.block_state is not None else None
-                      for k, s in [(0, s) for s in states] + [(1, states[i]) for i in guided]]
-        v, new_rows = block_denoiser(x, t, d, text.to(device), row_caches)
-        for i, s in enumerate(states):
-            if s.block_state is not None:
-                uncond = (new_rows[len(states) + guided.index(i)] if i in guided
-                          else s.block_state[1])
-                states[i] = replace(s, block_state=(new_rows[i], uncond))
-    else:
-        v = denoiser(x, t, d, text.to(device))
-    v = v.float().cpu()
-    out = v[:len(states)].clone()
-    if guided:
-        scale = torch.tensor([states[i].guidance for i in guided])
-        out[guided] = apply_guidance(out[guided], v[len(states):], scale)
-    return out, states
+                        cache=cache, cache_state=cache_state, row_caches=row_caches)
 
 
 def advance(state: SamplerState, v: torch.Tensor) -> SamplerState:
@@ -157,12 +122,50 @@ def advance(state: SamplerState, v: torch.Tensor) -> SamplerState:
                    x0=predict_x0(x, v, t)[0])
 
 
-def needs_forward(state: SamplerState) -> bool:
-    """False when the state's cache predicts this step's output instead of computing it."""
-    if state.cache is None or state.cache_state is None:
-        return True
-    return ab_cache.must_compute(state.cache, state.cache_state, state.step, state.steps,
-                                 state.t)
+@dataclass(frozen=True)
+class FlowStepModel:
+    """The built-in model's part of the batched step: rows (x, t, d, text) into the
+    denoiser (or, with block caches, the block-cached forward), and the Euler step."""
+
+    denoiser: Denoiser
+    device: torch.device | str = "cpu"
+    block_denoiser: BlockDenoiser | None = None
+
+    def cfg_rows(self, state: SamplerState) -> bool:
+        return state.uses_guidance
+
+    def forward(self, rows: list[Row[SamplerState]]) -> tuple[torch.Tensor, list[Any]]:
+        dev = self.device
+        x = torch.stack([r.state.x for r in rows]).to(dev)
+        t = torch.tensor([r.state.t for r in rows], device=dev)
+        d = torch.tensor([r.state.d for r in rows], device=dev)
+        text = TextBatch.cat([r.text for r in rows]).to(dev)
+        if any(r.state.row_caches is not None for r in rows):
+            if self.block_denoiser is None:
+                raise ValueError("a block cache needs an engine that runs the DiT blocks "
+                                 "itself")
+            from ..caches.block_cache import BlockCache, RowCache
+
+            caches = [RowCache(r.state.cache, r.cache, r.state.step, r.state.steps)
+                      if isinstance(r.state.cache, BlockCache) else None for r in rows]
+            v, new = self.block_denoiser(x, t, d, text, caches)
+        else:
+            v, new = self.denoiser(x, t, d, text), [None] * len(rows)
+        return v.float().cpu(), new
+
+    def advance(self, state: SamplerState, out: torch.Tensor) -> SamplerState:
+        return advance(state, out)
+
+
+def guided_velocity(denoiser: Denoiser, states: Sequence[SamplerState],
+                    device: torch.device | str = "cpu",
+                    block_denoiser: BlockDenoiser | None = None
+                    ) -> tuple[torch.Tensor, list[SamplerState]]:
+    """One denoiser forward for all states: their (guided) velocities (N, C, H, W) and
+    the states with their block caches updated."""
+    outs, states = batch.guided_outputs(FlowStepModel(denoiser, device, block_denoiser),
+                                        states)
+    return torch.stack(outs), states
 
 
 def step_batch(denoiser: Denoiser, states: Sequence[SamplerState],
@@ -170,24 +173,7 @@ def step_batch(denoiser: Denoiser, states: Sequence[SamplerState],
                block_denoiser: BlockDenoiser | None = None) -> list[SamplerState]:
     """Advance every (unfinished) state by one step with at most ONE batched forward;
     states whose cache skips this step take no row in it."""
-    if any(s.done for s in states):
-        raise ValueError("cannot step a finished state")
-    need = [i for i, s in enumerate(states) if needs_forward(s)]
-    v_need, computed = (guided_velocity(denoiser, [states[i] for i in need], device,
-                                        block_denoiser) if need else (None, []))
-    row = {i: k for k, i in enumerate(need)}
-    out = []
-    for i, s in enumerate(states):
-        if i in row:
-            s, v = computed[row[i]], v_need[row[i]].clone()  # not a view of the batch
-            if s.cache_state is not None:
-                s = replace(s, cache_state=ab_cache.record(s.cache_state, s.t, v,
-                                                           s.cache.order))
-        else:
-            v = ab_cache.predict(s.cache_state, s.t, s.cache.order)
-            s = replace(s, cache_state=ab_cache.skipped(s.cache_state))
-        out.append(advance(s, v))
-    return out
+    return batch.step_batch(FlowStepModel(denoiser, device, block_denoiser), states)
 
 
 def run_to_completion(denoiser: Denoiser, states: Sequence[SamplerState],

@@ -7,17 +7,17 @@ import json
 import logging
 import threading
 import time
+from typing import Any
 
 import redis
 
 from stepserve.engines.base import EngineInfo
+from stepserve.engines.capabilities import Capabilities
 
-from ..capabilities import Capabilities
-from ..errors import BACKEND_DOWN
 from ..runtime import Runtime, Served
 from . import keys
 from .client import RedisLoop
-from .connect import UNAVAILABLE, client
+from .connect import REDIS_DOWN, UNAVAILABLE, client
 from .result_cache import RedisResultCache
 
 log = logging.getLogger("stepserve.api")
@@ -38,7 +38,7 @@ class ApiRuntime(Runtime):
                 pinger.ping()
                 self._down = None
             except redis.RedisError as exc:
-                self._down = f"{BACKEND_DOWN} ({exc})"
+                self._down = f"{REDIS_DOWN} ({exc})"
             time.sleep(1.0)
 
     def _load(self) -> None:
@@ -52,18 +52,18 @@ class ApiRuntime(Runtime):
         self._client = client(url)
         while True:  # ready once at least one worker has announced its models
             try:
-                announced = self._client.hgetall(keys.MODELS)
+                announced: dict[Any, Any] = self._client.hgetall(keys.MODELS)
             except UNAVAILABLE as exc:
                 log.warning("waiting for Redis: %s", exc)
                 announced = {}
             if announced:
                 break
             time.sleep(0.5)
-        for name, raw in sorted(announced.items()):
+        for key, raw in sorted(announced.items()):
             meta = json.loads(raw)
             info = meta["info"]
             info["image_shape"] = tuple(info["image_shape"])
-            name = name.decode()
+            name = key.decode()
             self.models[name] = Served(
                 name, self.settings, EngineInfo(**info), Capabilities.from_json(meta["caps"]),
                 RedisLoop(url, name, self.settings.max_queue))

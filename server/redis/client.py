@@ -7,43 +7,52 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import itertools
 import json
 import logging
 import secrets
 import time
+from typing import Any
 
 import redis
 
-from ..errors import BACKEND_DOWN
-from ..scheduler.core import QueueFull
-from ..scheduler.events import CANCELLED, Completed, Failed, Preview
-from ..scheduler.loop import Handle, Unavailable
+from ..scheduler.backend import BackendUnavailable, Handle, Progress, QueueFull
+from ..scheduler.events import Completed, Failed, FinishReason, Preview
 from ..scheduler.request import GenerationParams
 from . import keys, scripts
-from .codec import images_from_bytes, params_to_json
-from .connect import UNAVAILABLE, aclient, client
+from .codec import failure_from_json, images_from_bytes, params_to_json
+from .connect import REDIS_DOWN, UNAVAILABLE, aclient, as_backend_errors, client
 from .event_hub import LOST, EventHub
 
 log = logging.getLogger("stepserve.api")
 
+# error codes of jobs the Redis roles could not bring to an end
+JOB_LOST = "job_lost"  # Redis restarted without the job's data
+RESULT_MISSING = "result_missing"  # the job ended but its stored images expired
+BACKEND_ERROR = "backend_error"  # Redis answered with an error (out of memory, read-only)
+
 
 class RedisLoop:
+    """The API role's JobBackend."""
+
+    shared = True  # every API replica sees these jobs
+
     def __init__(self, url: str, model: str, max_queue: int) -> None:
         self.url, self.model, self.max_queue = url, model, max_queue
         self.sync = client(url)
         self.aio = aclient(url)
         self.hub: EventHub | None = None  # created inside the event loop, on first use
-        self._enqueue_script = None
+        self._enqueue_script: Any = None
         self.handles: dict[str, Handle] = {}
         self.tasks: dict[str, asyncio.Task] = {}
-        self._ids = itertools.count()
 
     @property
     def inflight(self) -> int:
         return len(self.handles)
 
     running = 0  # runs on the workers: see their metrics
+
+    def start(self) -> None:
+        """Connections open lazily; events are read by the EventHub on first use."""
 
     @property
     def waiting(self) -> int:
@@ -62,11 +71,11 @@ class RedisLoop:
         try:
             backlog = self.backlog()
         except UNAVAILABLE as exc:
-            raise Unavailable(f"{BACKEND_DOWN} ({exc})") from exc
+            raise BackendUnavailable(f"{REDIS_DOWN} ({exc})") from exc
         if backlog >= self.max_queue:
             raise QueueFull(f"queue is full ({self.max_queue} jobs for {self.model!r})")
-        job_id = f"img-{secrets.token_hex(6)}-{next(self._ids):06d}"
-        handle = Handle(job_id, params, loop=self)
+        job_id = f"img-{secrets.token_hex(12)}"
+        handle = Handle(job_id, params, backend=self)
         self.handles[job_id] = handle
         self.tasks[job_id] = asyncio.get_running_loop().create_task(self._run(handle))
         return handle
@@ -84,10 +93,11 @@ class RedisLoop:
             await self._enqueue(handle)
             await self._follow(handle, messages)
         except UNAVAILABLE as exc:
-            failure = Failed(job_id, 503, "backend_unavailable", f"{BACKEND_DOWN} ({exc})")
+            failure = Failed(job_id, FinishReason.UNAVAILABLE, f"{REDIS_DOWN} ({exc})")
         except Exception as exc:  # e.g. Redis out of memory or read-only after a failover
             log.exception("job %s: unexpected Redis error", job_id)
-            failure = Failed(job_id, 503, "backend_error", f"the job queue failed: {exc}")
+            failure = Failed(job_id, FinishReason.UNAVAILABLE, f"the job queue failed: {exc}",
+                             BACKEND_ERROR)
         finally:
             self.handles.pop(job_id, None)
             self.tasks.pop(job_id, None)
@@ -140,9 +150,10 @@ class RedisLoop:
                 messages.put_nowait(LOST)
 
     async def _stored_outcome(self, job_id: str) -> dict | None:
-        meta = await self.aio.hgetall(keys.job(job_id))
+        meta: dict[Any, Any] = await self.aio.hgetall(keys.job(job_id))
         if not meta:  # the hash was written with the entry: Redis lost its data
-            return {"type": "failed", "status": 503, "code": "job_lost",
+            return {"type": "failed", "reason": FinishReason.UNAVAILABLE.value,
+                    "code": JOB_LOST,
                     "message": "the job was lost when Redis restarted without persistence; "
                                "submit it again"}
         status = meta.get(b"status", b"").decode()
@@ -156,25 +167,27 @@ class RedisLoop:
     async def _deliver(self, handle: Handle, event: dict) -> None:
         job_id = handle.id
         if event["type"] == "completed":
-            blob = await self.aio.get(keys.result(job_id))
+            blob: bytes | None = await self.aio.get(keys.result(job_id))  # type: ignore[assignment]
             if blob is None:
-                await handle.events.put(Failed(job_id, 500, "result_missing",
-                                               "the job ended but its result expired"))
+                await handle.events.put(Failed(job_id, FinishReason.ERROR,
+                                               "the job ended but its result expired",
+                                               RESULT_MISSING))
                 return
             await handle.events.put(Completed(job_id, images_from_bytes(blob),
                                               event["steps"]))
         elif event["type"] == "failed":
-            await handle.events.put(Failed(job_id, event.get("status", 500),
-                                           event.get("code", "failed"),
-                                           event.get("message", "the job failed")))
+            await handle.events.put(failure_from_json(job_id, event))
         else:  # cancelled, perhaps through another API replica: end this side's wait too
-            await handle.events.put(Failed(job_id, 409, CANCELLED, "the job was cancelled"))
+            await handle.events.put(Failed(job_id, FinishReason.CANCELLED,
+                                           "the job was cancelled"))
 
+    @as_backend_errors
     def remember_job(self, request_id: str, spec: dict, usage: dict) -> None:
         """What another API replica needs to answer GET /v1/jobs/{id} for this job."""
         self.sync.hset(keys.job(request_id), mapping={"spec": json.dumps(spec),
                                                       "usage": json.dumps(usage)})
 
+    @as_backend_errors
     def cancel(self, request_id: str) -> None:
         """Queued: the worker skips it; running: it leaves its batch at the next step."""
         self.sync.hset(keys.job(request_id), "cancelled", 1)
@@ -186,30 +199,31 @@ class RedisLoop:
         if task is not None:
             task.cancel()
 
-    def progress(self, request_id: str) -> tuple[str, int, int | None]:
-        meta = {k.decode(): v.decode() for k, v in self.sync.hgetall(keys.job(request_id)).items()}
+    @as_backend_errors
+    def progress(self, request_id: str) -> Progress:
+        raw: dict[bytes, bytes] = self.sync.hgetall(keys.job(request_id))  # type: ignore[assignment]
+        meta = {k.decode(): v.decode() for k, v in raw.items()}
         status = meta.get("status", "queued")
-        if status == "running":
-            return "running", int(meta.get("step", 0)), None
-        if status in ("completed", "failed", "cancelled"):
-            return status, int(meta.get("step", 0)), None
+        if status in ("running", "completed", "failed", "cancelled"):
+            return Progress(status, int(meta.get("step", 0)))  # type: ignore[arg-type]
         entry = meta.get("entry")
         if entry is None:
-            return "queued", 0, None
+            return Progress("queued")
         try:
             group = next(g for g in self.sync.xinfo_groups(keys.queue(self.model))
                          if g["name"].decode() == keys.GROUP)
             last = group["last-delivered-id"].decode()
-            ahead = len(self.sync.xrange(keys.queue(self.model), f"({last}", entry))
-            return "queued", 0, max(0, ahead - 1)
+            ahead = len(self.sync.xrange(keys.queue(self.model), f"({last}", entry) or [])
+            return Progress("queued", 0, max(0, ahead - 1))
         except (StopIteration, redis.ResponseError):
-            return "queued", 0, None
+            return Progress("queued")
 
     def close_intake(self) -> None:
         pass
 
-    def drain(self, timeout: float | None = None) -> bool:
+    async def drain(self, timeout: float | None = None) -> bool:
+        """Await this replica's waiting requests (their tasks run on this event loop)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.handles and (deadline is None or time.monotonic() < deadline):
-            time.sleep(0.05)
+            await asyncio.sleep(0.05)
         return not self.handles

@@ -10,18 +10,19 @@ import numpy as np
 
 from stepserve.models.caches.config import CacheConfig
 
+from ..scheduler.events import Failed, FinishReason
 from ..scheduler.request import GenerationParams
 
 
 def params_to_json(p: GenerationParams) -> str:
     d = dataclasses.asdict(p)
-    d["cache"] = dataclasses.asdict(p.cache) if p.cache else None
+    d["cache"] = {"policy": p.cache.policy, **dataclasses.asdict(p.cache)} if p.cache else None
     return json.dumps(d)
 
 
 def params_from_json(text: str) -> GenerationParams:
     d = json.loads(text)
-    d["cache"] = CacheConfig(**d["cache"]) if d.get("cache") else None
+    d["cache"] = CacheConfig.parse(d["cache"]) if d.get("cache") else None
     if d.get("schedule"):
         d["schedule"] = tuple((k, tuple(v)) for k, v in d["schedule"])
     return GenerationParams(**d)
@@ -37,3 +38,13 @@ def images_from_bytes(blob: bytes) -> np.ndarray:
     head, _, body = blob.partition(b"|")
     shape = tuple(int(v) for v in head.decode().split(","))
     return np.frombuffer(body, dtype=np.uint8).reshape(shape).copy()
+
+
+def failure_to_json(event: Failed) -> dict:
+    """A failed job's stored error and announced event (the API maps the reason to HTTP)."""
+    return {"reason": event.reason.value, "code": event.code, "message": event.message}
+
+
+def failure_from_json(job_id: str, d: dict) -> Failed:
+    return Failed(job_id, FinishReason(d.get("reason", FinishReason.ERROR.value)),
+                  d.get("message", "the job failed"), d.get("code"))

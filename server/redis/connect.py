@@ -8,17 +8,22 @@ command (redis-py's pool does that) without restarting stepserve.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import ParamSpec, TypeVar
 
 import redis
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from ..scheduler.backend import BackendUnavailable
+
 log = logging.getLogger("stepserve.redis")
+REDIS_DOWN = "the job queue (Redis) is unavailable; retry shortly"
 T = TypeVar("T")
+P = ParamSpec("P")
 
 # Connection refused or reset, timeouts, and a Redis still loading its data after a
 # restart (BusyLoadingError is a ConnectionError).
@@ -52,3 +57,17 @@ async def until_done(fn: Callable[[], Awaitable[T]], what: str, patience_s: floa
                 raise
             log.warning("%s: Redis unavailable (%s); retrying", what, exc)
             await asyncio.sleep(pause_s)
+
+
+def as_backend_errors(fn: Callable[P, T]) -> Callable[P, T]:
+    """Redis being unreachable, raised as the backend-neutral BackendUnavailable (the API
+    answers 503 + Retry-After without knowing about Redis)."""
+
+    @functools.wraps(fn)
+    def wrapped(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except UNAVAILABLE as exc:
+            raise BackendUnavailable(f"{REDIS_DOWN} ({exc})") from exc
+
+    return wrapped

@@ -9,14 +9,16 @@ from typing import Any
 
 from fastapi import Request
 
-from ..errors import APIError
+from ..errors import APIError, failure_body
 from . import keys
 from .client import RedisLoop
-from .codec import images_from_bytes
+from .codec import failure_from_json, images_from_bytes
+from .connect import as_backend_errors
 
 FINAL = ("completed", "failed", "cancelled")
 
 
+@as_backend_errors
 def _lookup(rt: Any, job_id: str) -> tuple[RedisLoop, str, dict[str, str]] | None:
     handle_id = job_id.replace("job-", "img-", 1)
     for served in rt.models.values():
@@ -47,11 +49,11 @@ async def remote_view(rt: Any, request: Request, job_id: str) -> dict[str, Any] 
                            "queue_position": None, "progress": None, "result": None,
                            "error": None}
     if status not in FINAL:
-        phase, step, position = loop.progress(handle_id)
-        out.update(status=phase, queue_position=position,
-                   progress={"step": step, "total_steps": steps, "fraction": step / steps})
+        p = loop.progress(handle_id)
+        out.update(status=p.phase, queue_position=p.position,
+                   progress={"step": p.step, "total_steps": steps, "fraction": p.step / steps})
     elif status == "completed":
-        blob = loop.sync.get(keys.result(handle_id))
+        blob = as_backend_errors(loop.sync.get)(keys.result(handle_id))
         if blob is None:
             raise APIError(404, f"the result of job {job_id!r} has expired", "id",
                            "job_not_found")
@@ -63,9 +65,7 @@ async def remote_view(rt: Any, request: Request, job_id: str) -> dict[str, Any] 
             usage=Usage(**json.loads(meta["usage"]))).model_dump(exclude_none=True)
         out["progress"] = {"step": steps, "total_steps": steps, "fraction": 1.0}
     elif status == "failed" and meta.get("error"):
-        err = json.loads(meta["error"])
-        out["error"] = {"message": err["message"], "type": "server_error", "param": None,
-                        "code": err["code"]}
+        out["error"] = failure_body(failure_from_json(job_id, json.loads(meta["error"])))["error"]
     return out
 
 

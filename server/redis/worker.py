@@ -25,16 +25,15 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from ..scheduler.core import QueueFull
-from ..scheduler.events import Completed, Failed, Preview
-from ..scheduler.loop import Handle
+from ..scheduler.backend import Handle, QueueFull
+from ..scheduler.events import Completed, Failed, FinishReason, Preview
 from . import keys, scripts
-from .codec import images_to_bytes, params_from_json
+from .codec import failure_to_json, images_to_bytes, params_from_json
 from .connect import UNAVAILABLE, aclient, until_done
 
 log = logging.getLogger("stepserve.worker")
 MAX_RUNS = 3  # a job whose worker dies this many times (it may be what kills them) fails
-_CRASH = {"status": 500, "code": "worker_crashed",
+_CRASH = {"reason": FinishReason.ERROR.value, "code": "worker_crashed",
           "message": f"the job was started {MAX_RUNS} times and its worker died each time; "
                      "it is not retried again"}
 _CRASHED, _CRASHED_EVENT = json.dumps(_CRASH), json.dumps({"type": "failed", **_CRASH})
@@ -157,9 +156,9 @@ class RedisWorker:
             await self.requeue_script(keys=[keys.job(job_id)], args=[self.consumer])
             return
         except Exception as exc:  # e.g. invalid for this model: fail the job, never drop it
+            failed = Failed(job_id, FinishReason.INVALID, str(exc))
             await self._finish(name, entry, job_id, "failed",
-                               {"type": "failed", "status": 400, "code": "invalid_value",
-                                "message": str(exc)})
+                               {"type": "failed", **failure_to_json(failed)})
             return
         act = Active(name, entry, handle)
         self.active[job_id] = act
@@ -188,8 +187,7 @@ class RedisWorker:
                                        images_to_bytes(event.images))
                 elif isinstance(event, Failed):
                     await self._finish(act.model, act.entry, job_id, "failed",
-                                       {"type": "failed", "status": event.status_code,
-                                        "code": event.code, "message": event.message})
+                                       {"type": "failed", **failure_to_json(event)})
                 return
         finally:
             self.active.pop(job_id, None)
@@ -198,7 +196,7 @@ class RedisWorker:
                       event: dict, result: bytes = b"") -> bool:
         """Store the outcome, tell the API, then acknowledge, in one script; while Redis is
         down, keep trying (the entry stays pending, so nothing is lost either way)."""
-        error = (json.dumps({k: event[k] for k in ("status", "code", "message")})
+        error = (json.dumps({k: event[k] for k in ("reason", "code", "message")})
                  if status == "failed" else "")
         args = [keys.GROUP, entry, status, time.time(), error, json.dumps(event),
                 self.result_ttl_s, result]
@@ -262,6 +260,9 @@ class RedisWorker:
             await self._finish(act.model, act.entry, job_id, "cancelled",
                                {"type": "cancelled"})
 
+    def _step(self, act: Active) -> int:
+        return self.models[act.model].loop.progress(act.handle.id).step
+
     async def _progress(self, stop: asyncio.Event) -> None:
         """Publish each running job's step; also catch cancellations whose pub/sub
         message was missed (e.g. sent while Redis was restarting)."""
@@ -270,8 +271,7 @@ class RedisWorker:
             if running:
                 pipe = self.r.pipeline(transaction=False)
                 for job_id, act in running:
-                    _, step, _ = act.handle.loop.progress(act.handle.id)
-                    pipe.hset(keys.job(job_id), "step", step)
+                    pipe.hset(keys.job(job_id), "step", self._step(act))
                     pipe.hget(keys.job(job_id), "cancelled")
                 replies = await pipe.execute()
                 for (job_id, _), flag in zip(running, replies[1::2]):

@@ -11,20 +11,20 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
 from stepserve.engines.base import Engine
 
-from .events import Completed, Event, Failed, Preview
+from .backend import QueueFull
+from .events import Completed, Event, Failed, FinishReason, Preview
 from .policy import BatchPolicy
 from .request import Request, Status
 
 log = logging.getLogger("stepserve.scheduler")
 
-
-class QueueFull(Exception):
-    """The bounded queue is full: the API answers 429."""
+__all__ = ["QueueFull", "SchedulerConfig", "SchedulerCore", "StepStats"]
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ class SchedulerCore:
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.last_stats = StepStats()
-        self.default_sampler = getattr(engine, "default_sampler", "euler")
+        self.default_sampler = engine.capabilities.default_sampler
 
     # -- intake ---------------------------------------------------------------------------
     def submit(self, req: Request) -> None:
@@ -120,7 +120,7 @@ class SchedulerCore:
                     if r.deadline is not None and now >= r.deadline]:
             self._retire(req, Status.TIMED_OUT)
             stats.finished.append(req)
-            events.append(Failed(req.id, 504, "timeout",
+            events.append(Failed(req.id, FinishReason.TIMEOUT,
                                  f"request timed out after {req.params.timeout_s:g} s "
                                  f"at step {req.step}/{req.params.steps}"))
         return events
@@ -147,20 +147,30 @@ class SchedulerCore:
             log.exception("text encoding failed")
             return self._fail(chosen, stats, exc)
         stats.encode_s = time.perf_counter() - start
+        events: list[Event] = []
         for i, req in enumerate(chosen):
-            cond, uncond = text.select([i]), text.select([len(chosen) + i])
-            p = req.params
-            req.states = [self.engine.init_state(p.seed + k, p.steps, cond, uncond,
-                                                 guidance=p.guidance,
-                                                 sampler=p.sampler or self.default_sampler,
-                                                 **({"schedule": dict(p.schedule)}
-                                                    if p.schedule else {}),
-                                                 cache=p.cache) for k in range(p.n)]
+            try:  # a request whose state cannot be built fails alone, and only once
+                req.states = self._init_states(req, text.select([i]),
+                                               text.select([len(chosen) + i]))
+            except ValueError as exc:  # its parameters: the request's own fault
+                events += self._fail([req], stats, exc, FinishReason.INVALID)
+                continue
+            except Exception as exc:
+                log.exception("building the sampler state failed for %s", req.id)
+                events += self._fail([req], stats, exc)
+                continue
             req.status = Status.RUNNING
             self.waiting.remove(req)
             self.running.append(req)
-        stats.admitted = len(chosen)
-        return []
+            stats.admitted += 1
+        return events
+
+    def _init_states(self, req: Request, cond: Any, uncond: Any) -> list[Any]:
+        p = req.params
+        return [self.engine.init_state(p.seed + k, p.steps, cond, uncond, guidance=p.guidance,
+                                       sampler=p.sampler or self.default_sampler,
+                                       schedule=dict(p.schedule) if p.schedule else None,
+                                       cache=p.cache) for k in range(p.n)]
 
     def _pick(self, now: float) -> list[Request]:
         if self.config.batching == "request":
@@ -174,7 +184,7 @@ class SchedulerCore:
                  and not self.waiting)
         req = self.running[0] if self.running else None
         wants = (req is not None and req.params.mode == "latency" and req.samples == 1
-                 and req.params.steps >= 8 and hasattr(self.engine, "picard_round")
+                 and req.params.steps >= 8 and self.engine.capabilities.latency_mode
                  and req.params.cache is None)
         if alone and wants:
             return req
@@ -268,21 +278,21 @@ class SchedulerCore:
             stats.finished.append(req)
             return [Completed(req.id, images, req.params.steps)]
         if req.step in req.due_previews:
-            x0 = torch.stack([s.x0 for s in req.states])
+            x0 = torch.stack([s.x0 if s.x0 is not None else s.x for s in req.states])
             req.previews_sent += 1
             if req.first_preview_at is None:
                 req.first_preview_at = now
-            preview = getattr(self.engine, "preview", self.engine.decode)
-            return [Preview(req.id, req.previews_sent - 1, req.step, preview(x0))]
+            return [Preview(req.id, req.previews_sent - 1, req.step, self.engine.preview(x0))]
         return []
 
-    def _fail(self, reqs: list[Request], stats: StepStats, exc: Exception) -> list[Event]:
+    def _fail(self, reqs: list[Request], stats: StepStats, exc: Exception,
+              reason: FinishReason = FinishReason.ERROR) -> list[Event]:
+        message = (f"{exc}" if reason is FinishReason.INVALID else
+                   f"the engine failed on this request's batch: {type(exc).__name__}: {exc}")
         events: list[Event] = []
         for req in reqs:
             self._retire(req, Status.FAILED)
             stats.finished.append(req)
-            events.append(Failed(req.id, 500, "engine_error",
-                                 f"the engine failed on this request's batch: "
-                                 f"{type(exc).__name__}: {exc}"))
+            events.append(Failed(req.id, reason, message))
         return events
 

@@ -1,10 +1,27 @@
-"""What the core loop reports per request; the async edge turns these into responses."""
+"""What the core loop reports per request; the API edge turns these into responses.
+
+A request that does not complete ends with a `FinishReason`, never an HTTP status:
+the one table that maps reasons to status codes lives at the API edge
+(server/errors.py), so the scheduler and its backends stay protocol-free.
+"""
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 import numpy as np
+
+
+class FinishReason(enum.Enum):
+    """Why a request ended without images (its images are the `Completed` event)."""
+
+    CANCELLED = "cancelled"  # the client went away, or the job was cancelled elsewhere
+    TIMEOUT = "timeout"  # past the request's own deadline
+    REJECTED = "rejected"  # no room: the queue was full when it reached the core
+    INVALID = "invalid"  # the request itself cannot run (e.g. a schedule the sampler refuses)
+    ERROR = "error"  # the engine or the runner failed on it
+    UNAVAILABLE = "unavailable"  # the job backend failed or lost it (e.g. Redis restarted)
 
 
 @dataclass(frozen=True)
@@ -25,13 +42,9 @@ class Completed:
 @dataclass(frozen=True)
 class Failed:
     request_id: str
-    status_code: int  # HTTP status the API should answer with
-    code: str  # OpenAI-style error code
+    reason: FinishReason
     message: str
+    code: str | None = None  # a more specific error code (None: the reason's default)
 
 
 Event = Preview | Completed | Failed
-
-# Failed.code of a request cancelled elsewhere (e.g. a job cancelled through another
-# API replica): the request ends as cancelled, not as an error.
-CANCELLED = "cancelled"

@@ -8,48 +8,26 @@ inbox between steps and posts events back with call_soon_threadsafe.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import queue
+import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
-from .core import QueueFull, SchedulerCore, StepStats
-from .events import Completed, Event, Failed
+from .backend import Handle, Progress, QueueFull, ShuttingDown
+from .core import SchedulerCore, StepStats
+from .events import Completed, Event, Failed, FinishReason
 from .request import GenerationParams, Request
 
 log = logging.getLogger("stepserve.loop")
 
 
-class ShuttingDown(Exception):
-    """Intake is closed (SIGTERM): the API answers 503."""
-
-
-class Unavailable(Exception):
-    """The job queue's backend (Redis) cannot be reached: the API answers 503."""
-
-
-@dataclass(eq=False)
-class Handle:
-    """The API's view of one request: its id and the queue its events arrive on."""
-
-    id: str
-    params: GenerationParams
-    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
-    submitted_at: float = field(default_factory=time.monotonic)
-    result_key: str | None = None  # exact-result-cache key (requests with a seed)
-    loop: EngineLoop | None = field(default=None, repr=False)  # None: answered from cache
-    image_tokens: int = 0  # usage accounting for the served model's image size
-
-    def cancel(self) -> None:
-        """The client went away: leave the batch at the next step (no-op when cached)."""
-        if self.loop is not None:
-            self.loop.cancel(self.id)
-
-
 class EngineLoop:
+    """The in-process JobBackend: one scheduler core on its own thread."""
+
+    shared = False  # jobs live in this process only
+
     def __init__(self, core: SchedulerCore,
                  on_step: Callable[[StepStats], None] | None = None) -> None:
         self.core = core
@@ -58,7 +36,6 @@ class EngineLoop:
         self._wake = threading.Event()
         self._handles: dict[str, tuple[Handle, asyncio.AbstractEventLoop]] = {}
         self._lock = threading.Lock()  # guards _handles and the in-flight count
-        self._ids = itertools.count()
         self._accepting = True
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="stepserve-core", daemon=True)
@@ -91,8 +68,7 @@ class EngineLoop:
         if params.n > self.core.config.max_batch_size:
             raise ValueError(f"n={params.n} exceeds the server's max batch size "
                              f"{self.core.config.max_batch_size}")
-        handle = Handle(f"img-{next(self._ids):08d}-{time.time_ns() % 10**6:06d}", params,
-                        loop=self)
+        handle = Handle(f"img-{secrets.token_hex(12)}", params, backend=self)
         with self._lock:
             if len(self._handles) >= self.core.config.max_queue:
                 raise QueueFull(f"queue is full ({self.core.config.max_queue} requests)")
@@ -101,18 +77,18 @@ class EngineLoop:
         self._wake.set()
         return handle
 
-    def progress(self, request_id: str) -> tuple[str, int, int | None]:
-        """(phase, completed steps, queue position) of a live request, read without
-        stopping the core: "queued" (position 0 = next to be admitted) or "running"."""
+    def progress(self, request_id: str) -> Progress:
+        """Read without stopping the core: "queued" (position 0 = next to be admitted)
+        or "running" with its completed steps."""
         core = self.core
         waiting = core.policy.order(list(core.waiting), core.clock())
         for pos, req in enumerate(waiting):
             if req.id == request_id:
-                return "queued", 0, pos
+                return Progress("queued", 0, pos)
         for req in list(core.running):
             if req.id == request_id:
-                return "running", req.step, None
-        return "queued", 0, None  # still in the inbox, ahead of the next step
+                return Progress("running", req.step)
+        return Progress("queued")  # still in the inbox, ahead of the next step
 
     def cancel(self, request_id: str) -> None:
         """The client went away: the request leaves the batch at the next step."""
@@ -125,13 +101,16 @@ class EngineLoop:
     def close_intake(self) -> None:
         self._accepting = False
 
-    def drain(self, timeout: float | None = None) -> bool:
+    def remember_job(self, request_id: str, spec: dict, usage: dict) -> None:
+        """Jobs of an in-process loop are answered from this process's memory."""
+
+    async def drain(self, timeout: float | None = None) -> bool:
         """Stop intake, wait until in-flight work finishes, stop the thread."""
         self.close_intake()
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.inflight and (deadline is None or time.monotonic() < deadline):
-            time.sleep(0.05)
-        self.stop()
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(self.stop)
         return self.inflight == 0
 
     def stop(self) -> None:
@@ -151,8 +130,10 @@ class EngineLoop:
                 assert isinstance(item, Request)
                 try:
                     self.core.submit(item)
-                except (QueueFull, ValueError) as exc:
-                    self._deliver([Failed(item.id, 429, "queue_full", str(exc))])
+                except QueueFull as exc:
+                    self._deliver([Failed(item.id, FinishReason.REJECTED, str(exc))])
+                except ValueError as exc:
+                    self._deliver([Failed(item.id, FinishReason.INVALID, str(exc))])
             else:
                 self.core.cancel(str(item))
 

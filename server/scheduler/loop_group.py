@@ -4,21 +4,27 @@ the least work in flight, and stays there (its sampler state lives on that devic
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
-from .core import QueueFull
-from .loop import EngineLoop, Handle
+from .backend import Handle, Progress, QueueFull
+from .core import SchedulerCore
+from .loop import EngineLoop
 from .request import GenerationParams
 
 
 class LoopGroup:
+    """A JobBackend over several EngineLoops."""
+
+    shared = False
+
     def __init__(self, loops: Sequence[EngineLoop]) -> None:
         if not loops:
             raise ValueError("a loop group needs at least one loop")
         self.loops = list(loops)
 
     @property
-    def core(self):  # the first device's core (settings and defaults are shared)
+    def core(self) -> SchedulerCore:  # the first device's core (settings are shared)
         return self.loops[0].core
 
     @property
@@ -55,13 +61,17 @@ class LoopGroup:
         if owner is not None:
             owner.cancel(request_id)
 
-    def progress(self, request_id: str) -> tuple[str, int, int | None]:
+    def progress(self, request_id: str) -> Progress:
         owner = self._owner(request_id)
-        return owner.progress(request_id) if owner else ("queued", 0, None)
+        return owner.progress(request_id) if owner else Progress("queued")
+
+    def remember_job(self, request_id: str, spec: dict, usage: dict) -> None:
+        """Jobs live in this process's memory."""
 
     def close_intake(self) -> None:
         for loop in self.loops:
             loop.close_intake()
 
-    def drain(self, timeout: float | None = None) -> bool:
-        return all([loop.drain(timeout) for loop in self.loops])
+    async def drain(self, timeout: float | None = None) -> bool:
+        done = await asyncio.gather(*(loop.drain(timeout) for loop in self.loops))
+        return all(done)

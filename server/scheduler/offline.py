@@ -20,7 +20,7 @@ def generate_offline(engine: Engine, prompts: Sequence[str], seeds: Sequence[int
                      cache: CacheConfig | None = None) -> np.ndarray:
     """uint8 images (N, H, W, 3), one per prompt, in prompt order."""
     guidance = engine.info.default_guidance if guidance is None else guidance
-    sampler = sampler or getattr(engine, "default_sampler", "euler")
+    sampler = sampler or engine.capabilities.default_sampler
     core = SchedulerCore(engine, SchedulerConfig(batching=batching,
                                                  max_batch_size=max_batch_size,
                                                  max_queue=max(1, len(prompts))))

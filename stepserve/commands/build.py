@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 
-from .common import add_model_flags, apply_threads, engine_from_args
+from .common import CommandError, add_model_flags, load_model
 
 HELP = "build an engine ahead of serving (ONNX export, int8 calibration, TensorRT plan)"
 
@@ -52,47 +51,40 @@ def check(engine, batch: int) -> dict[str, float]:
 
 
 def save_qsched(engine, steps: int) -> None:
-    import dataclasses
-
     from stepserve.engines.ort_engine import QSCHED_FILE
     from stepserve.engines.qsched_search import search_qsched
 
-    engine.info = dataclasses.replace(engine.info, qsched=None)
     result = search_qsched(engine, steps=steps)
     path = engine.graph_path.parent / QSCHED_FILE
     result.best.save(path, steps=steps, score=result.score, identity_score=result.identity_score)
-    engine.info = dataclasses.replace(engine.info, qsched=result.best)
     print(f"Q-Sched c_m={result.best.model} c_s={result.best.sample} score={result.score:.4f} "
           f"(no correction: {result.identity_score:.4f}) -> {path}")
 
 
 def run(args: argparse.Namespace) -> int:
     from stepserve.engines.build_cache import BuildCache
+    from stepserve.engines.ort_engine import OnnxRuntimeEngine
 
-    cache = BuildCache(args.build_dir)
+    from .common import settings_from_args
+
+    settings = settings_from_args(args)
+    cache = BuildCache(settings.build_dir)
     if args.list:
         for entry in cache.entries():
             print(json.dumps(entry))
         return 0
-    if args.engine == "torch":
-        print("error: the torch engine needs no build; use --engine onnxruntime or tensorrt",
-              file=sys.stderr)
-        return 2
-    apply_threads(args.threads)
+    if settings.engine == "torch":
+        raise CommandError("the torch engine needs no build; use --engine onnxruntime or "
+                           "tensorrt")
+    if args.qsched and (settings.precision == "fp32" or settings.engine != "onnxruntime"):
+        raise CommandError("--qsched applies to quantized onnxruntime builds")
     start = time.perf_counter()
-    try:
-        engine = engine_from_args(args)
-    except (ValueError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    settings, engine = load_model(args)
     seconds = time.perf_counter() - start
-    where = getattr(engine, "graph_path", None) or cache.root
-    print(f"built engine={args.engine} precision={args.precision} in {seconds:.1f} s "
+    where = engine.graph_path if isinstance(engine, OnnxRuntimeEngine) else cache.root
+    print(f"built engine={settings.engine} precision={settings.precision} in {seconds:.1f} s "
           f"(build {engine.build_seconds:.1f} s) -> {where}")
     if args.qsched:
-        if args.precision == "fp32" or args.engine != "onnxruntime":
-            print("error: --qsched applies to quantized onnxruntime builds", file=sys.stderr)
-            return 2
         save_qsched(engine, args.qsched_steps)
     result = check(engine, args.check_batch)
     print(" ".join(f"{k}={v:.4g}" for k, v in result.items()))

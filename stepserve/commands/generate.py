@@ -1,13 +1,14 @@
-"""`stepserve generate`: prompts in, PNGs out, no server."""
+"""`stepserve generate`: prompts in, PNGs out, no server (the same scheduler core and
+engines as `serve`; the built-in model or a diffusers folder via --model)."""
 
 from __future__ import annotations
 
 import argparse
-import sys
+import re
 import time
 from pathlib import Path
 
-from .common import add_model_flags, apply_threads, engine_from_args
+from .common import CommandError, add_model_flags, cache_for, check_sampler, load_model
 
 HELP = "generate images without a server"
 
@@ -15,12 +16,19 @@ HELP = "generate images without a server"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompts", nargs="*", metavar="PROMPT")
     p.add_argument("--prompts-file", type=Path, help="one prompt per line")
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0, help="prompt i uses seed S+i")
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoising steps, 1..max_steps (default: the default_steps setting, 4)")
+    p.add_argument("--seed", type=int, default=0, help="prompt i uses seed S+i (default: 0)")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (default: the model's)")
-    p.add_argument("--size", default=None, help="WxH; the built-in model makes 32x32")
-    p.add_argument("--out", type=Path, default=Path("out"))
+    p.add_argument("--sampler", default=None,
+                   help="sampler (default: the model's; the built-in model: euler or "
+                        "flow-euler; diffusers folders: default, euler, dpm++2m, ...)")
+    p.add_argument("--size", default=None,
+                   help="WxH (default: the model's; the built-in model makes 32x32, a "
+                        "diffusers folder renders square sizes it supports)")
+    p.add_argument("--out", type=Path, default=Path("out"),
+                   help="folder for 0000.png, 0001.png, ... (default: out)")
     add_model_flags(p)
 
 
@@ -32,37 +40,43 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def _square(size: str) -> int:
+    m = re.fullmatch(r"(\d+)x(\d+)", size)
+    if m is None or m.group(1) != m.group(2):
+        raise CommandError(f"--size {size}: use a square WxH such as 512x512")
+    return int(m.group(1))
+
+
 def run(args: argparse.Namespace) -> int:
     prompts = read_prompts(args)
     if not prompts:
-        print("error: give at least one PROMPT or --prompts-file", file=sys.stderr)
-        return 2
-    if args.steps < 1:
-        print("error: --steps must be at least 1", file=sys.stderr)
-        return 2
-    apply_threads(args.threads)
+        raise CommandError("give at least one PROMPT or --prompts-file")
+    if args.size is not None and args.model not in (None, "builtin") and args.image_size is None:
+        args.image_size = _square(args.size)  # a diffusers folder renders the size asked
+    settings, engine = load_model(args)
+    steps = settings.default_steps if args.steps is None else args.steps
+    if not 1 <= steps <= settings.max_steps:
+        raise CommandError(f"--steps must be between 1 and max_steps ({settings.max_steps})")
+    _, h, w = engine.info.image_shape
+    if args.size not in (None, f"{w}x{h}"):
+        raise CommandError(f"--size {args.size}: {engine.info.model!r} makes {w}x{h}")
+    cache = cache_for(settings, engine)
+    sampler = check_sampler(engine, args.sampler)
     from PIL import Image
 
     from stepserve.server.scheduler.offline import generate_offline
 
-    try:
-        engine = engine_from_args(args)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    _, h, w = engine.info.image_shape
-    if args.size not in (None, f"{w}x{h}"):
-        print(f"error: --size {args.size}: the built-in model makes {w}x{h}", file=sys.stderr)
-        return 2
-    engine.warmup((1, min(len(prompts), args.max_batch_size)))
+    batch = settings.max_batch_size
+    engine.warmup((1, min(len(prompts), batch)))
     seeds = [args.seed + i for i in range(len(prompts))]
     start = time.perf_counter()
-    images = generate_offline(engine, prompts, seeds, args.steps, args.guidance, args.sampler,
-                              args.max_batch_size, args.batching)
+    images = generate_offline(engine, prompts, seeds, steps, args.guidance, sampler, batch,
+                              settings.batching, cache=cache)
     seconds = time.perf_counter() - start
     args.out.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):
         Image.fromarray(image).save(args.out / f"{i:04d}.png")
     print(f"images={len(images)} seconds={seconds:.2f} images_per_s={len(images) / seconds:.2f} "
-          f"steps={args.steps} precision={args.precision} out={args.out}")
+          f"steps={steps} precision={settings.precision} model={engine.info.model} "
+          f"cache={settings.cache} out={args.out}")
     return 0

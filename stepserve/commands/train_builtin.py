@@ -95,7 +95,7 @@ def train_lazydit(out) -> int:
     """LazyDiT gates for the DiT in `out`, written beside it (lazydit.safetensors)."""
     from stepserve.engines.torch_engine import TorchEngine
     from stepserve.models.builtin.loading import load_dit
-    from stepserve.models.caches.lazydit import save_gates, train_gates
+    from stepserve.models.caches.lazydit_train import save_gates, train_gates
 
     dit = load_dit(out / "dit.safetensors")
     gates, meta = train_gates(dit, TorchEngine(dit=dit))

@@ -8,13 +8,13 @@ import logging
 import signal
 import sys
 
-from . import serve
+from .common import add_settings_flags, settings_from_args
 
 HELP = "scheduler + engines of the scaled-out roles, fed by Redis (needs --redis-url)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    serve.add_arguments(p)
+    add_settings_flags(p)
     p.add_argument("--metrics-port", type=int, default=9100,
                    help="Prometheus /metrics of this worker (0: off); up once models are warm")
 
@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from stepserve.server.runtime import Runtime
 
     try:
-        settings = serve.settings_from_args(args)
+        settings = settings_from_args(args)
     except (ValidationError, FileNotFoundError, ValueError) as exc:
         print(f"error: invalid settings: {exc}", file=sys.stderr)
         return 2
