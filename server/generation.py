@@ -21,7 +21,13 @@ from .images import CONTENT_TYPES, b64, encode_image
 from .protocol import SIZE_RE, ImageData, ImageGenerationRequest, ImagesResponse, usage_for
 from .result_cache import result_key
 from .runtime import Runtime, Served
-from .scheduler.backend import BackendUnavailable, Handle, QueueFull, ShuttingDown
+from .scheduler.backend import (
+    BackendUnavailable,
+    Handle,
+    QueueFull,
+    ShuttingDown,
+    new_request_id,
+)
 from .scheduler.events import Completed, Event, Failed, FinishReason, Preview
 from .scheduler.request import GenerationParams
 from .submission import OutputSpec, Submission
@@ -139,7 +145,7 @@ def submit(rt: Runtime, served: Served, params: GenerationParams,
         images = rt.results.get(key)
         rt.metrics.result_cache.labels("hit" if images is not None else "miss").inc()
         if images is not None:
-            handle = Handle(f"img-cached-{secrets.token_hex(12)}", params)
+            handle = Handle(new_request_id(), params)
             handle.events.put_nowait(Completed(handle.id, images, params.steps))
             return Submission(handle, None, tokens)
     try:

@@ -75,3 +75,16 @@ def test_progress_is_typed_and_ends_queued_for_unknown_ids():
     loop = engine_loop()
     group = LoopGroup([loop, engine_loop()])
     assert loop.progress("nope") == Progress("queued") == group.progress("nope")
+
+
+def test_request_ids_carry_128_random_bits():
+    import re
+
+    loop = engine_loop()
+
+    async def go():
+        return [loop.submit(GenerationParams("p", 2, i, 1.0)).id for i in range(3)]
+
+    ids = asyncio.run(go())
+    assert all(re.fullmatch(r"img-[0-9a-f]{32}", i) for i in ids), ids
+    assert len(set(ids)) == 3 and len({i[4:12] for i in ids}) == 3  # no shared counter prefix

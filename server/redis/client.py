@@ -9,13 +9,18 @@ import asyncio
 import base64
 import json
 import logging
-import secrets
 import time
 from typing import Any
 
 import redis
 
-from ..scheduler.backend import BackendUnavailable, Handle, Progress, QueueFull
+from ..scheduler.backend import (
+    BackendUnavailable,
+    Handle,
+    Progress,
+    QueueFull,
+    new_request_id,
+)
 from ..scheduler.events import Completed, Failed, FinishReason, Preview
 from ..scheduler.request import GenerationParams
 from . import keys, scripts
@@ -74,7 +79,7 @@ class RedisLoop:
             raise BackendUnavailable(f"{REDIS_DOWN} ({exc})") from exc
         if backlog >= self.max_queue:
             raise QueueFull(f"queue is full ({self.max_queue} jobs for {self.model!r})")
-        job_id = f"img-{secrets.token_hex(12)}"
+        job_id = new_request_id()
         handle = Handle(job_id, params, backend=self)
         self.handles[job_id] = handle
         self.tasks[job_id] = asyncio.get_running_loop().create_task(self._run(handle))

@@ -10,12 +10,19 @@ asyncio queue, whichever backend runs it.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from .events import Event
 from .request import GenerationParams
+
+
+def new_request_id(kind: str = "img") -> str:
+    """An unguessable id (128 random bits): it is the capability to read a job's
+    result where no API key separates users."""
+    return f"{kind}-{secrets.token_hex(16)}"
 
 
 class QueueFull(Exception):

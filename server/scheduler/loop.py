@@ -10,12 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
-import secrets
 import threading
 import time
 from collections.abc import Callable
 
-from .backend import Handle, Progress, QueueFull, ShuttingDown
+from .backend import Handle, Progress, QueueFull, ShuttingDown, new_request_id
 from .core import SchedulerCore, StepStats
 from .events import Completed, Event, Failed, FinishReason
 from .request import GenerationParams, Request
@@ -68,7 +67,7 @@ class EngineLoop:
         if params.n > self.core.config.max_batch_size:
             raise ValueError(f"n={params.n} exceeds the server's max batch size "
                              f"{self.core.config.max_batch_size}")
-        handle = Handle(f"img-{secrets.token_hex(12)}", params, backend=self)
+        handle = Handle(new_request_id(), params, backend=self)
         with self._lock:
             if len(self._handles) >= self.core.config.max_queue:
                 raise QueueFull(f"queue is full ({self.core.config.max_queue} requests)")
