@@ -25,13 +25,15 @@ class BuiltinEngine(FlowSampling):
     name = "base"
 
     def __init__(self, model: str = "builtin", precision: str = "fp32", device: str = "cpu",
-                 text_cache_size: int = 4096, weights: Path | None = None, dit: DiT | None = None,
+                 text_cache_size: int = 4096, text_cache_mb: float = 64.0,
+                 weights: Path | None = None, dit: DiT | None = None,
                  encoder: TextEncoder | None = None, guidance: float | None = None,
                  qsched: QSched | None = None) -> None:
         self.device = torch.device(device)
         self.weights = Path(weights) if weights else DIT_PATH
         self.dit = (dit if dit is not None else load_dit(self.weights)).eval()
-        self.encoder = encoder or TextEncoder(device=device, cache_size=text_cache_size)
+        self.encoder = encoder or TextEncoder(device=device, cache_size=text_cache_size,
+                                              cache_bytes=int(text_cache_mb * 2**20))
         self.build_seconds = 0.0  # export / compile / quantize time paid at start-up
         cfg = self.dit.cfg
         self.info = EngineInfo(engine=self.name, model=model, precision=precision,

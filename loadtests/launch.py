@@ -34,11 +34,13 @@ def rss_mb(pid: int) -> float:
 
 
 @contextlib.contextmanager
-def server_process(*args: str, ready_timeout: float = 300
+def server_process(*args: str, ready_timeout: float = 300, python: str | None = None
                    ) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A server on a free loopback port; `python` runs another install's stepserve (to
+    compare versions side by side)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "stepserve.cli", "serve", "--host",
+    proc = subprocess.Popen([python or sys.executable, "-m", "stepserve.cli", "serve", "--host",
                              "127.0.0.1", "--port", str(port), "--log-level", "warning", *args],
                             env=os.environ.copy())
     try:

@@ -8,28 +8,32 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .auth import Auth, AuthMiddleware
+from .auth import Auth, AuthMiddleware, owner_of
 from .errors import (
     APIError,
     api_error_handler,
     backend_down,
     backend_error_handler,
+    document_errors,
     error_response,
+    error_responses,
     http_error_handler,
     response_of,
     validation_error_handler,
 )
 from .generation import router as generation_router
 from .jobs import router as jobs_router
+from .limits import BodyLimitMiddleware, BodyTooLarge, body_too_large_handler
 from .runtime import EngineBuilder, Runtime, build_engine
 from .scheduler.backend import BackendUnavailable
 from .settings import Settings
 
 PLAYGROUND = Path(__file__).resolve().parent / "static" / "playground.html"
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp")  # what url results are served as
 
 
 def create_app(settings: Settings | None = None, builder: EngineBuilder = build_engine,
@@ -48,21 +52,29 @@ def create_app(settings: Settings | None = None, builder: EngineBuilder = build_
     auth = Auth(settings)
     if auth.enabled:
         app.add_middleware(AuthMiddleware, auth=auth)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=int(settings.max_body_mb * 2**20))
 
     app.add_exception_handler(APIError, api_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_exception_handler(BackendUnavailable, backend_error_handler)
+    app.add_exception_handler(BodyTooLarge, body_too_large_handler)
     app.include_router(generation_router)
     app.include_router(jobs_router)
+    document_errors(app, auth.guards if auth.enabled else None,
+                    limiter_503=auth.buckets is not None and bool(settings.redis_url))
     started = int(time.time())
 
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok"}
 
-    @app.get("/ready")
+    @app.get("/ready", responses=error_responses(
+        503, e503="Not ready: loading, failed to load, or the job backend is unavailable"))
     async def ready() -> Response:
+        if runtime.draining:  # take this replica out of the load balancer at once
+            return error_response(503, "shutting down: finishing the work in flight", None,
+                                  "shutting_down")
         down = runtime.backend_error() if runtime.ready else None
         if down:
             return response_of(backend_down(down))
@@ -80,14 +92,16 @@ def create_app(settings: Settings | None = None, builder: EngineBuilder = build_
                 "data": [{"id": name, "object": "model", "created": started,
                           "owned_by": "stepserve"} for name in runtime.names()]}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
         return Response(generate_latest(runtime.metrics.registry),
                         media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/images/files/{key}")
-    async def image_file(key: str) -> Response:
-        item = runtime.store.get(key)
+    @app.get("/v1/images/files/{key}", response_class=Response, responses={
+        200: {"description": "The image", "content": {t: {} for t in IMAGE_TYPES}},
+        **error_responses(404, e404="Image not found or expired")})
+    async def image_file(key: str, request: Request) -> Response:
+        item = runtime.store.get(key, owner_of(request))
         if item is None:
             raise APIError(404, "image not found or expired", "key", "not_found")
         return Response(item.data, media_type=item.content_type)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from fastapi import Request
+import json
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .protocol import ErrorResponse
 from .scheduler.backend import BackendUnavailable, QueueFull, ShuttingDown
 from .scheduler.events import Failed, FinishReason
 
@@ -44,18 +49,61 @@ async def api_error_handler(_: Request, exc: Exception) -> JSONResponse:
     return response_of(exc)
 
 
+SHOWN = 64  # most characters of a client's value that an error message repeats
+
+
+def shown(value: str, limit: int = SHOWN) -> str:
+    """A client-supplied value as an error message may echo it: cut past `limit`."""
+    return value if len(value) <= limit else value[:limit] + "..."
+
+
+def _field_path(err: Any, body: Any) -> list[str]:
+    """Where an error is, as the client wrote it: pydantic's union-member tags ('str',
+    'dict[str,...]') are left out by following the request body itself."""
+    loc = list(err.get("loc", ()))
+    if loc and loc[0] in ("query", "path", "header", "cookie"):
+        return [str(p) for p in loc[1:2]]
+    parts = loc[1:] if loc[:1] == ["body"] else loc
+    path, node = [], body
+    for i, part in enumerate(parts):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        elif not (i == len(parts) - 1 and err.get("type") == "missing"):
+            continue  # a union member's tag, not the client's field
+        path.append(str(part))
+    return path
+
+
+def _either(messages: list[str]) -> str:
+    lead = "Input should be "
+    if len(messages) > 1 and all(m.startswith(lead) for m in messages):
+        return lead + " or ".join(m[len(lead):] for m in messages)
+    return "; ".join(messages)
+
+
 async def validation_error_handler(_: Request, exc: Exception) -> JSONResponse:
+    """Pydantic's errors as one 400: the first field at fault, by the name the client
+    used (`cache`, never `cache.str`), and of its errors the deepest (a union value
+    names the member it came closest to)."""
     assert isinstance(exc, RequestValidationError)
-    errors = exc.errors()
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
-    if first.get("type") == "extra_forbidden":
+    errors = list(exc.errors())
+    if not errors or errors[0].get("type") == "json_invalid":
+        return error_response(400, "request body is not valid JSON" if errors
+                              else "invalid request", None, "invalid_value")
+    paths = [_field_path(e, exc.body) for e in errors]
+    same = [i for i, p in enumerate(paths) if p[:1] == paths[0][:1]]
+    best = max(same, key=lambda i: len(paths[i]))
+    messages = list(dict.fromkeys(str(errors[i].get("msg")).removeprefix("Value error, ")
+                                  for i in same if paths[i] == paths[best]))
+    param = shown(".".join(paths[best])) or None
+    if errors[best].get("type") == "extra_forbidden":
         message = f"unknown field {param!r}"
-    elif first.get("type") == "json_invalid":
-        message, param = "request body is not valid JSON", None
+    elif tuple(errors[best].get("loc", ())) == ("body",):  # no body, or not an object
+        message = "the request body must be a JSON object (Content-Type: application/json)"
     else:
-        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        message = f"{param}: {_either(messages)}" if param else _either(messages)
     return error_response(400, message, param, "invalid_value")
 
 
@@ -108,3 +156,64 @@ def submit_error(exc: Exception, retry_after_s: int) -> APIError:
 
 async def backend_error_handler(_: Request, exc: Exception) -> JSONResponse:
     return response_of(backend_down(str(exc) or BACKEND_DOWN))
+
+
+# What each error status means, for /openapi.json (routes list theirs with `responses=`)
+STATUS_MEANING = {
+    400: "Invalid request: `param` names the field at fault",
+    401: "Missing or unknown API key (only when the server has API keys)",
+    404: "Not found",
+    409: "Conflict: the request or job was cancelled, or the job has already ended",
+    413: "Request body too large (setting max_body_mb)",
+    429: "Queue full, or a rate limit; retry after `Retry-After` seconds",
+    500: "The engine failed on this request",
+    503: "Not ready, shutting down, or the job backend is unavailable; `Retry-After`",
+    504: "The request's `timeout` passed before it finished",
+}
+
+
+def error_responses(*statuses: int, **meaning: str) -> dict[int | str, dict[str, Any]]:
+    """`responses=` entries of a route: each status with the error body's model;
+    `meaning` overrides a description (`e404="no such model"`)."""
+    return {status: {"model": ErrorResponse,
+                     "description": meaning.get(f"e{status}", STATUS_MEANING[status])}
+            for status in statuses}
+
+
+def document_errors(app: FastAPI, guards: Callable[[str], bool] | None = None,
+                    limiter_503: bool = False) -> None:
+    """Make /openapi.json say what the server answers: no 422 (a bad request is a 400,
+    which each route lists), and with API keys 401 and 429 (too many failed keys, or
+    the key's rate limit; `limiter_503`: also 503, a shared limiter being down) on every
+    route `guards` names."""
+    original = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = original()
+        extra = (401, 429, 503) if limiter_503 else (401, 429)
+        for path, operations in schema.get("paths", {}).items():
+            for op in operations.values():
+                responses = op.setdefault("responses", {})
+                responses.pop("422", None)
+                if guards is not None and guards(path):
+                    for status in extra:
+                        responses.setdefault(str(status), _error_entry(schema, status))
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        if "HTTPValidationError" not in json.dumps(schema.get("paths", {})):
+            components.pop("HTTPValidationError", None)
+            components.pop("ValidationError", None)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _error_entry(schema: dict[str, Any], status: int) -> dict[str, Any]:
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    if "ErrorResponse" not in components:
+        body = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(body.pop("$defs", {}))
+        components["ErrorResponse"] = body
+    return {"description": STATUS_MEANING[status], "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}

@@ -16,9 +16,25 @@ from sse_starlette.sse import EventSourceResponse
 from stepserve.engines.capabilities import Capabilities
 from stepserve.models.caches.config import CacheConfig, CacheConfigError
 
-from .errors import APIError, backend_down, failure_body, failure_http, submit_error
+from .auth import owner_of, quota_of
+from .errors import (
+    APIError,
+    backend_down,
+    error_responses,
+    failure_body,
+    failure_http,
+    shown,
+    submit_error,
+)
 from .images import CONTENT_TYPES, b64, encode_image
-from .protocol import SIZE_RE, ImageData, ImageGenerationRequest, ImagesResponse, usage_for
+from .protocol import (
+    MAX_N,
+    SIZE_RE,
+    ImageData,
+    ImageGenerationRequest,
+    ImagesResponse,
+    usage_for,
+)
 from .result_cache import result_key
 from .runtime import Runtime, Served
 from .scheduler.backend import (
@@ -45,13 +61,13 @@ def resolve(body: ImageGenerationRequest, rt: Runtime
     """Checks that need the server's settings and model; each error names its field."""
     served = rt.served(body.model)
     if served is None:
-        raise APIError(404, f"model {body.model!r} is not served here; available: "
+        raise APIError(404, f"model {shown(str(body.model))!r} is not served here; available: "
                        f"{', '.join(rt.names())}", "model", "model_not_found")
     s, info, caps = served.settings, served.info, served.caps
     _, h, w = info.image_shape
     upscale = 1
     if body.size not in (None, "auto"):
-        m = SIZE_RE.match(body.size)
+        m = SIZE_RE.fullmatch(body.size)
         assert m is not None
         width, height = int(m.group(1)), int(m.group(2))
         if width != height or width % w or not 1 <= width // w <= MAX_UPSCALE:
@@ -62,20 +78,22 @@ def resolve(body: ImageGenerationRequest, rt: Runtime
     if body.background == "transparent":
         raise APIError(400, "background 'transparent' is not supported", "background",
                        "invalid_value")
+    # the upper bounds live here, not in the schema: one message for every value over
     steps = body.num_inference_steps or s.default_steps
     if steps > s.max_steps:
-        raise APIError(400, f"num_inference_steps must be at most {s.max_steps}",
-                       "num_inference_steps", "invalid_value")
-    if body.n > s.max_batch_size:
-        raise APIError(400, f"n must be at most {s.max_batch_size} on this server", "n",
-                       "invalid_value")
+        raise APIError(400, f"num_inference_steps must be at most {s.max_steps} on this "
+                       "server (max_steps)", "num_inference_steps", "invalid_value")
+    max_n = min(MAX_N, s.max_batch_size)
+    if body.n > max_n:
+        raise APIError(400, f"n must be at most {max_n} on this server", "n", "invalid_value")
     try:
         cache = CacheConfig.parse(body.cache, default=CacheConfig.parse(s.cache))
     except CacheConfigError as exc:
-        raise APIError(400, str(exc), f"cache.{exc.field}" if isinstance(body.cache, dict)
-                       else "cache", "invalid_value") from exc
+        raise APIError(400, shown(str(exc), 256), f"cache.{shown(exc.field)}"
+                       if isinstance(body.cache, dict) else "cache", "invalid_value") from exc
     except TypeError as exc:  # a knob of the wrong type
-        raise APIError(400, f"invalid cache options: {exc}", "cache", "invalid_value") from exc
+        raise APIError(400, shown(f"invalid cache options: {exc}", 256), "cache",
+                       "invalid_value") from exc
     problem = caps.cache_error(cache, s.model_name, info.engine)
     if problem:
         raise APIError(400, problem, "cache", "unsupported_value")
@@ -147,7 +165,7 @@ def submit(rt: Runtime, served: Served, params: GenerationParams,
         if images is not None:
             handle = Handle(new_request_id(), params)
             handle.events.put_nowait(Completed(handle.id, images, params.steps))
-            return Submission(handle, None, tokens)
+            return Submission(handle, key, tokens, from_cache=True)
     try:
         handle = served.loop.submit(params)
     except (QueueFull, ShuttingDown, BackendUnavailable, ValueError) as exc:
@@ -168,14 +186,26 @@ async def image_data(rt: Runtime, request: Request, images: np.ndarray,
     encoded = await encode_all(images, spec)
     if spec.response_format == "b64_json":
         return [ImageData(b64_json=b64(e)) for e in encoded]
-    base = str(request.base_url).rstrip("/")
-    keys = [rt.store.put(e, CONTENT_TYPES[spec.output_format], spec.output_format)
-            for e in encoded]
+    base = public_base(rt, request)
+    owner, quota = owner_of(request), quota_of(request)
+    keys = [rt.store.put(e, CONTENT_TYPES[spec.output_format], spec.output_format,
+                         owner, quota) for e in encoded]
     return [ImageData(url=f"{base}/v1/images/files/{k}") for k in keys]
 
 
+def public_base(rt: Runtime, request: Request) -> str:
+    """Where url results are fetched: the configured public URL, else the request's own
+    base if its Host is trusted, else a root-relative path (never an attacker's Host)."""
+    s = rt.settings
+    if s.public_base_url:
+        return s.public_base_url.rstrip("/")
+    if request.url.hostname in s.allowed_hosts or request.url.hostname == s.host:
+        return str(request.base_url).rstrip("/")
+    return ""
+
+
 def record_end(rt: Runtime, sub: Submission, event: Event | None) -> None:
-    if isinstance(event, Completed) and sub.result_key is not None:
+    if isinstance(event, Completed) and sub.result_key is not None and not sub.from_cache:
         rt.results.put(sub.result_key, event.images)
     reason = event.reason if isinstance(event, Failed) else None
     status = ("ok" if isinstance(event, Completed)
@@ -200,7 +230,11 @@ async def next_final(handle: Handle, request: Request) -> Event | None:
             return event
 
 
-@router.post("/v1/images/generations", response_model=None)
+@router.post("/v1/images/generations", response_model=None, responses={
+    200: {"model": ImagesResponse, "description": "The images; with `stream`, Server-Sent "
+          "Events (docs/openai-api.md)", "content": {"text/event-stream": {}}},
+    **error_responses(400, 404, 409, 413, 429, 500, 503, 504,
+                      e404="The model is not served here")})
 async def generate(body: ImageGenerationRequest, request: Request) -> Response:
     rt = runtime_of(request)
     require_ready(rt)

@@ -1,9 +1,11 @@
-"""Asynchronous jobs: POST /v1/jobs, GET /v1/jobs/{id}, DELETE /v1/jobs/{id}.
+"""Asynchronous jobs: POST /v1/jobs, GET /v1/jobs[/{id}], DELETE /v1/jobs/{id}.
 
 A job is a generation request whose client does not wait on the connection:
-it polls for status, queue position, progress and the result, or cancels.
-In the all-in-one server jobs live in memory (JobStore) for `url_ttl_s`
-after they end; the scaled-out roles keep them in Redis.
+it polls for status, queue position, progress and the result, or cancels. A job
+belongs to the API key that created it: other keys get 404 (without auth, the
+unguessable id is the capability). In the all-in-one server jobs live in memory
+(JobStore, bounded in bytes) for `url_ttl_s` after they end; the scaled-out roles
+keep them in Redis.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ import dataclasses
 import time
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
-from .errors import APIError, failure_body
+from .auth import owner_of
+from .errors import APIError, error_responses, failure_body
 from .generation import (
     image_data,
     record_end,
@@ -26,12 +29,32 @@ from .generation import (
     submit,
 )
 from .job_store import Job
-from .protocol import ImageGenerationRequest, ImagesResponse, usage_for
+from .protocol import ImageGenerationRequest, ImageJob, ImageJobList, ImagesResponse, usage_for
 from .runtime import Runtime
 from .scheduler.events import Completed, Failed, FinishReason, Preview
 from .scheduler.request import GenerationParams
+from .submission import OutputSpec, Submission
 
 router = APIRouter()
+# OpenAPI links: a created job's id is what GET / DELETE /v1/jobs/{job_id} take
+JOB_LINKS = {name: {"operationId": op, "parameters": {"job_id": "$response.body#/id"}}
+             for name, op in (("GetJob", "get_job"), ("CancelJob", "cancel_job"))}
+
+def content_key(sub: Submission, spec: OutputSpec) -> str | None:
+    """Jobs returning the same cached result in the same inline format share one copy."""
+    if sub.result_key is None or spec.response_format != "b64_json":
+        return None  # url results belong to one owner each
+    return f"{sub.result_key}|{spec}"
+
+
+def reservation(params: GenerationParams, spec: OutputSpec, shape: tuple[int, int, int]
+                ) -> int:
+    """The most bytes this job's result can take (b64 of raw-size images)."""
+    if spec.response_format != "b64_json":
+        return params.n * 256
+    _, h, w = shape
+    return params.n * (4 * (h * w * 3 * spec.upscale ** 2 + 4096) // 3 + 64)
+
 
 async def follow(rt: Runtime, request: Request, job: Job, params: GenerationParams) -> None:
     """Consume the job's events until it ends; store the encoded result."""
@@ -42,9 +65,14 @@ async def follow(rt: Runtime, request: Request, job: Job, params: GenerationPara
             if not isinstance(event, Preview):
                 break
         if isinstance(event, Completed):
-            data = await image_data(rt, request, event.images, job.spec)
+            key = content_key(job.sub, job.spec)
+            data = rt.jobs.shared(key)
+            if data is None:
+                encoded = await image_data(rt, request, event.images, job.spec)
+                data = [d.model_dump(exclude_none=True) for d in encoded]
+            rt.jobs.complete(job, data, key)
             job.result = ImagesResponse(
-                created=int(time.time()), data=data, background="opaque",
+                created=int(time.time()), data=[], background="opaque",
                 output_format=job.spec.output_format, size=job.spec.size,
                 usage=usage_for(params.prompt, params.n, job.sub.image_tokens)
             ).model_dump(exclude_none=True)
@@ -55,6 +83,8 @@ async def follow(rt: Runtime, request: Request, job: Job, params: GenerationPara
             job.error = failure_body(event)["error"]
             job.status = "failed"
     finally:
+        if job.data is None:
+            rt.jobs.release(job)
         record_end(rt, job.sub, event)
         job.ended_at = time.time()
 
@@ -62,20 +92,28 @@ async def follow(rt: Runtime, request: Request, job: Job, params: GenerationPara
 def view(rt: Runtime, job: Job) -> dict[str, Any]:
     out: dict[str, Any] = {"id": job.id, "object": "image.job", "status": job.status,
                            "created_at": int(job.created_at), "queue_position": None,
-                           "progress": None, "result": job.result, "error": job.error}
+                           "progress": None, "result": None, "error": job.error}
     handle = job.sub.handle
     steps = handle.params.steps
     if not job.final and handle.backend is not None:
         p = handle.backend.progress(handle.id)
         job.status = out["status"] = p.phase
+        job.last_step = max(job.last_step, p.step)
         out["queue_position"] = p.position
-        out["progress"] = {"step": p.step, "total_steps": steps, "fraction": p.step / steps}
+    elif not job.final:  # answered from the result cache: done at its next turn
+        out["queue_position"] = 0
     elif job.status == "completed":
-        out["progress"] = {"step": steps, "total_steps": steps, "fraction": 1.0}
+        job.last_step, job.fetched = steps, True
+        out["result"] = {**(job.result or {}), "data": job.data}
+    out["progress"] = {"step": job.last_step, "total_steps": steps,
+                       "fraction": job.last_step / steps}
     return out
 
 
-@router.post("/v1/jobs", status_code=202)
+@router.post("/v1/jobs", status_code=202, responses={
+    202: {"model": ImageJob, "description": "The job, queued", "links": JOB_LINKS},
+    **error_responses(400, 404, 413, 429, 503, e404="The model is not served here",
+                      e429="Queue full, the jobs store full, or a rate limit")})
 async def create_job(body: ImageGenerationRequest, request: Request) -> JSONResponse:
     rt = runtime_of(request)
     require_ready(rt)
@@ -85,20 +123,38 @@ async def create_job(body: ImageGenerationRequest, request: Request) -> JSONResp
     served, params, spec = resolve(body, rt)
     sub = submit(rt, served, params, seeded=body.seed is not None)
     # public id "job-..."; the backend knows the request by the handle's "img-..." id
-    job = Job(sub.handle.id.replace("img-", "job-", 1), sub, spec)
-    rt.jobs.add(job)
+    owner = owner_of(request)
+    job = Job(sub.handle.id.replace("img-", "job-", 1), sub, spec, owner)
+    key = content_key(sub, spec)
+    try:
+        rt.jobs.add(job, 0 if rt.jobs.has_shared(key)
+                    else reservation(params, spec, served.info.image_shape))
+    except APIError:
+        sub.handle.cancel()  # refused: it must not run for nobody
+        raise
     if sub.handle.backend is not None:  # scaled out: any API replica can answer for it
         usage = usage_for(params.prompt, params.n, sub.image_tokens).model_dump()
-        sub.handle.backend.remember_job(sub.handle.id, dataclasses.asdict(spec), usage)
+        sub.handle.backend.remember_job(sub.handle.id, dataclasses.asdict(spec), usage, owner)
     job.task = asyncio.create_task(follow(rt, request, job, params))
     return JSONResponse(view(rt, job), status_code=202)
 
 
-def find(rt: Runtime, job_id: str) -> Job:
-    return rt.jobs.get(job_id)
+@router.get("/v1/jobs", responses={200: {"model": ImageJobList}, **error_responses(400)})
+async def list_jobs(request: Request, limit: int = Query(100, ge=1, le=1000)) -> JSONResponse:
+    """The caller's own jobs held by this server, newest first."""
+    rt = runtime_of(request)
+    jobs = sorted(rt.jobs.mine(owner_of(request)), key=lambda j: j.created_at, reverse=True)
+    return JSONResponse({"object": "list", "data": [view(rt, j) for j in jobs[:limit]],
+                         "has_more": len(jobs) > limit})
 
 
-@router.get("/v1/jobs/{job_id}")
+def find(rt: Runtime, job_id: str, request: Request) -> Job:
+    return rt.jobs.get(job_id, owner_of(request))
+
+
+@router.get("/v1/jobs/{job_id}", operation_id="get_job", responses={
+    200: {"model": ImageJob, "links": {"CancelJob": JOB_LINKS["CancelJob"]}},
+    **error_responses(404, 503, e404="No such job (unknown, expired, or another key's)")})
 async def get_job(job_id: str, request: Request) -> JSONResponse:
     rt = runtime_of(request)
     local = rt.jobs.jobs.get(job_id)
@@ -106,31 +162,35 @@ async def get_job(job_id: str, request: Request) -> JSONResponse:
         # Redis holds the truth while a job runs (this replica may hear of its end late)
         from .redis.remote_jobs import remote_view
 
-        remote = await remote_view(rt, request, job_id)
+        remote = await remote_view(rt, request, job_id, owner_of(request))
         if remote is not None:
             return JSONResponse(remote)
-    return JSONResponse(view(rt, find(rt, job_id)))
+    return JSONResponse(view(rt, find(rt, job_id, request)))
 
 
 def _scaled_out(rt: Runtime) -> bool:
     return any(s.loop.shared for s in rt.models.values())
 
 
-@router.delete("/v1/jobs/{job_id}")
+@router.delete("/v1/jobs/{job_id}", operation_id="cancel_job", responses={
+    200: {"model": ImageJob, "description": "The job, cancelled"},
+    **error_responses(404, 409, 503, e404="No such job (unknown, expired, or another key's)",
+                      e409="The job has already ended")})
 async def cancel_job(job_id: str, request: Request) -> JSONResponse:
     rt = runtime_of(request)
     if job_id not in rt.jobs.jobs and _scaled_out(rt):
         from .redis.remote_jobs import remote_cancel
 
-        remote = remote_cancel(rt, job_id)
+        remote = remote_cancel(rt, job_id, owner_of(request))
         if remote is not None:
             return JSONResponse(remote)
-    job = find(rt, job_id)
+    job = find(rt, job_id, request)
     if job.final:
         raise APIError(409, f"job {job_id!r} has already ended ({job.status})", "id",
                        "job_already_ended")
+    out = view(rt, job)  # its progress at the moment it is cancelled
     job.sub.handle.cancel()  # queued: removed at once; running: leaves at the next step
     job.status, job.ended_at = "cancelled", time.time()
     if job.task is not None:
         job.task.cancel()
-    return JSONResponse(view(rt, job))
+    return JSONResponse({**out, "status": "cancelled", "queue_position": None})

@@ -68,7 +68,8 @@ def diffusers_engine(settings: Settings) -> Engine:
 def engine_kwargs(settings: Settings) -> dict:
     """The settings each engine takes (engines reject options that are not theirs)."""
     kwargs = {"model": settings.model_name, "precision": settings.precision,
-              "device": settings.device, "text_cache_size": settings.text_cache_size}
+              "device": settings.device, "text_cache_size": settings.text_cache_size,
+              "text_cache_mb": settings.text_cache_mb}
     if settings.engine == "torch":
         kwargs["compile"] = settings.compile
     if settings.engine in ("onnxruntime", "tensorrt"):
@@ -100,13 +101,16 @@ class Runtime:
         self.settings = settings
         self.builder = builder
         self.metrics = Metrics()
-        self.store = ResultStore(settings.url_ttl_s)
+        self.store = ResultStore(settings.url_ttl_s, int(settings.url_results_max_mb * 2**20),
+                                 int(settings.url_results_per_key_mb * 2**20))
         self.results: Results = ResultCache(int(settings.result_cache_mb * 2**20),
                                             settings.result_cache_ttl_s)
-        self.jobs = JobStore(settings.url_ttl_s)
+        self.jobs = JobStore(settings.url_ttl_s, int(settings.jobs_max_mb * 2**20),
+                             settings.max_jobs)
         self.models: dict[str, Served] = {}
         self.error: str | None = None
         self._ready = threading.Event()
+        self._draining = False
         self._cache_seen: dict[str, tuple[int, int]] = {}
 
     @property
@@ -212,10 +216,31 @@ class Runtime:
             m.text_cache_misses.inc(max(0, misses - seen[1]))
             self._cache_seen[model] = (hits, misses)
 
-    async def drain(self) -> bool:
-        """Stop intake everywhere, then await in-flight work (up to drain_timeout_s)."""
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def begin_drain(self) -> None:
+        """Refuse new work from now on (readiness turns 503, submissions 503); work in
+        flight, streams and async jobs included, goes on."""
+        self._draining = True
         for served in self.models.values():
             served.loop.close_intake()
+
+    @property
+    def inflight(self) -> int:
+        return sum(served.loop.inflight for served in self.models.values())
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Until nothing is in flight (True) or `timeout` passed (False)."""
+        deadline = time.monotonic() + timeout
+        while self.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self.inflight == 0
+
+    async def drain(self) -> bool:
+        """Stop intake everywhere, then await in-flight work (up to drain_timeout_s)."""
+        self.begin_drain()
         done = await asyncio.gather(*(served.loop.drain(self.settings.drain_timeout_s)
                                       for served in self.models.values()))
         return all(done)

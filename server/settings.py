@@ -108,6 +108,29 @@ class Settings(BaseSettings):
         256.0, ge=0, description="exact result cache size (requests with a seed); 0: off")
     result_cache_ttl_s: float = Field(3600.0, gt=0, description="how long cached results live")
     text_cache_size: int = Field(4096, ge=1, description="prompts kept by the text-encoder LRU")
+    text_cache_mb: float = Field(64.0, gt=0, description="memory the text-encoder LRU may hold")
+    max_body_mb: float = Field(
+        8.0, gt=0, description="largest request body; a larger one gets 413 before it is read")
+    jobs_max_mb: float = Field(
+        256.0, gt=0, description="encoded results of async jobs kept in memory; when full, "
+        "fetched results go first and new jobs get 429")
+    max_jobs: int = Field(10000, ge=1, description="async jobs kept in memory (any state)")
+    url_results_max_mb: float = Field(
+        256.0, gt=0, description="images kept for response_format=url, in all")
+    url_results_per_key_mb: float = Field(
+        64.0, gt=0, description="url images one API key (or client address) may keep; beyond "
+        "it its own oldest go first, never another key's")
+    public_base_url: str | None = Field(
+        None, description="base of url results, e.g. https://images.example.com (default: "
+        "the request's Host if it is in allowed_hosts, else a root-relative url)")
+    allowed_hosts: list[str] = Field(
+        ["localhost", "127.0.0.1", "::1"], description="Host headers trusted for url results "
+        "when public_base_url is not set")
+    auth_internal: bool = Field(
+        False, description="with API keys: also require one for /metrics, /docs, /openapi.json")
+    auth_failures_per_min: float = Field(
+        30.0, gt=0, description="failed API-key attempts a client address may make per minute; "
+        "then 429")
     log_level: str = Field("info", description="uvicorn log level")
     api_keys: list[str] = Field(default_factory=list,
                                 description="accepted bearer keys (empty: no auth)")

@@ -16,6 +16,7 @@ class Submission:
     handle: Handle
     result_key: str | None = None  # exact-result-cache key (requests with a seed)
     image_tokens: int = 0  # usage: output tokens per image of the served model's size
+    from_cache: bool = False  # answered from the exact result cache (nothing ran)
 
     @property
     def params(self) -> GenerationParams:

@@ -84,7 +84,7 @@ def test_b64_png_response_shape(app):
 
 
 def test_url_response_is_served_then_expires():
-    app = make_app(url_ttl_s=0.3)
+    app = make_app(url_ttl_s=0.3, allowed_hosts=["test"])
     r = gen(app, response_format="url", output_format="jpeg", size="32x32")
     url = r.json()["data"][0]["url"]
     assert url.startswith("http://test/v1/images/files/") and url.endswith(".jpeg")

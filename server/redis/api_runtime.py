@@ -38,7 +38,9 @@ class ApiRuntime(Runtime):
                 pinger.ping()
                 self._down = None
             except redis.RedisError as exc:
-                self._down = f"{REDIS_DOWN} ({exc})"
+                if self._down is None:
+                    log.warning("Redis unavailable: %s", exc)  # the address stays in the log
+                self._down = REDIS_DOWN
             time.sleep(1.0)
 
     def _load(self) -> None:

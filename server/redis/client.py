@@ -19,6 +19,7 @@ from ..scheduler.backend import (
     Handle,
     Progress,
     QueueFull,
+    ShuttingDown,
     new_request_id,
 )
 from ..scheduler.events import Completed, Failed, FinishReason, Preview
@@ -47,6 +48,7 @@ class RedisLoop:
         self.aio = aclient(url)
         self.hub: EventHub | None = None  # created inside the event loop, on first use
         self._enqueue_script: Any = None
+        self._accepting = True
         self.handles: dict[str, Handle] = {}
         self.tasks: dict[str, asyncio.Task] = {}
 
@@ -73,10 +75,13 @@ class RedisLoop:
         return int(group.get("lag") or 0) + int(group.get("pending") or 0)
 
     def submit(self, params: GenerationParams) -> Handle:
+        if not self._accepting:
+            raise ShuttingDown("this API replica is shutting down")
         try:
             backlog = self.backlog()
         except UNAVAILABLE as exc:
-            raise BackendUnavailable(f"{REDIS_DOWN} ({exc})") from exc
+            log.warning("Redis unavailable: %s", exc)  # its address stays in the log
+            raise BackendUnavailable(REDIS_DOWN) from exc
         if backlog >= self.max_queue:
             raise QueueFull(f"queue is full ({self.max_queue} jobs for {self.model!r})")
         job_id = new_request_id()
@@ -98,10 +103,12 @@ class RedisLoop:
             await self._enqueue(handle)
             await self._follow(handle, messages)
         except UNAVAILABLE as exc:
-            failure = Failed(job_id, FinishReason.UNAVAILABLE, f"{REDIS_DOWN} ({exc})")
+            log.warning("job %s: Redis unavailable: %s", job_id, exc)
+            failure = Failed(job_id, FinishReason.UNAVAILABLE, REDIS_DOWN)
         except Exception as exc:  # e.g. Redis out of memory or read-only after a failover
             log.exception("job %s: unexpected Redis error", job_id)
-            failure = Failed(job_id, FinishReason.UNAVAILABLE, f"the job queue failed: {exc}",
+            failure = Failed(job_id, FinishReason.UNAVAILABLE,
+                             f"the job queue failed ({type(exc).__name__}); retry shortly",
                              BACKEND_ERROR)
         finally:
             self.handles.pop(job_id, None)
@@ -187,10 +194,12 @@ class RedisLoop:
                                            "the job was cancelled"))
 
     @as_backend_errors
-    def remember_job(self, request_id: str, spec: dict, usage: dict) -> None:
+    def remember_job(self, request_id: str, spec: dict, usage: dict,
+                     owner: str | None) -> None:
         """What another API replica needs to answer GET /v1/jobs/{id} for this job."""
         self.sync.hset(keys.job(request_id), mapping={"spec": json.dumps(spec),
-                                                      "usage": json.dumps(usage)})
+                                                      "usage": json.dumps(usage),
+                                                      "owner": owner or ""})
 
     @as_backend_errors
     def cancel(self, request_id: str) -> None:
@@ -224,7 +233,7 @@ class RedisLoop:
             return Progress("queued")
 
     def close_intake(self) -> None:
-        pass
+        self._accepting = False
 
     async def drain(self, timeout: float | None = None) -> bool:
         """Await this replica's waiting requests (their tasks run on this event loop)."""

@@ -68,6 +68,7 @@ def as_backend_errors(fn: Callable[P, T]) -> Callable[P, T]:
         try:
             return fn(*args, **kwargs)
         except UNAVAILABLE as exc:
-            raise BackendUnavailable(f"{REDIS_DOWN} ({exc})") from exc
+            log.warning("Redis unavailable: %s", exc)  # its address stays in the log
+            raise BackendUnavailable(REDIS_DOWN) from exc
 
     return wrapped

@@ -19,14 +19,18 @@ FINAL = ("completed", "failed", "cancelled")
 
 
 @as_backend_errors
-def _lookup(rt: Any, job_id: str) -> tuple[RedisLoop, str, dict[str, str]] | None:
+def _lookup(rt: Any, job_id: str, owner: str | None
+            ) -> tuple[RedisLoop, str, dict[str, str]] | None:
+    """The job's record, for its owner only (others: None, answered as 404)."""
     handle_id = job_id.replace("job-", "img-", 1)
     for served in rt.models.values():
         loop = served.loop
         if isinstance(loop, RedisLoop):
             raw = loop.sync.hgetall(keys.job(handle_id))
             if raw and b"spec" in raw:
-                return loop, handle_id, {k.decode(): v.decode() for k, v in raw.items()}
+                meta = {k.decode(): v.decode() for k, v in raw.items()}
+                return (loop, handle_id, meta) if meta.get("owner", "") == (owner or "") \
+                    else None
     return None
 
 
@@ -35,11 +39,12 @@ def _status(meta: dict[str, str]) -> str:
     return "cancelled" if meta.get("cancelled") == "1" and status not in FINAL else status
 
 
-async def remote_view(rt: Any, request: Request, job_id: str) -> dict[str, Any] | None:
+async def remote_view(rt: Any, request: Request, job_id: str, owner: str | None
+                      ) -> dict[str, Any] | None:
     from ..generation import OutputSpec, image_data
     from ..protocol import ImagesResponse, Usage
 
-    found = _lookup(rt, job_id)
+    found = _lookup(rt, job_id, owner)
     if found is None:
         return None
     loop, handle_id, meta = found
@@ -69,8 +74,8 @@ async def remote_view(rt: Any, request: Request, job_id: str) -> dict[str, Any] 
     return out
 
 
-def remote_cancel(rt: Any, job_id: str) -> dict[str, Any] | None:
-    found = _lookup(rt, job_id)
+def remote_cancel(rt: Any, job_id: str, owner: str | None) -> dict[str, Any] | None:
+    found = _lookup(rt, job_id, owner)
     if found is None:
         return None
     loop, handle_id, meta = found

@@ -98,9 +98,10 @@ class JobBackend(Protocol):
     def progress(self, request_id: str) -> Progress:
         """A live request's phase, steps done and queue position."""
 
-    def remember_job(self, request_id: str, spec: dict, usage: dict) -> None:
+    def remember_job(self, request_id: str, spec: dict, usage: dict,
+                     owner: str | None) -> None:
         """Keep what other API replicas need to answer for this async job (its output
-        spec and usage); a no-op where jobs live in one process."""
+        spec, usage and owner); a no-op where jobs live in one process."""
 
     def close_intake(self) -> None:
         """Refuse new requests from now on (ShuttingDown)."""

@@ -87,7 +87,8 @@ class EngineLoop:
         for req in list(core.running):
             if req.id == request_id:
                 return Progress("running", req.step)
-        return Progress("queued")  # still in the inbox, ahead of the next step
+        # still in the inbox: it will queue behind everything waiting now
+        return Progress("queued", 0, len(waiting))
 
     def cancel(self, request_id: str) -> None:
         """The client went away: the request leaves the batch at the next step."""
@@ -100,7 +101,8 @@ class EngineLoop:
     def close_intake(self) -> None:
         self._accepting = False
 
-    def remember_job(self, request_id: str, spec: dict, usage: dict) -> None:
+    def remember_job(self, request_id: str, spec: dict, usage: dict,
+                     owner: str | None) -> None:
         """Jobs of an in-process loop are answered from this process's memory."""
 
     async def drain(self, timeout: float | None = None) -> bool:

@@ -65,7 +65,8 @@ class LoopGroup:
         owner = self._owner(request_id)
         return owner.progress(request_id) if owner else Progress("queued")
 
-    def remember_job(self, request_id: str, spec: dict, usage: dict) -> None:
+    def remember_job(self, request_id: str, spec: dict, usage: dict,
+                     owner: str | None) -> None:
         """Jobs live in this process's memory."""
 
     def close_intake(self) -> None:

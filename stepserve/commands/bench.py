@@ -6,7 +6,7 @@ import argparse
 import importlib
 
 HELP = ("benchmarks that print tables: openloop, batching, overhead, soak, engines, caches, "
-        "parallel, faults, scaleout")
+        "parallel, faults, scaleout, flood")
 
 # bench name -> module under stepserve.loadtests; each has main(argv)
 BENCHES = {
@@ -19,6 +19,7 @@ BENCHES = {
     "parallel": "parallel",
     "faults": "faults",
     "scaleout": "scaleout",
+    "flood": "flood",
 }
 
 
@@ -30,7 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "step caches' compute saved vs quality; parallel: one request "
                         "across processes; faults: workers and Redis killed under load "
                         "(lost / duplicated jobs); scaleout: api + worker over Redis vs "
-                        "the all-in-one server")
+                        "the all-in-one server; flood: server memory under a flood of cache-hit "
+                        "jobs and a huge body")
     p.add_argument("bench_args", nargs=argparse.REMAINDER,
                    help="the benchmark's own flags (`stepserve bench NAME --help`)")
 

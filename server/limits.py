@@ -1,0 +1,74 @@
+"""Request-body size limit, enforced before the body is buffered: a declared
+Content-Length over the limit is refused at once (413), and a body that streams past
+it (chunked, or a lying Content-Length) is cut off as soon as it does."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.exceptions import HTTPException
+
+from .errors import error_response
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from `receive` (an HTTPException so FastAPI's body parsing passes it on
+    instead of turning it into a 400)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body is larger than {limit / 2**20:g} MB "
+                              "(setting max_body_mb)")
+        self.limit = limit
+
+
+async def body_too_large_handler(_: Any, exc: Exception) -> Any:
+    assert isinstance(exc, BodyTooLarge)
+    return too_large(exc.limit)
+
+
+def too_large(limit: int) -> Any:
+    return error_response(413, f"request body is larger than {limit / 2**20:g} MB "
+                          "(setting max_body_mb)", None, "request_too_large")
+
+
+class BodyLimitMiddleware:
+    """Pure ASGI, outermost: nothing below it ever holds more than `max_bytes` of body."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                declared = self.max_bytes + 1
+            if declared > self.max_bytes:
+                await too_large(self.max_bytes)(scope, receive, send)
+                return
+        seen = 0
+        started = False
+
+        async def limited_receive() -> Any:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise BodyTooLarge(self.max_bytes)
+            return message
+
+        async def tracking_send(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except BodyTooLarge:
+            if not started:
+                await too_large(self.max_bytes)(scope, receive, send)

@@ -1,0 +1,248 @@
+"""Production hardening (issue 14), in-process: job and result ownership, key-guess
+throttling, the body-size limit, byte bounds of every per-request store, url bases,
+and job views."""
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+from fakes import FakeEngine, GatedEngine
+from stepserve.server.app import create_app
+from stepserve.server.results import ResultStore
+from stepserve.server.settings import Settings
+
+A, B = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}
+
+
+def make_app(engine=None, **settings):
+    engine = engine or FakeEngine((3, 8, 8))
+    app = create_app(Settings(model="fake", **settings), builder=lambda s: engine)
+    app.state.runtime.start(background=False)
+    return app
+
+
+def run(app, fn):
+    async def go():
+        transport = httpx.ASGITransport(app=app, client=("10.0.0.7", 1234))
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
+            return await fn(c)
+
+    try:
+        return asyncio.run(go())
+    finally:
+        app.state.runtime.shutdown()
+
+
+async def wait_done(c, job_id, headers=None):
+    for _ in range(400):
+        r = await c.get(f"/v1/jobs/{job_id}", headers=headers or {})
+        if r.json()["status"] in ("completed", "failed", "cancelled"):
+            return r
+        await asyncio.sleep(0.01)
+    raise AssertionError("job did not end")
+
+
+def test_jobs_and_url_results_belong_to_the_key_that_made_them():
+    app = make_app(api_keys=["key-a", "key-b"])
+
+    async def go(c):
+        job = (await c.post("/v1/jobs", json={"prompt": "p", "response_format": "url"},
+                            headers=A)).json()
+        done = await wait_done(c, job["id"], A)
+        url = done.json()["result"]["data"][0]["url"]
+        return (job["id"], url, await c.get(f"/v1/jobs/{job['id']}", headers=B),
+                await c.delete(f"/v1/jobs/{job['id']}", headers=B),
+                (await c.get("/v1/jobs", headers=A)).json(),
+                (await c.get("/v1/jobs", headers=B)).json(),
+                await c.get(url, headers=B), await c.get(url, headers=A), await c.get(url))
+
+    job_id, url, other, cancel, mine, theirs, b_file, a_file, anon = run(app, go)
+    assert other.status_code == 404 and cancel.status_code == 404  # as for an unknown id
+    assert [j["id"] for j in mine["data"]] == [job_id] and theirs["data"] == []
+    assert b_file.status_code == 404 and a_file.status_code == 200
+    assert anon.status_code == 401
+
+
+def test_failed_key_guesses_are_throttled_per_address():
+    app = make_app(api_keys=["key-a"], auth_failures_per_min=3)
+
+    async def go(c):
+        guesses = [await c.get("/v1/models", headers={"Authorization": f"Bearer g{i}"})
+                   for i in range(5)]
+        right = await c.get("/v1/models", headers=A)  # the address is throttled now
+        return guesses, right
+
+    guesses, right = run(app, go)
+    assert [g.status_code for g in guesses] == [401, 401, 401, 429, 429]
+    assert right.status_code == 429 and int(right.headers["retry-after"]) >= 1
+    assert guesses[-1].json()["error"]["code"] == "too_many_auth_failures"
+
+
+def test_internal_endpoints_can_require_a_key():
+    app = make_app(api_keys=["key-a"], auth_internal=True)
+
+    async def go(c):
+        return [(await c.get(p)).status_code for p in ("/metrics", "/openapi.json")] + [
+            (await c.get("/metrics", headers=A)).status_code,
+            (await c.get("/health")).status_code]
+
+    assert run(app, go) == [401, 401, 200, 200]
+
+
+def test_bodies_over_the_limit_get_413_before_they_are_read():
+    app = make_app(max_body_mb=0.01)  # 10 KB
+    big = b'{"prompt": "' + b"x" * 50_000 + b'"}'
+
+    async def chunks():
+        for i in range(0, len(big), 1000):
+            yield big[i:i + 1000]
+
+    async def go(c):
+        declared = await c.post("/v1/images/generations", content=big,
+                                headers={"content-type": "application/json"})
+        streamed = await c.post("/v1/images/generations", content=chunks(),
+                                headers={"content-type": "application/json"})
+        small = await c.post("/v1/images/generations", json={"prompt": "p"})
+        return declared, streamed, small
+
+    declared, streamed, small = run(app, go)
+    assert declared.status_code == 413 and streamed.status_code == 413
+    assert declared.json()["error"]["code"] == "request_too_large"
+    assert small.status_code == 200
+
+
+def test_identical_cache_hit_jobs_share_one_result_and_the_store_is_bounded():
+    app = make_app(jobs_max_mb=0.25)  # 256 KB: room for ~100 job records
+    store = app.state.runtime.jobs
+    body = {"prompt": "p", "seed": 7, "n": 4, "size": "64x64"}
+
+    async def go(c):
+        first = (await c.post("/v1/jobs", json=body)).json()["id"]
+        await wait_done(c, first)
+        ids = [first]
+        for _ in range(40):  # the same seeded request: answered from the result cache
+            r = await c.post("/v1/jobs", json=body)
+            ids.append(r.json()["id"])
+        for i in ids:
+            await wait_done(c, i)
+        shared = all(store.jobs[i].data is store.jobs[first].data for i in ids)
+        shared_bytes, one = store.bytes, store.jobs[first].data
+        statuses = []
+        for _ in range(200):  # a flood nobody fetches: refused once full, never dropped
+            statuses.append((await c.post("/v1/jobs", json={**body, "seed": 8})).status_code)
+            await asyncio.sleep(0)
+        return shared, shared_bytes, one, statuses
+
+    shared, shared_bytes, one, statuses = run(app, go)
+    assert shared  # one copy of the images for all 41 jobs
+    assert shared_bytes < 41 * 2048 + 2 * len(str(one))
+    assert statuses.count(429) > 0 and statuses[0] == 202
+    assert store.bytes <= store.max_bytes
+
+
+def test_fetched_results_make_room_for_new_jobs():
+    app = make_app(jobs_max_mb=0.05, max_jobs=5)
+    store = app.state.runtime.jobs
+
+    async def go(c):
+        out = []
+        for i in range(12):  # each result fetched once: the oldest fetched go first
+            r = await c.post("/v1/jobs", json={"prompt": "p", "seed": i})
+            out.append(r.status_code)
+            await wait_done(c, r.json()["id"])
+        return out
+
+    assert run(app, go) == [202] * 12
+    assert len(store.jobs) <= 5
+
+
+def test_url_results_of_one_key_cannot_evict_anothers():
+    store = ResultStore(ttl_s=60, max_bytes=10_000, per_quota_bytes=3_000)
+    victim = store.put(b"v" * 1000, "image/png", "png", "b", "key:b")
+    for _ in range(50):  # a flood from another key stays inside that key's quota
+        store.put(b"x" * 1000, "image/png", "png", "a", "key:a")
+    assert store.get(victim, "b") is not None and store.get(victim, "a") is None
+    assert store.bytes <= 4_000
+    for q in range(20):  # only when the whole store is full does anyone else's go
+        store.put(b"y" * 1000, "image/png", "png", None, f"addr:{q}")
+    assert store.bytes <= 10_000
+
+
+def test_url_results_never_echo_an_untrusted_host():
+    def url_for(host_headers, **settings):
+        app = make_app(**settings)
+
+        async def go(c):
+            r = await c.post("/v1/images/generations", headers=host_headers,
+                             json={"prompt": "p", "response_format": "url"})
+            return r.json()["data"][0]["url"]
+
+        return run(app, go)
+
+    evil = url_for({"Host": "evil.example"})
+    assert "evil" not in evil and evil.startswith("/v1/images/files/")
+    assert url_for({}).startswith("http://localhost/v1/images/files/")
+    assert url_for({"Host": "evil.example"}, public_base_url="https://img.example.com/"
+                   ).startswith("https://img.example.com/v1/images/files/")
+
+
+def test_job_views_show_queue_position_progress_and_cancellation():
+    engine = GatedEngine(timeout=30)
+    app = make_app(engine=engine, batching="request", max_batch_size=1)  # one runs, one waits
+
+    async def go(c):
+        running = (await c.post("/v1/jobs", json={"prompt": "p", "num_inference_steps": 4})
+                   ).json()
+        queued = (await c.post("/v1/jobs", json={"prompt": "q", "num_inference_steps": 4})
+                  ).json()
+        engine.allow(2)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            view = (await c.get(f"/v1/jobs/{running['id']}")).json()
+            if view["progress"]["step"] >= 2:
+                break
+            await asyncio.sleep(0.01)
+        waiting = (await c.get(f"/v1/jobs/{queued['id']}")).json()
+        cancelled = (await c.delete(f"/v1/jobs/{running['id']}")).json()
+        again = (await c.get(f"/v1/jobs/{running['id']}")).json()
+        engine.open()
+        return queued, waiting, cancelled, again
+
+    queued, waiting, cancelled, again = run(app, go)
+    assert queued["queue_position"] is not None  # known at once, even before admission
+    assert waiting["status"] == "queued" and waiting["queue_position"] == 0
+    assert cancelled["status"] == "cancelled" and cancelled["progress"]["step"] >= 2
+    assert again["status"] == "cancelled" and again["progress"]["step"] >= 2
+
+
+def test_prompt_cache_holds_copies_within_its_byte_bound(encoder):
+    from stepserve.models.builtin.text import TextEncoder, entry_bytes
+
+    enc = TextEncoder(cache_bytes=20_000)
+    enc.encode(["a", "a much longer prompt about a small red circle on a white background",
+                "b"])
+    for states, pooled in enc._cache.values():
+        # a copy owns exactly its own rows, not the padded batch it was cut from
+        assert states.untyped_storage().nbytes() == states.numel() * 4
+        assert pooled.untyped_storage().nbytes() == pooled.numel() * 4
+    assert enc.bytes == sum(entry_bytes(e) for e in enc._cache.values())
+    enc.encode([f"prompt number {i}" for i in range(100)])
+    assert enc.bytes <= 20_000 and len(enc._cache) < 100
+
+
+def test_redis_errors_do_not_reveal_its_address():
+    redis_client = pytest.importorskip("stepserve.server.redis.client")
+    from stepserve.server.scheduler.backend import BackendUnavailable
+    from stepserve.server.scheduler.request import GenerationParams
+
+    loop = redis_client.RedisLoop("redis://127.0.0.1:1", "m", 8)
+
+    async def go():
+        with pytest.raises(BackendUnavailable) as err:
+            loop.submit(GenerationParams("p", 2, 1, 1.0))
+        return str(err.value)
+
+    message = asyncio.run(go())
+    assert "Redis" in message and "127.0.0.1" not in message and ":1" not in message
