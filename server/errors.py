@@ -146,7 +146,8 @@ def backend_down(message: str) -> APIError:
 def submit_error(exc: Exception, retry_after_s: int) -> APIError:
     """A backend's refusal at submit time, as the API answers it."""
     if isinstance(exc, QueueFull):
-        return APIError(429, str(exc), None, "queue_full", {"Retry-After": str(retry_after_s)})
+        wait = retry_after_s if exc.retry_after is None else int(exc.retry_after)
+        return APIError(429, str(exc), None, "queue_full", {"Retry-After": str(wait)})
     if isinstance(exc, ShuttingDown):
         return APIError(503, str(exc), None, "shutting_down")
     if isinstance(exc, BackendUnavailable):

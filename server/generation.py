@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import secrets
 import time
@@ -27,6 +28,7 @@ from .errors import (
     submit_error,
 )
 from .images import CONTENT_TYPES, b64, encode_image
+from .metrics import tenant_label
 from .protocol import (
     MAX_N,
     SIZE_RE,
@@ -171,6 +173,7 @@ def submit(rt: Runtime, served: Served, params: GenerationParams,
     except (QueueFull, ShuttingDown, BackendUnavailable, ValueError) as exc:
         if isinstance(exc, QueueFull):
             rt.metrics.requests.labels("rejected").inc()
+            rt.metrics.tenant_requests.labels(tenant_label(params.tenant), "rejected").inc()
         raise submit_error(exc, rt.settings.retry_after_s) from exc
     return Submission(handle, key, tokens)
 
@@ -212,6 +215,7 @@ def record_end(rt: Runtime, sub: Submission, event: Event | None) -> None:
               else "cancelled" if event is None or reason is FinishReason.CANCELLED
               else "timeout" if reason is FinishReason.TIMEOUT else "error")
     rt.metrics.requests.labels(status).inc()
+    rt.metrics.tenant_requests.labels(tenant_label(sub.params.tenant), status).inc()
     if isinstance(event, Completed):
         rt.metrics.latency.observe(time.monotonic() - sub.handle.submitted_at)
         rt.metrics.images.inc(len(event.images))
@@ -239,6 +243,7 @@ async def generate(body: ImageGenerationRequest, request: Request) -> Response:
     rt = runtime_of(request)
     require_ready(rt)
     served, params, spec = resolve(body, rt)
+    params = dataclasses.replace(params, tenant=quota_of(request))
     sub = submit(rt, served, params, seeded=body.seed is not None)
     if body.stream:
         return EventSourceResponse(stream(rt, request, sub, spec, body),

@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
-from .auth import owner_of
+from .auth import owner_of, quota_of
 from .errors import APIError, error_responses, failure_body
 from .generation import (
     image_data,
@@ -121,6 +121,7 @@ async def create_job(body: ImageGenerationRequest, request: Request) -> JSONResp
         raise APIError(400, "jobs are polled, not streamed: drop `stream` (or use "
                        "/v1/images/generations)", "stream", "invalid_value")
     served, params, spec = resolve(body, rt)
+    params = dataclasses.replace(params, tenant=quota_of(request))
     sub = submit(rt, served, params, seeded=body.seed is not None)
     # public id "job-..."; the backend knows the request by the handle's "img-..." id
     owner = owner_of(request)

@@ -11,6 +11,12 @@ from .scheduler.core import StepStats
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
+def tenant_label(tenant: str) -> str:
+    """A bounded, non-secret label: keys by a short prefix of their id; client addresses
+    (no auth) all as 'anonymous'."""
+    return f"key-{tenant[4:12]}" if tenant.startswith("key:") else "anonymous"
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -39,6 +45,10 @@ class Metrics:
         self.running = Gauge("stepserve_running_requests", "Requests being denoised",
                              registry=r)
         self.images = Counter("stepserve_images_generated", "Images generated", registry=r)
+        self.tenant_requests = Counter(
+            "stepserve_tenant_requests", "Finished or refused image requests per tenant: "
+            "'key-' and the first 8 hex digits of an API key's SHA-256 id, or 'anonymous'",
+            ["tenant", "status"], registry=r)
         self.result_cache = Counter("stepserve_result_cache_lookups",
                                     "Exact result cache lookups (seeded requests) by outcome",
                                     ["outcome"], registry=r)

@@ -34,7 +34,8 @@ class Results(Protocol):
 
 def result_key(info: EngineInfo, params: GenerationParams) -> str:
     fields = dataclasses.asdict(params)
-    fields.pop("priority"), fields.pop("timeout_s"), fields.pop("partial_images")
+    for name in ("priority", "timeout_s", "partial_images", "tenant"):  # not the images
+        fields.pop(name)
     if params.cache is not None:  # two policies may share option names: key on the name too
         fields["cache"] = {"policy": params.cache.policy, **fields["cache"]}
     engine = {"model": info.model, "engine": info.engine, "precision": info.precision,

@@ -161,7 +161,11 @@ class Runtime:
         start = time.perf_counter()
         try:
             loaded = [self._load_one(s) for s in self.settings.per_model()]
-        except Exception as exc:
+        except (ValueError, RuntimeError, FileNotFoundError) as exc:  # a user's mistake
+            log.error("engine failed to load: %s", exc)
+            self.error = f"{type(exc).__name__}: {exc}"
+            return
+        except Exception as exc:  # a bug: keep the traceback
             log.exception("engine failed to load")
             self.error = f"{type(exc).__name__}: {exc}"
             return
@@ -184,7 +188,9 @@ class Runtime:
         name = settings.model_name
         config = SchedulerConfig(batching=settings.batching,
                                  max_batch_size=settings.max_batch_size,
-                                 max_queue=settings.max_queue, aging_s=settings.aging_s)
+                                 max_queue=settings.max_queue, aging_s=settings.aging_s,
+                                 queue_cost=float(settings.max_queue * settings.default_steps),
+                                 queue_share=settings.queue_share)
         engines, loops = [], []
         for device in devices:
             engine = self.builder(settings.model_copy(update={"device": device}))

@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1, le=1024, description="most images in one forward")
     max_queue: int = Field(256, ge=1, description="most requests waiting or running; then 429")
     aging_s: float = Field(5.0, gt=0, description="seconds of waiting worth one priority level")
+    queue_share: float = Field(
+        0.5, gt=0, le=1, description="most of the queue one API key (or client address) may "
+        "hold, by cost: images x steps, of max_queue x default_steps")
     default_steps: int = Field(4, ge=1, le=100, description="steps when a request names none")
     max_steps: int = Field(64, ge=1, le=100, description="most steps a request may ask for")
     url_ttl_s: float = Field(3600.0, gt=0, description="how long url results stay fetchable")

@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     except CommandError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line and the shell's status for SIGINT
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -246,3 +246,56 @@ def test_redis_errors_do_not_reveal_its_address():
 
     message = asyncio.run(go())
     assert "Redis" in message and "127.0.0.1" not in message and ":1" not in message
+
+
+def test_one_key_cannot_fill_the_queue_and_429_says_when_to_retry():
+    engine = GatedEngine(timeout=30)
+    app = make_app(engine=engine, api_keys=["key-a", "key-b"], max_queue=8, queue_share=0.5,
+                   default_steps=4)  # 32 image-steps in all, 16 per key
+
+    async def go(c):
+        body = {"prompt": "p", "num_inference_steps": 4}
+        a = [(await c.post("/v1/jobs", json=body, headers=A)) for _ in range(6)]
+        b = await c.post("/v1/jobs", json=body, headers=B)  # a second key still gets in
+        big = await c.post("/v1/jobs", json={**body, "n": 8}, headers=B)  # 32: over its share
+        engine.open()
+        for r in a + [b]:
+            if r.status_code == 202:
+                await wait_done(c, r.json()["id"], A if r in a else B)
+        # the drain rate is measured now: a refusal's Retry-After comes from it
+        more = [(await c.post("/v1/jobs", json={**body, "num_inference_steps": 4}, headers=A))
+                for _ in range(6)]
+        return a, b, big, more, (await c.get("/metrics")).text
+
+    a, b, big, more, metrics = run(app, go)
+    from stepserve.server.auth import key_id
+
+    label = f'tenant="key-{key_id(b"key-a")[:8]}"'
+    assert f'stepserve_tenant_requests_total{{status="rejected",{label}}}' in metrics
+    assert '"key-a"' not in metrics and '"key-b"' not in metrics  # never a raw key
+    assert [r.status_code for r in a] == [202] * 4 + [429] * 2  # 4 x 4 = 16 image-steps
+    assert "share of the queue" in a[-1].json()["error"]["message"]
+    assert b.status_code == 202 and big.status_code == 429
+    refused = [r for r in more if r.status_code == 429]
+    assert refused and all(int(r.headers["retry-after"]) >= 1 for r in refused)
+
+
+def test_retry_after_follows_the_measured_drain_rate():
+    from stepserve.server.scheduler.admission import Admission
+    from stepserve.server.scheduler.backend import QueueFull
+    from stepserve.server.scheduler.request import GenerationParams
+
+    adm = Admission(capacity=100, share=0.5)
+    adm.rate.observe(0, now=0.0)
+    adm.rate.observe(10, now=1.0)  # 10 image-steps per second
+    adm.admit("r1", GenerationParams("p", 10, 1, 1.0, n=4, tenant="a"))  # 40
+    with pytest.raises(QueueFull) as err:
+        adm.admit("r2", GenerationParams("p", 10, 1, 1.0, n=2, tenant="a"))  # 60 > 50
+    assert err.value.retry_after == 1.0  # 10 image-steps over its share at 10/s
+    adm.admit("r3", GenerationParams("p", 10, 1, 1.0, n=5, tenant="b"))  # b: 50
+    with pytest.raises(QueueFull) as err:
+        adm.admit("r4", GenerationParams("p", 10, 1, 1.0, n=4, tenant="c"))  # 130 > 100
+    assert err.value.retry_after == 3.0
+    adm.release("r1")
+    adm.admit("r5", GenerationParams("p", 10, 1, 1.0, n=4, tenant="c"))
+    assert adm.total == 90

@@ -86,7 +86,7 @@ def test_queue_position_progress_and_cancel():
         return views, forwards, cancel_queued, cancel_running, again, done, missing
 
     views, forwards, cq, cr, again, done, missing = run(engine, scenario, max_batch_size=1,
-                                                        max_queue=8)
+                                                        max_queue=8, queue_share=1.0)
     assert [v["status"] for v in views] == ["running"] * 4 + ["queued"] * 2, views
     assert sum(v["progress"]["step"] for v in views[:4]) == 1  # one forward so far
     assert [v["queue_position"] for v in views[4:]] == [0, 1]

@@ -26,7 +26,12 @@ def new_request_id(kind: str = "img") -> str:
 
 
 class QueueFull(Exception):
-    """The bounded queue is full (the client may retry later)."""
+    """The bounded queue (or the caller's share of it) is full; `retry_after` says when
+    to retry, from the measured drain rate (None: not measured yet)."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class ShuttingDown(Exception):

@@ -33,6 +33,8 @@ class SchedulerConfig:
     max_batch_size: int = 32
     max_queue: int = 256  # most requests waiting or running; beyond: QueueFull
     aging_s: float = 5.0
+    queue_cost: float = 1024.0  # image-steps the queue holds (admission.py)
+    queue_share: float = 0.5  # of queue_cost, the most one tenant may hold
 
     def __post_init__(self) -> None:
         if self.batching not in ("step", "request"):

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from .admission import Admission
 from .backend import Handle, Progress, QueueFull, ShuttingDown, new_request_id
 from .core import SchedulerCore, StepStats
 from .events import Completed, Event, Failed, FinishReason
@@ -34,7 +35,9 @@ class EngineLoop:
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._handles: dict[str, tuple[Handle, asyncio.AbstractEventLoop]] = {}
-        self._lock = threading.Lock()  # guards _handles and the in-flight count
+        self._lock = threading.Lock()  # guards _handles, admission and the in-flight count
+        config = core.config
+        self.admission = Admission(config.queue_cost, config.queue_share)
         self._accepting = True
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="stepserve-core", daemon=True)
@@ -70,7 +73,9 @@ class EngineLoop:
         handle = Handle(new_request_id(), params, backend=self)
         with self._lock:
             if len(self._handles) >= self.core.config.max_queue:
-                raise QueueFull(f"queue is full ({self.core.config.max_queue} requests)")
+                raise QueueFull(f"queue is full ({self.core.config.max_queue} requests)",
+                                self.admission.full_retry_after(len(self._handles)))
+            self.admission.admit(handle.id, params)
             self._handles[handle.id] = (handle, asyncio.get_running_loop())
         self._inbox.put(("submit", Request(handle.id, params, self.core.clock())))
         self._wake.set()
@@ -94,6 +99,7 @@ class EngineLoop:
         """The client went away: the request leaves the batch at the next step."""
         with self._lock:
             known = self._handles.pop(request_id, None) is not None
+            self.admission.release(request_id)
         if known:
             self._inbox.put(("cancel", request_id))
             self._wake.set()
@@ -144,6 +150,7 @@ class EngineLoop:
                 entry = self._handles.get(event.request_id)
                 if entry is not None and isinstance(event, Completed | Failed):
                     del self._handles[event.request_id]
+                    self.admission.release(event.request_id)
             if entry is not None:
                 handle, loop = entry
                 try:
@@ -155,6 +162,7 @@ class EngineLoop:
         while not self._stop:
             self._drain_inbox()
             if not self.core.has_work:
+                self.admission.rate.idle()
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
@@ -163,6 +171,8 @@ class EngineLoop:
             except Exception:  # the core itself must never die
                 log.exception("scheduler step failed")
                 continue
+            stats = self.core.last_stats
+            self.admission.rate.observe(stats.batch_samples + sum(stats.skipped.values()))
             if self.on_step is not None:  # metrics first: a finished client may scrape
                 try:
                     self.on_step(self.core.last_stats)

@@ -40,6 +40,7 @@ class GenerationParams:
     cache: CacheConfig | None = None  # step-cache policy (None: no cache)
     schedule: tuple[tuple[str, tuple[float, ...]], ...] | None = None  # (("timesteps", ...),)
     mode: str = "throughput"  # "latency": ParaDiGMS rounds while the server is otherwise idle
+    tenant: str = ""  # whose share of the queue it uses (an API key's id, or an address)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.n < 1 or self.partial_images < 0:

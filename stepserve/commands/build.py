@@ -65,9 +65,9 @@ def run(args: argparse.Namespace) -> int:
     from stepserve.engines.build_cache import BuildCache
     from stepserve.engines.ort_engine import OnnxRuntimeEngine
 
-    from .common import settings_from_args
+    from .common import load_settings
 
-    settings = settings_from_args(args)
+    settings = load_settings(args)
     cache = BuildCache(settings.build_dir)
     if args.list:
         for entry in cache.entries():
@@ -78,6 +78,11 @@ def run(args: argparse.Namespace) -> int:
                            "tensorrt")
     if args.qsched and (settings.precision == "fp32" or settings.engine != "onnxruntime"):
         raise CommandError("--qsched applies to quantized onnxruntime builds")
+    if args.qsched and not 1 <= args.qsched_steps <= settings.max_steps:
+        raise CommandError(f"--qsched-steps must be between 1 and max_steps "
+                           f"({settings.max_steps})")
+    if args.check_batch < 1:
+        raise CommandError(f"--check-batch {args.check_batch}: give 1 or more")
     start = time.perf_counter()
     settings, engine = load_model(args)
     seconds = time.perf_counter() - start

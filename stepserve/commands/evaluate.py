@@ -7,38 +7,91 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from .common import add_model_flags, check_sampler, load_model
+from .common import (
+    BAR,
+    CommandError,
+    add_model_flags,
+    add_progress_flag,
+    check_sampler,
+    generate_images,
+    load_model,
+    load_settings,
+    progress_bar,
+)
 
 HELP = "quality yardstick: per-attribute and all-five accuracy, FD and images/s per step count"
 
+SETS = ("seen", "unseen")  # the yardstick's prompt sets (yardstick.prompt_set)
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", default="1,2,4,8,16,32", help="comma-separated step counts")
-    p.add_argument("--prompts", type=int, default=200, help="prompts per set (seen, unseen)")
-    p.add_argument("--sets", default="seen,unseen")
+    p.add_argument("--steps", default="1,2,4,8,16,32",
+                   help="comma-separated step counts, each 1..max_steps")
+    p.add_argument("--prompts", type=int, default=200,
+                   help="prompts per set (seen, unseen), at least 2")
+    p.add_argument("--sets", default="seen,unseen", help="comma-separated: seen, unseen")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (default: the model's)")
     p.add_argument("--sampler", default=None, help="euler or flow-euler (default: euler)")
     p.add_argument("--weights", type=Path, default=None, help="a dit.safetensors to evaluate")
     p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
+    add_progress_flag(p)
     add_model_flags(p)
 
 
+def parse_steps(text: str) -> tuple[int, ...]:
+    try:
+        steps = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise CommandError(f"--steps {text}: give comma-separated whole numbers, "
+                           "e.g. 1,2,4,8") from None
+    return steps
+
+
+def check_args(args: argparse.Namespace) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """(step counts, sets) from the flags, or CommandError; before any model loads."""
+    steps = parse_steps(args.steps)
+    sets = tuple(args.sets.split(","))
+    unknown = [s for s in sets if s not in SETS]
+    if unknown:
+        raise CommandError(f"--sets {args.sets}: unknown set {unknown[0]!r}; use "
+                           f"{' and/or '.join(SETS)}, comma-separated")
+    if args.prompts < 2:
+        raise CommandError(f"--prompts {args.prompts}: the Frechet distance needs at least "
+                           "2 prompts per set")
+    if args.weights is not None and not args.weights.is_file():
+        raise CommandError(f"--weights {args.weights}: no such file")
+    if args.json is not None and (args.json.is_dir() or not args.json.parent.is_dir()):
+        raise CommandError(f"--json {args.json}: not a file in an existing folder")
+    return steps, sets
+
+
 def run(args: argparse.Namespace) -> int:
-    from functools import partial
-
     from stepserve.models.builtin.yardstick import Yardstick, evaluate, format_table
-    from stepserve.server.scheduler.offline import generate_offline
 
-    settings, engine = load_model(args, weights=args.weights)
+    steps_list, sets = check_args(args)
+    settings = load_settings(args)
+    if settings.model != "builtin":
+        raise CommandError(f"--model {settings.model}: eval measures the built-in model "
+                           "(--weights evaluates another DiT checkpoint)")
+    if not all(1 <= s <= settings.max_steps for s in steps_list):
+        raise CommandError(f"--steps {args.steps}: each must be between 1 and max_steps "
+                           f"({settings.max_steps})")
+    settings, engine = load_model(args, settings, weights=args.weights)
     sampler = check_sampler(engine, args.sampler)
     engine.warmup((1, settings.max_batch_size))
-    generate = partial(generate_offline, engine, max_batch_size=settings.max_batch_size,
-                       batching=settings.batching)
     guidance = engine.info.default_guidance if args.guidance is None else args.guidance
-    rows = evaluate(generate, Yardstick(), tuple(int(s) for s in args.steps.split(",")),
-                    n=args.prompts, guidance=guidance, sampler=sampler,
-                    sets=tuple(args.sets.split(",")))
+    # the bar counts image-steps, so its time estimate holds as the step counts grow
+    with progress_bar(args.progress, total=len(sets) * sum(steps_list) * args.prompts,
+                      desc="eval", bar_format=BAR) as bar:
+
+        def generate(prompts, seeds, steps, **kwargs):
+            return generate_images(engine, prompts, seeds, steps, bar=bar,
+                                   max_batch_size=settings.max_batch_size,
+                                   batching=settings.batching, **kwargs)
+
+        rows = evaluate(generate, Yardstick(), steps_list, n=args.prompts, guidance=guidance,
+                        sampler=sampler, sets=sets)
     quant = f" quantization={settings.quantization}" if settings.precision == "int8" else ""
     print(f"engine={settings.engine} precision={settings.precision}{quant} "
           f"guidance={guidance} sampler={sampler} prompts/set={args.prompts}")

@@ -8,7 +8,17 @@ import re
 import time
 from pathlib import Path
 
-from .common import CommandError, add_model_flags, cache_for, check_sampler, load_model
+from .common import (
+    BAR,
+    CommandError,
+    add_model_flags,
+    add_progress_flag,
+    cache_for,
+    check_sampler,
+    generate_images,
+    load_model,
+    progress_bar,
+)
 
 HELP = "generate images without a server"
 
@@ -29,15 +39,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "diffusers folder renders square sizes it supports)")
     p.add_argument("--out", type=Path, default=Path("out"),
                    help="folder for 0000.png, 0001.png, ... (default: out)")
+    add_progress_flag(p)
     add_model_flags(p)
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompts)
     if args.prompts_file:
-        lines = args.prompts_file.read_text().splitlines()
+        try:
+            lines = args.prompts_file.read_text().splitlines()
+        except FileNotFoundError as exc:
+            raise CommandError(f"--prompts-file {args.prompts_file}: no such file") from exc
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CommandError(f"--prompts-file {args.prompts_file}: cannot read it as text "
+                               f"({exc})") from exc
         prompts += [line.strip() for line in lines if line.strip()]
     return prompts
+
+
+# torch generators take seeds in [-2**63, 2**64 - 1]
+SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
+def make_out_dir(out: Path) -> None:
+    """Create --out before any work, so a bad folder fails at once, not after generating."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as exc:
+        raise CommandError(f"--out {out}: exists and is not a folder") from exc
+    except OSError as exc:
+        raise CommandError(f"--out {out}: cannot create it ({exc.strerror})") from exc
 
 
 def _square(size: str) -> int:
@@ -51,6 +82,9 @@ def run(args: argparse.Namespace) -> int:
     prompts = read_prompts(args)
     if not prompts:
         raise CommandError("give at least one PROMPT or --prompts-file")
+    if not (SEED_RANGE[0] <= args.seed and args.seed + len(prompts) - 1 <= SEED_RANGE[1]):
+        raise CommandError(f"--seed {args.seed}: prompt i uses seed S+i, and seeds must be "
+                           "between -2**63 and 2**64-1")
     if args.size is not None and args.model not in (None, "builtin") and args.image_size is None:
         args.image_size = _square(args.size)  # a diffusers folder renders the size asked
     settings, engine = load_model(args)
@@ -62,18 +96,21 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"--size {args.size}: {engine.info.model!r} makes {w}x{h}")
     cache = cache_for(settings, engine)
     sampler = check_sampler(engine, args.sampler)
+    make_out_dir(args.out)
     from PIL import Image
-
-    from stepserve.server.scheduler.offline import generate_offline
 
     batch = settings.max_batch_size
     engine.warmup((1, min(len(prompts), batch)))
     seeds = [args.seed + i for i in range(len(prompts))]
     start = time.perf_counter()
-    images = generate_offline(engine, prompts, seeds, steps, args.guidance, sampler, batch,
-                              settings.batching, cache=cache)
+    # the bar counts image-steps; by default it shows for more than a handful of images
+    # or many steps, on a terminal
+    with progress_bar(args.progress, len(prompts) > 4 or steps > 16,
+                      total=len(prompts) * steps, desc="generate", bar_format=BAR) as bar:
+        images = generate_images(engine, prompts, seeds, steps, bar=bar, guidance=args.guidance,
+                                 sampler=sampler, max_batch_size=batch,
+                                 batching=settings.batching, cache=cache)
     seconds = time.perf_counter() - start
-    args.out.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):
         Image.fromarray(image).save(args.out / f"{i:04d}.png")
     print(f"images={len(images)} seconds={seconds:.2f} images_per_s={len(images) / seconds:.2f} "

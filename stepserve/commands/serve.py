@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
+import time
+from typing import Any
 
-from .common import add_settings_flags, settings_from_args
+from .common import CommandError, add_settings_flags, check_models, load_settings
+from .common import settings_from_args as settings_from_args  # tests/test_settings.py
 
 HELP = "run the HTTP server on the built-in model (or a configured one)"
 
@@ -18,28 +22,44 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_settings_flags(p)
 
 
+def stop_on_load_error(runtime: Any, server: Any, failed: list[str]) -> None:
+    """Until the models are ready: if loading fails (it runs in the background so /health
+    answers meanwhile), record why and ask uvicorn to stop; `run` then exits with status 1."""
+    while not runtime.ready and not server.should_exit:
+        if runtime.error:
+            failed.append(runtime.error)
+            server.should_exit = True
+            return
+        time.sleep(0.1)
+
+
 def run(args: argparse.Namespace, role: str = "serve") -> int:
-    import uvicorn
-    from pydantic import ValidationError
-
-    from stepserve.server.app import create_app
-
-    try:
-        settings = settings_from_args(args)
-    except (ValidationError, FileNotFoundError, ValueError) as exc:
-        print(f"error: invalid settings: {exc}", file=sys.stderr)
-        return 2
-    runtime = None
+    settings = load_settings(args)
     if role == "api":
         from stepserve.server.redis.api_runtime import ApiRuntime
 
         if not settings.redis_url:
-            print("error: stepserve api needs --redis-url", file=sys.stderr)
-            return 2
-        runtime = ApiRuntime(settings)
+            raise CommandError("stepserve api needs --redis-url")
+        runtime: Any = ApiRuntime(settings)
+    else:
+        check_models(settings, several_devices=True)  # a bad --model fails here, not later
+        from stepserve.server.runtime import Runtime
+
+        runtime = Runtime(settings)
+    import uvicorn
+
+    from stepserve.server.app import create_app
+
     config = uvicorn.Config(create_app(settings, runtime=runtime), host=settings.host,
                             port=settings.port, log_level=settings.log_level,
                             timeout_keep_alive=int(settings.keep_alive_s),
                             timeout_graceful_shutdown=int(settings.drain_timeout_s))
-    uvicorn.Server(config).run()
+    server = uvicorn.Server(config)
+    failed: list[str] = []
+    threading.Thread(target=stop_on_load_error, args=(runtime, server, failed),
+                     name="stepserve-load-watch", daemon=True).start()
+    server.run()
+    if failed:
+        print(f"error: model failed to load: {failed[0]}", file=sys.stderr)
+        return 1
     return 0

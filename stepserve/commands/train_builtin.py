@@ -49,7 +49,29 @@ def quick_evaluator(encoder, classifier, n: int, guidance: float):
     return run
 
 
+def check_args(args: argparse.Namespace) -> Path:
+    """The weights folder, or CommandError for a bad value; before any training starts."""
+    from .common import CommandError
+
+    for flag, value, least in (("--steps", args.steps, 1), ("--batch", args.batch, 1),
+                               ("--classifier-steps", args.classifier_steps, 1),
+                               ("--eval-every", args.eval_every, 0),
+                               ("--threads", args.threads, 1)):
+        if value is not None and value < least:
+            raise CommandError(f"{flag} {value}: give {least} or more")
+    out = args.out or args.run_dir / "weights"
+    for flag, path in (("--run-dir", args.run_dir), ("--out", out)):
+        if path.exists() and not path.is_dir():
+            raise CommandError(f"{flag} {path}: exists and is not a folder")
+    if args.lazydit_only and not (out / "dit.safetensors").is_file():
+        raise CommandError(f"--lazydit-only trains gates for the DiT in --out, and "
+                           f"{out / 'dit.safetensors'} does not exist; train it first "
+                           "(leave out --lazydit-only) or point --out at it")
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
+    out = check_args(args)
     import torch
 
     from stepserve.models.builtin.classifier import (
@@ -65,7 +87,6 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
-    out = args.out or args.run_dir / "weights"
     cls_path = out / "classifier.safetensors"
     if not cls_path.exists():
         start = time.perf_counter()

@@ -8,7 +8,7 @@ import logging
 import signal
 import sys
 
-from .common import add_settings_flags, settings_from_args
+from .common import CommandError, add_settings_flags, check_models, load_settings
 
 HELP = "scheduler + engines of the scaled-out roles, fed by Redis (needs --redis-url)"
 
@@ -20,25 +20,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
+    settings = load_settings(args)
+    if not settings.redis_url:
+        raise CommandError("stepserve worker needs --redis-url")
+    check_models(settings, several_devices=True)  # a bad --model fails here, not later
     from stepserve.server.redis.worker import RedisWorker
     from stepserve.server.runtime import Runtime
 
-    try:
-        settings = settings_from_args(args)
-    except (ValidationError, FileNotFoundError, ValueError) as exc:
-        print(f"error: invalid settings: {exc}", file=sys.stderr)
-        return 2
-    if not settings.redis_url:
-        print("error: stepserve worker needs --redis-url", file=sys.stderr)
-        return 2
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     runtime = Runtime(settings)
     runtime.start(background=False)
     if runtime.error:
-        print(f"error: {runtime.error}", file=sys.stderr)
+        print(f"error: model failed to load: {runtime.error}", file=sys.stderr)
         return 1
     if args.metrics_port:
         from prometheus_client import start_http_server
