@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .auth import Auth, AuthMiddleware, owner_of
+from .drain import ActiveResponses
 from .errors import (
     APIError,
     api_error_handler,
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None, builder: EngineBuilder = build_
     auth = Auth(settings)
     if auth.enabled:
         app.add_middleware(AuthMiddleware, auth=auth)
+    app.add_middleware(ActiveResponses, runtime=runtime)
     app.add_middleware(BodyLimitMiddleware, max_bytes=int(settings.max_body_mb * 2**20))
 
     app.add_exception_handler(APIError, api_error_handler)

@@ -109,6 +109,9 @@ class JobStore:
                            "id", "job_not_found")
         return job
 
+    def unfetched(self) -> int:
+        return sum(1 for j in self.jobs.values() if j.status == "completed" and not j.fetched)
+
     def mine(self, owner: str | None) -> list[Job]:
         self.purge()
         return [j for j in self.jobs.values() if j.owner == owner]

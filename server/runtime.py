@@ -111,6 +111,7 @@ class Runtime:
         self.error: str | None = None
         self._ready = threading.Event()
         self._draining = False
+        self.responses = 0  # API responses being written (server/drain.py)
         self._cache_seen: dict[str, tuple[int, int]] = {}
 
     @property
@@ -236,6 +237,18 @@ class Runtime:
     @property
     def inflight(self) -> int:
         return sum(served.loop.inflight for served in self.models.values())
+
+    def unfetched_jobs(self) -> int:
+        """Finished async jobs whose results only this process holds and nobody has
+        fetched yet (a draining server waits for them, up to drain_timeout_s)."""
+        if any(served.loop.shared for served in self.models.values()):
+            return 0  # the scaled-out roles keep results in Redis for every replica
+        return self.jobs.unfetched()
+
+    def abort_inflight(self, message: str) -> None:
+        """End everything still in flight now, each with an explicit error."""
+        for served in self.models.values():
+            served.loop.abort_all(message)
 
     async def wait_idle(self, timeout: float) -> bool:
         """Until nothing is in flight (True) or `timeout` passed (False)."""

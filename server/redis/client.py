@@ -49,6 +49,7 @@ class RedisLoop:
         self.hub: EventHub | None = None  # created inside the event loop, on first use
         self._enqueue_script: Any = None
         self._accepting = True
+        self._loop: asyncio.AbstractEventLoop | None = None  # the API's event loop
         self.handles: dict[str, Handle] = {}
         self.tasks: dict[str, asyncio.Task] = {}
 
@@ -86,6 +87,7 @@ class RedisLoop:
             raise QueueFull(f"queue is full ({self.max_queue} jobs for {self.model!r})")
         job_id = new_request_id()
         handle = Handle(job_id, params, backend=self)
+        self._loop = asyncio.get_running_loop()
         self.handles[job_id] = handle
         self.tasks[job_id] = asyncio.get_running_loop().create_task(self._run(handle))
         return handle
@@ -234,6 +236,18 @@ class RedisLoop:
 
     def close_intake(self) -> None:
         self._accepting = False
+
+    def abort_all(self, message: str) -> None:
+        """Stop waiting for these jobs here (they stay in Redis; a worker still runs them
+        and their results stay fetchable through another replica)."""
+        loop = self._loop
+        for job_id, handle in list(self.handles.items()):
+            event = Failed(job_id, FinishReason.UNAVAILABLE, message, "shutting_down")
+            if loop is not None:
+                loop.call_soon_threadsafe(handle.events.put_nowait, event)
+                task = self.tasks.get(job_id)
+                if task is not None:
+                    loop.call_soon_threadsafe(task.cancel)
 
     async def drain(self, timeout: float | None = None) -> bool:
         """Await this replica's waiting requests (their tasks run on this event loop)."""

@@ -111,6 +111,10 @@ class JobBackend(Protocol):
     def close_intake(self) -> None:
         """Refuse new requests from now on (ShuttingDown)."""
 
+    def abort_all(self, message: str) -> None:
+        """End every request in flight at once with Failed(UNAVAILABLE, message,
+        "shutting_down"); callable from any thread."""
+
     async def drain(self, timeout: float | None = None) -> bool:
         """Wait until in-flight work has ended (True) or `timeout` passed (False), then
         stop. Awaited on the event loop, so requests whose last events need it can end."""

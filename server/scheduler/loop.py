@@ -107,6 +107,15 @@ class EngineLoop:
     def close_intake(self) -> None:
         self._accepting = False
 
+    def abort_all(self, message: str) -> None:
+        with self._lock:
+            ids = list(self._handles)
+        self._deliver([Failed(i, FinishReason.UNAVAILABLE, message, "shutting_down")
+                       for i in ids])
+        for i in ids:
+            self._inbox.put(("cancel", i))
+        self._wake.set()
+
     def remember_job(self, request_id: str, spec: dict, usage: dict,
                      owner: str | None) -> None:
         """Jobs of an in-process loop are answered from this process's memory."""

@@ -73,6 +73,10 @@ class LoopGroup:
         for loop in self.loops:
             loop.close_intake()
 
+    def abort_all(self, message: str) -> None:
+        for loop in self.loops:
+            loop.abort_all(message)
+
     async def drain(self, timeout: float | None = None) -> bool:
         done = await asyncio.gather(*(loop.drain(timeout) for loop in self.loops))
         return all(done)

@@ -54,7 +54,10 @@ def run(args: argparse.Namespace, role: str = "serve") -> int:
                             port=settings.port, log_level=settings.log_level,
                             timeout_keep_alive=int(settings.keep_alive_s),
                             timeout_graceful_shutdown=int(settings.drain_timeout_s))
-    server = uvicorn.Server(config)
+    from stepserve.server.drain import DrainingServer, keep_streams_open_on_shutdown
+
+    keep_streams_open_on_shutdown()
+    server = DrainingServer(config, runtime, settings.drain_timeout_s)
     failed: list[str] = []
     threading.Thread(target=stop_on_load_error, args=(runtime, server, failed),
                      name="stepserve-load-watch", daemon=True).start()
