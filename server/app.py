@@ -28,7 +28,13 @@ from .errors import (
 )
 from .generation import router as generation_router
 from .jobs import router as jobs_router
-from .limits import BodyLimitMiddleware, BodyTooLarge, body_too_large_handler
+from .limits import (
+    BodyLimitMiddleware,
+    BodyTimeout,
+    BodyTooLarge,
+    body_timeout_handler,
+    body_too_large_handler,
+)
 from .runtime import EngineBuilder, Runtime, build_engine
 from .scheduler.backend import BackendUnavailable
 from .settings import Settings
@@ -54,13 +60,15 @@ def create_app(settings: Settings | None = None, builder: EngineBuilder = build_
     if auth.enabled:
         app.add_middleware(AuthMiddleware, auth=auth)
     app.add_middleware(ActiveResponses, runtime=runtime)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=int(settings.max_body_mb * 2**20))
+    app.add_middleware(BodyLimitMiddleware, max_bytes=int(settings.max_body_mb * 2**20),
+                       timeout_s=settings.body_timeout_s)
 
     app.add_exception_handler(APIError, api_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_exception_handler(BackendUnavailable, backend_error_handler)
     app.add_exception_handler(BodyTooLarge, body_too_large_handler)
+    app.add_exception_handler(BodyTimeout, body_timeout_handler)
     app.include_router(generation_router)
     app.include_router(jobs_router)
     document_errors(app, auth.guards if auth.enabled else None,

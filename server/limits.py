@@ -1,14 +1,28 @@
-"""Request-body size limit, enforced before the body is buffered: a declared
-Content-Length over the limit is refused at once (413), and a body that streams past
-it (chunked, or a lying Content-Length) is cut off as soon as it does."""
+"""Request bodies: a size limit enforced before the body is buffered (a declared
+Content-Length over the limit is refused at once with 413, a body that streams past
+it is cut off as soon as it does), and a read timeout (a body that stops arriving,
+e.g. a Content-Length larger than what is sent, gets 408 instead of holding the
+connection)."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from starlette.exceptions import HTTPException
 
 from .errors import error_response
+
+
+class BodyTimeout(HTTPException):
+    def __init__(self, seconds: float) -> None:
+        super().__init__(408, f"the request body stopped arriving for {seconds:g} s "
+                              "(setting body_timeout_s)")
+
+
+async def body_timeout_handler(_: Any, exc: Exception) -> Any:
+    assert isinstance(exc, BodyTimeout)
+    return error_response(408, str(exc.detail), None, "request_timeout")
 
 
 class BodyTooLarge(HTTPException):
@@ -34,8 +48,8 @@ def too_large(limit: int) -> Any:
 class BodyLimitMiddleware:
     """Pure ASGI, outermost: nothing below it ever holds more than `max_bytes` of body."""
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: Any, max_bytes: int, timeout_s: float = 30.0) -> None:
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -52,11 +66,18 @@ class BodyLimitMiddleware:
                 return
         seen = 0
         started = False
+        body_done = False
 
         async def limited_receive() -> Any:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, body_done
+            if body_done:  # later reads wait for a disconnect: that may take long
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout_s)
+            except asyncio.TimeoutError:
+                raise BodyTimeout(self.timeout_s) from None
             if message["type"] == "http.request":
+                body_done = not message.get("more_body", False)
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
                     raise BodyTooLarge(self.max_bytes)

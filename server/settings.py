@@ -117,6 +117,12 @@ class Settings(BaseSettings):
     jobs_max_mb: float = Field(
         256.0, gt=0, description="encoded results of async jobs kept in memory; when full, "
         "fetched results go first and new jobs get 429")
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="a request body that stops arriving this long gets 408")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a connection whose request headers take longer is closed")
+    max_connections: int = Field(
+        1024, ge=1, description="open HTTP connections; more are closed as they open")
     max_jobs: int = Field(10000, ge=1, description="async jobs kept in memory (any state)")
     url_results_max_mb: float = Field(
         256.0, gt=0, description="images kept for response_format=url, in all")

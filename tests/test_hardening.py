@@ -299,3 +299,22 @@ def test_retry_after_follows_the_measured_drain_rate():
     adm.release("r1")
     adm.admit("r5", GenerationParams("p", 10, 1, 1.0, n=4, tenant="c"))
     assert adm.total == 90
+
+
+def test_a_body_that_stops_arriving_gets_408():
+    app = make_app(body_timeout_s=0.3)
+
+    async def trickle():
+        yield b'{"prompt": '
+        await asyncio.sleep(1.0)  # then nothing more for longer than the timeout
+        yield b'"p"}'
+
+    async def go(c):
+        slow = await c.post("/v1/images/generations", content=trickle(),
+                            headers={"content-type": "application/json"})
+        fine = await c.post("/v1/images/generations", json={"prompt": "p"})
+        return slow, fine
+
+    slow, fine = run(app, go)
+    assert slow.status_code == 408 and slow.json()["error"]["code"] == "request_timeout"
+    assert fine.status_code == 200

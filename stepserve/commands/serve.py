@@ -49,11 +49,14 @@ def run(args: argparse.Namespace, role: str = "serve") -> int:
     import uvicorn
 
     from stepserve.server.app import create_app
+    from stepserve.server.connections import guarded_protocol
 
     config = uvicorn.Config(create_app(settings, runtime=runtime), host=settings.host,
                             port=settings.port, log_level=settings.log_level,
                             timeout_keep_alive=int(settings.keep_alive_s),
-                            timeout_graceful_shutdown=int(settings.drain_timeout_s))
+                            timeout_graceful_shutdown=int(settings.drain_timeout_s),
+                            http=guarded_protocol(settings.header_timeout_s,
+                                                  settings.max_connections))
     from stepserve.server.drain import DrainingServer, keep_streams_open_on_shutdown
 
     keep_streams_open_on_shutdown()
