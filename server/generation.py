@@ -167,7 +167,7 @@ def submit(rt: Runtime, served: Served, params: GenerationParams,
         if images is not None:
             handle = Handle(new_request_id(), params)
             handle.events.put_nowait(Completed(handle.id, images, params.steps))
-            return Submission(handle, key, tokens, from_cache=True)
+            return Submission(handle, key, tokens, from_cache=True, cached=images)
     try:
         handle = served.loop.submit(params)
     except (QueueFull, ShuttingDown, BackendUnavailable, ValueError) as exc:

@@ -133,9 +133,10 @@ async def create_job(body: ImageGenerationRequest, request: Request) -> JSONResp
     except APIError:
         sub.handle.cancel()  # refused: it must not run for nobody
         raise
-    if sub.handle.backend is not None:  # scaled out: any API replica can answer for it
-        usage = usage_for(params.prompt, params.n, sub.image_tokens).model_dump()
-        sub.handle.backend.remember_job(sub.handle.id, dataclasses.asdict(spec), usage, owner)
+    # scaled out: any API replica can answer for it (a no-op for in-process backends)
+    usage = usage_for(params.prompt, params.n, sub.image_tokens).model_dump()
+    served.loop.remember_job(sub.handle.id, dataclasses.asdict(spec), usage, owner,
+                             (sub.cached, params.steps) if sub.from_cache else None)
     job.task = asyncio.create_task(follow(rt, request, job, params))
     return JSONResponse(view(rt, job), status_code=202)
 
@@ -158,9 +159,8 @@ def find(rt: Runtime, job_id: str, request: Request) -> Job:
     **error_responses(404, 503, e404="No such job (unknown, expired, or another key's)")})
 async def get_job(job_id: str, request: Request) -> JSONResponse:
     rt = runtime_of(request)
-    local = rt.jobs.jobs.get(job_id)
-    if _scaled_out(rt) and (local is None or not local.final):
-        # Redis holds the truth while a job runs (this replica may hear of its end late)
+    if _scaled_out(rt):
+        # Redis holds the truth, the same for every replica (results encoded once there)
         from .redis.remote_jobs import remote_view
 
         remote = await remote_view(rt, request, job_id, owner_of(request))

@@ -15,6 +15,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,16 @@ class StoredImage:
     expires_at: float
     owner: str | None = None
     quota: str = ""
+
+
+class Files(Protocol):
+    """Where url results live: here in memory, or in Redis (server/redis/file_store.py)
+    where every API replica serves them."""
+
+    def put(self, data: bytes, content_type: str, ext: str, owner: str | None = None,
+            quota: str = "") -> str: ...
+
+    def get(self, key: str, owner: str | None = None) -> StoredImage | None: ...
 
 
 class ResultStore:

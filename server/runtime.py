@@ -23,7 +23,7 @@ from stepserve.models.caches.config import CacheConfig
 from .job_store import JobStore
 from .metrics import Metrics
 from .result_cache import ResultCache, Results
-from .results import ResultStore
+from .results import Files, ResultStore
 from .scheduler.backend import JobBackend
 from .scheduler.core import SchedulerConfig, SchedulerCore, StepStats
 from .scheduler.loop import EngineLoop
@@ -101,8 +101,9 @@ class Runtime:
         self.settings = settings
         self.builder = builder
         self.metrics = Metrics()
-        self.store = ResultStore(settings.url_ttl_s, int(settings.url_results_max_mb * 2**20),
-                                 int(settings.url_results_per_key_mb * 2**20))
+        self.store: Files = ResultStore(settings.url_ttl_s,
+                                        int(settings.url_results_max_mb * 2**20),
+                                        int(settings.url_results_per_key_mb * 2**20))
         self.results: Results = ResultCache(int(settings.result_cache_mb * 2**20),
                                             settings.result_cache_ttl_s)
         self.jobs = JobStore(settings.url_ttl_s, int(settings.jobs_max_mb * 2**20),

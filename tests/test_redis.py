@@ -333,3 +333,42 @@ def test_job_scripts_enqueue_once_and_give_up_on_a_job_that_kills_workers(redis_
     assert r.hget(job, "status") == b"failed"
     assert json.loads(r.hget(job, "error"))["code"] == "worker_crashed"
     assert r.xpending(stream, keys.GROUP)["pending"] == 0  # acknowledged: not retried
+
+
+def test_results_are_the_same_from_any_api_replica(redis_url, cluster):
+    api, _ = cluster
+    other = ServerProcess("--redis-url", redis_url, role="api")
+    other.wait_ready()
+
+    def finished(url: str, job: str) -> dict:
+        for _ in range(600):
+            view = httpx.get(f"{url}/v1/jobs/{job}").json()
+            if view["status"] in ("completed", "failed"):
+                return view
+            time.sleep(0.1)
+        raise AssertionError("job did not end")
+
+    try:
+        # a url result made through one replica is served by the other
+        r = httpx.post(f"{api.url}/v1/images/generations", timeout=120,
+                       json={"prompt": PROMPT, "response_format": "url",
+                             "num_inference_steps": 2})
+        path = r.json()["data"][0]["url"].split("/v1/", 1)[1]
+        a, b = httpx.get(f"{api.url}/v1/{path}"), httpx.get(f"{other.url}/v1/{path}")
+        assert a.status_code == b.status_code == 200 and a.content == b.content
+        # a job answered from the shared result cache is readable on the other replica
+        body = {"prompt": PROMPT, "seed": 4242, "num_inference_steps": 2,
+                "response_format": "url"}
+        first = httpx.post(f"{api.url}/v1/jobs", json=body).json()["id"]
+        assert finished(api.url, first)["status"] == "completed"
+        hit = httpx.post(f"{api.url}/v1/jobs", json=body).json()["id"]
+        seen = httpx.get(f"{other.url}/v1/jobs/{hit}")
+        assert seen.status_code == 200, seen.text
+        # polling a finished job: the same answer from either replica, every time (its
+        # images encoded and its urls minted once, not per poll)
+        views = [finished(u, hit) for u in (other.url, api.url, other.url)]
+        assert all(v["status"] == "completed" for v in views)
+        assert views[0]["result"]["data"] == views[1]["result"]["data"] == \
+            views[2]["result"]["data"]
+    finally:
+        other.stop()

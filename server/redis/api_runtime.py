@@ -18,6 +18,7 @@ from ..runtime import Runtime, Served
 from . import keys
 from .client import RedisLoop
 from .connect import REDIS_DOWN, UNAVAILABLE, client
+from .file_store import RedisResultStore
 from .result_cache import RedisResultCache
 
 log = logging.getLogger("stepserve.api")
@@ -51,6 +52,9 @@ class ApiRuntime(Runtime):
         if self.settings.result_cache_mb:
             self.results = RedisResultCache(url, int(self.settings.result_cache_mb * 2**20),
                                             self.settings.result_cache_ttl_s)
+        s = self.settings
+        self.store = RedisResultStore(url, s.url_ttl_s, int(s.url_results_max_mb * 2**20),
+                                      int(s.url_results_per_key_mb * 2**20))
         self._client = client(url)
         while True:  # ready once at least one worker has announced its models
             try:
@@ -68,7 +72,7 @@ class ApiRuntime(Runtime):
             name = key.decode()
             self.models[name] = Served(
                 name, self.settings, EngineInfo(**info), Capabilities.from_json(meta["caps"]),
-                RedisLoop(url, name, self.settings.max_queue))
+                RedisLoop(url, name, self.settings.max_queue, self.settings.url_ttl_s))
         self.metrics.watch(waiting=lambda: sum(m.loop.waiting for m in self.models.values()),
                            running=lambda: 0)
         threading.Thread(target=self._watch, args=(url,), name="stepserve-redis-watch",

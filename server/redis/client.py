@@ -12,6 +12,7 @@ import logging
 import time
 from typing import Any
 
+import numpy as np
 import redis
 
 from ..scheduler.backend import (
@@ -25,7 +26,7 @@ from ..scheduler.backend import (
 from ..scheduler.events import Completed, Failed, FinishReason, Preview
 from ..scheduler.request import GenerationParams
 from . import keys, scripts
-from .codec import failure_from_json, images_from_bytes, params_to_json
+from .codec import failure_from_json, images_from_bytes, images_to_bytes, params_to_json
 from .connect import REDIS_DOWN, UNAVAILABLE, aclient, as_backend_errors, client
 from .event_hub import LOST, EventHub
 
@@ -42,7 +43,9 @@ class RedisLoop:
 
     shared = True  # every API replica sees these jobs
 
-    def __init__(self, url: str, model: str, max_queue: int) -> None:
+    def __init__(self, url: str, model: str, max_queue: int,
+                 result_ttl_s: float = 3600.0) -> None:
+        self.result_ttl_s = max(1, int(result_ttl_s))
         self.url, self.model, self.max_queue = url, model, max_queue
         self.sync = client(url)
         self.aio = aclient(url)
@@ -197,11 +200,23 @@ class RedisLoop:
 
     @as_backend_errors
     def remember_job(self, request_id: str, spec: dict, usage: dict,
-                     owner: str | None) -> None:
-        """What another API replica needs to answer GET /v1/jobs/{id} for this job."""
-        self.sync.hset(keys.job(request_id), mapping={"spec": json.dumps(spec),
-                                                      "usage": json.dumps(usage),
-                                                      "owner": owner or ""})
+                     owner: str | None, done: tuple[np.ndarray, int] | None = None) -> None:
+        """What another API replica needs to answer GET /v1/jobs/{id} for this job; a job
+        answered from the result cache (`done`: its images and steps) is stored as
+        completed, since no worker will ever announce it."""
+        record: dict[Any, Any] = {
+            "spec": json.dumps(spec), "usage": json.dumps(usage), "owner": owner or ""}
+        if done is None:
+            self.sync.hset(keys.job(request_id), mapping=record)
+            return
+        images, steps = done
+        pipe = self.sync.pipeline()
+        pipe.hset(keys.job(request_id), mapping={
+            **record, "status": "completed", "model": self.model, "steps": steps,
+            "step": steps, "created_at": time.time(), "ended_at": time.time()})
+        pipe.expire(keys.job(request_id), self.result_ttl_s)
+        pipe.set(keys.result(request_id), images_to_bytes(images), ex=self.result_ttl_s)
+        pipe.execute()
 
     @as_backend_errors
     def cancel(self, request_id: str) -> None:

@@ -19,6 +19,12 @@ def events(job_id: str) -> str:
     return f"{PREFIX}:events:{job_id}"
 
 
+def encoded(job_id: str) -> str:
+    """The job's result as the API returns it (JSON `data`), encoded once for every
+    replica (TTL like the result)."""
+    return f"{PREFIX}:encoded:{job_id}"
+
+
 def result(job_id: str) -> str:
     """The finished images (raw bytes, TTL)."""
     return f"{PREFIX}:result:{job_id}"

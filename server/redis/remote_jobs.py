@@ -41,7 +41,7 @@ def _status(meta: dict[str, str]) -> str:
 
 async def remote_view(rt: Any, request: Request, job_id: str, owner: str | None
                       ) -> dict[str, Any] | None:
-    from ..generation import OutputSpec, image_data
+    from ..generation import OutputSpec
     from ..protocol import ImagesResponse, Usage
 
     found = _lookup(rt, job_id, owner)
@@ -58,12 +58,8 @@ async def remote_view(rt: Any, request: Request, job_id: str, owner: str | None
         out.update(status=p.phase, queue_position=p.position,
                    progress={"step": p.step, "total_steps": steps, "fraction": p.step / steps})
     elif status == "completed":
-        blob = as_backend_errors(loop.sync.get)(keys.result(handle_id))
-        if blob is None:
-            raise APIError(404, f"the result of job {job_id!r} has expired", "id",
-                           "job_not_found")
         spec = OutputSpec(**json.loads(meta["spec"]))
-        data = await image_data(rt, request, images_from_bytes(blob), spec)
+        data = await encoded_once(rt, request, loop, handle_id, job_id, spec)
         out["result"] = ImagesResponse(
             created=int(time.time()), data=data, background="opaque",
             output_format=spec.output_format, size=spec.size,
@@ -72,6 +68,29 @@ async def remote_view(rt: Any, request: Request, job_id: str, owner: str | None
     elif status == "failed" and meta.get("error"):
         out["error"] = failure_body(failure_from_json(job_id, json.loads(meta["error"])))["error"]
     return out
+
+
+async def encoded_once(rt: Any, request: Request, loop: RedisLoop, handle_id: str,
+                       job_id: str, spec: Any) -> list[dict[str, Any]]:
+    """The job's images as the API returns them, encoded (and url results minted) once,
+    by whichever replica is asked first; every replica then answers the same."""
+    from ..generation import image_data
+
+    get = as_backend_errors(loop.sync.get)
+    stored = get(keys.encoded(handle_id))
+    if stored is not None:
+        return json.loads(stored)
+    blob = get(keys.result(handle_id))
+    if blob is None:
+        raise APIError(404, f"the result of job {job_id[:64]!r} has expired", "id",
+                       "job_not_found")
+    data = [d.model_dump(exclude_none=True)
+            for d in await image_data(rt, request, images_from_bytes(blob), spec)]
+    ttl = int(loop.sync.ttl(keys.result(handle_id)) or 0)
+    as_backend_errors(loop.sync.set)(keys.encoded(handle_id), json.dumps(data),
+                                     ex=max(1, ttl), nx=True)
+    won = get(keys.encoded(handle_id))  # another replica may have been first
+    return json.loads(won) if won is not None else data
 
 
 def remote_cancel(rt: Any, job_id: str, owner: str | None) -> dict[str, Any] | None:

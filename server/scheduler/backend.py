@@ -13,7 +13,7 @@ import asyncio
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from .events import Event
 from .request import GenerationParams
@@ -104,9 +104,10 @@ class JobBackend(Protocol):
         """A live request's phase, steps done and queue position."""
 
     def remember_job(self, request_id: str, spec: dict, usage: dict,
-                     owner: str | None) -> None:
+                     owner: str | None, done: tuple[Any, int] | None = None) -> None:
         """Keep what other API replicas need to answer for this async job (its output
-        spec, usage and owner); a no-op where jobs live in one process."""
+        spec, usage and owner; for a job answered without running, `done` = its images
+        and steps); a no-op where jobs live in one process."""
 
     def close_intake(self) -> None:
         """Refuse new requests from now on (ShuttingDown)."""

@@ -13,6 +13,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from .admission import Admission
 from .backend import Handle, Progress, QueueFull, ShuttingDown, new_request_id
@@ -117,7 +118,7 @@ class EngineLoop:
         self._wake.set()
 
     def remember_job(self, request_id: str, spec: dict, usage: dict,
-                     owner: str | None) -> None:
+                     owner: str | None, done: tuple[Any, int] | None = None) -> None:
         """Jobs of an in-process loop are answered from this process's memory."""
 
     async def drain(self, timeout: float | None = None) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Any
 
 from .backend import Handle, Progress, QueueFull
 from .core import SchedulerCore
@@ -66,7 +67,7 @@ class LoopGroup:
         return owner.progress(request_id) if owner else Progress("queued")
 
     def remember_job(self, request_id: str, spec: dict, usage: dict,
-                     owner: str | None) -> None:
+                     owner: str | None, done: tuple[Any, int] | None = None) -> None:
         """Jobs live in this process's memory."""
 
     def close_intake(self) -> None:
