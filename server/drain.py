@@ -5,9 +5,10 @@ open stream, so a rolling deploy would end streams without a `completed` event a
 lose queued jobs. Instead, the first signal only starts a drain: readiness turns 503
 and new work is refused (the listener stays open, so streams finish and finished
 jobs stay fetchable); once nothing is in flight, no API response is still being
-written and every finished in-memory job has been fetched, the server exits. Work
-still running after `drain_timeout_s` ends with an explicit error (`503
-shutting_down`, an SSE `error` event) before the exit. A second Ctrl-C exits at once.
+written and every ended in-memory job has been read, the server exits. Work still
+running after `drain_timeout_s` ends with an explicit error (`503 shutting_down`, an
+SSE `error` event, a failed job readable for ABORT_GRACE_S more) before the exit. A
+second Ctrl-C exits at once.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import uvicorn
 
 SHUTTING_DOWN = "the server shut down before this request finished; retry it"
+ABORT_GRACE_S = 5.0  # after the drain timeout: how long aborted jobs stay readable
 
 
 class ActiveResponses:
@@ -65,10 +67,10 @@ class DrainingServer(uvicorn.Server):
         deadline = time.monotonic() + self.timeout_s
         while self.busy() and time.monotonic() < deadline:
             time.sleep(0.05)
-        if rt.inflight:  # past drain_timeout_s: end the rest explicitly, not silently
+        if self.busy():  # past drain_timeout_s: end the rest explicitly, not silently
             rt.abort_inflight(SHUTTING_DOWN)
-            until = time.monotonic() + 5.0
-            while rt.responses and time.monotonic() < until:
+            until = time.monotonic() + ABORT_GRACE_S  # for the errors to be read
+            while (rt.responses or rt.unfetched_jobs()) and time.monotonic() < until:
                 time.sleep(0.05)
         from sse_starlette.sse import AppStatus
 

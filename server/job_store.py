@@ -110,7 +110,9 @@ class JobStore:
         return job
 
     def unfetched(self) -> int:
-        return sum(1 for j in self.jobs.values() if j.status == "completed" and not j.fetched)
+        """Ended jobs whose outcome (images or error) nobody has read yet."""
+        return sum(1 for j in self.jobs.values()
+                   if j.final and j.status != "cancelled" and not j.fetched)
 
     def mine(self, owner: str | None) -> list[Job]:
         self.purge()

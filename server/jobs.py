@@ -103,8 +103,9 @@ def view(rt: Runtime, job: Job) -> dict[str, Any]:
     elif not job.final:  # answered from the result cache: done at its next turn
         out["queue_position"] = 0
     elif job.status == "completed":
-        job.last_step, job.fetched = steps, True
+        job.last_step = steps
         out["result"] = {**(job.result or {}), "data": job.data}
+    job.fetched = job.fetched or job.final
     out["progress"] = {"step": job.last_step, "total_steps": steps,
                        "fraction": job.last_step / steps}
     return out

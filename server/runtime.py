@@ -240,8 +240,8 @@ class Runtime:
         return sum(served.loop.inflight for served in self.models.values())
 
     def unfetched_jobs(self) -> int:
-        """Finished async jobs whose results only this process holds and nobody has
-        fetched yet (a draining server waits for them, up to drain_timeout_s)."""
+        """Ended async jobs whose outcome only this process holds and nobody has read
+        yet (a draining server waits for them)."""
         if any(served.loop.shared for served in self.models.values()):
             return 0  # the scaled-out roles keep results in Redis for every replica
         return self.jobs.unfetched()

@@ -115,7 +115,7 @@ class Settings(BaseSettings):
     max_body_mb: float = Field(
         8.0, gt=0, description="largest request body; a larger one gets 413 before it is read")
     jobs_max_mb: float = Field(
-        256.0, gt=0, description="encoded results of async jobs kept in memory; when full, "
+        128.0, gt=0, description="encoded results of async jobs kept in memory; when full, "
         "fetched results go first and new jobs get 429")
     body_timeout_s: float = Field(
         30.0, gt=0, description="a request body that stops arriving this long gets 408")
@@ -125,9 +125,9 @@ class Settings(BaseSettings):
         1024, ge=1, description="open HTTP connections; more are closed as they open")
     max_jobs: int = Field(10000, ge=1, description="async jobs kept in memory (any state)")
     url_results_max_mb: float = Field(
-        256.0, gt=0, description="images kept for response_format=url, in all")
+        128.0, gt=0, description="images kept for response_format=url, in all")
     url_results_per_key_mb: float = Field(
-        64.0, gt=0, description="url images one API key (or client address) may keep; beyond "
+        32.0, gt=0, description="url images one API key (or client address) may keep; beyond "
         "it its own oldest go first, never another key's")
     public_base_url: str | None = Field(
         None, description="base of url results, e.g. https://images.example.com (default: "

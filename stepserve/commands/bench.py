@@ -6,7 +6,7 @@ import argparse
 import importlib
 
 HELP = ("benchmarks that print tables: openloop, batching, overhead, soak, engines, caches, "
-        "parallel, faults, scaleout, flood")
+        "parallel, faults, scaleout, flood, drain")
 
 # bench name -> module under stepserve.loadtests; each has main(argv)
 BENCHES = {
@@ -20,6 +20,7 @@ BENCHES = {
     "faults": "faults",
     "scaleout": "scaleout",
     "flood": "flood",
+    "drain": "drain",
 }
 
 
@@ -32,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "across processes; faults: workers and Redis killed under load "
                         "(lost / duplicated jobs); scaleout: api + worker over Redis vs "
                         "the all-in-one server; flood: server memory under a flood of cache-hit "
-                        "jobs and a huge body")
+                        "jobs and a huge body; drain: SIGTERM with work in flight")
     p.add_argument("bench_args", nargs=argparse.REMAINDER,
                    help="the benchmark's own flags (`stepserve bench NAME --help`)")
 
