@@ -136,8 +136,7 @@ class Auth:
                                   None, "too_many_auth_failures",
                                   {"Retry-After": str(max(1, math.ceil(wait)))})
         scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            self.failures.failed(addr)
+        if scheme.lower() != "bearer" or not token:  # no key sent: nothing was guessed
             return error_response(401, "missing API key: send 'Authorization: Bearer <key>'",
                                   None, "invalid_api_key")
         given = token.strip().encode()

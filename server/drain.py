@@ -13,6 +13,7 @@ second Ctrl-C exits at once.
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 import time
@@ -21,6 +22,7 @@ from typing import Any
 
 import uvicorn
 
+log = logging.getLogger("stepserve.drain")
 SHUTTING_DOWN = "the server shut down before this request finished; retry it"
 ABORT_GRACE_S = 5.0  # after the drain timeout: how long aborted jobs stay readable
 
@@ -62,6 +64,14 @@ class DrainingServer(uvicorn.Server):
         return bool(rt.inflight or rt.responses or rt.unfetched_jobs())
 
     def _drain(self) -> None:
+        try:
+            self._wait_for_work()
+        except Exception:  # whatever happens, the server must still exit
+            log.exception("drain failed; exiting now")
+        finally:
+            self.should_exit = True
+
+    def _wait_for_work(self) -> None:
         rt = self.runtime
         rt.begin_drain()
         deadline = time.monotonic() + self.timeout_s
@@ -75,7 +85,6 @@ class DrainingServer(uvicorn.Server):
         from sse_starlette.sse import AppStatus
 
         AppStatus.should_exit = True  # nothing is streaming any more
-        self.should_exit = True
 
 
 def keep_streams_open_on_shutdown() -> None:

@@ -146,6 +146,9 @@ def custom_schedule(body: ImageGenerationRequest, caps: Capabilities, sampler: s
 
 
 def require_ready(rt: Runtime) -> None:
+    if rt.draining:  # not even work the result cache could answer: the drain must end
+        raise APIError(503, "the server is shutting down; retry on another replica", None,
+                       "shutting_down")
     if not rt.ready or not rt.models:
         message = f"model failed to load: {rt.error}" if rt.error else "model is loading"
         raise APIError(503, message, None, "not_ready", {"Retry-After": "5"})
@@ -167,7 +170,7 @@ def submit(rt: Runtime, served: Served, params: GenerationParams,
         if images is not None:
             handle = Handle(new_request_id(), params)
             handle.events.put_nowait(Completed(handle.id, images, params.steps))
-            return Submission(handle, key, tokens, from_cache=True, cached=images)
+            return Submission(handle, key, tokens, from_cache=True)
     try:
         handle = served.loop.submit(params)
     except (QueueFull, ShuttingDown, BackendUnavailable, ValueError) as exc:

@@ -28,6 +28,7 @@ class Job:
     sub: Submission
     spec: OutputSpec
     owner: str | None = None  # the creating API key's id (None: no auth)
+    quota: str = ""  # the creator's key or client address (lists without auth)
     created_at: float = field(default_factory=time.time)
     status: str = "queued"
     result: dict[str, Any] | None = None  # the images response without its `data`
@@ -58,8 +59,10 @@ class JobStore:
         self.bytes = 0
 
     # -- admission --------------------------------------------------------------------
-    def add(self, job: Job, reserve: int) -> None:
-        """Keep `job`, reserving `reserve` bytes for its result; 429 when full."""
+    def make_room(self, reserve: int) -> None:
+        """Check (before anything is submitted) that a job reserving `reserve` bytes fits,
+        evicting what may go; 429 when it does not. Nothing awaits between this and `add`
+        on the event loop, so the room is still there."""
         need = JOB_OVERHEAD + reserve
         self.purge()
         if len(self.jobs) >= self.max_jobs or self.bytes + need > self.max_bytes:
@@ -69,9 +72,23 @@ class JobStore:
                            f"{self.bytes / 2**20:.0f} of {self.max_bytes / 2**20:.0f} MB): "
                            "fetch finished jobs' results, or retry later", None,
                            "job_store_full", {"Retry-After": "5"})
+
+    def add(self, job: Job, reserve: int, content_key: str | None = None) -> None:
+        """Keep `job`, reserving `reserve` bytes for its result (call make_room first). A
+        job that will return an already-stored shared result holds a reference to it from
+        now on, so the result cannot be dropped before the job ends."""
+        if content_key is not None and content_key in self._shared:
+            data, size, refs = self._shared[content_key]
+            self._shared[content_key] = (data, size, refs + 1)
+            job.content_key, reserve = content_key, 0
         job.reserved = reserve
-        self.bytes += need
+        self.bytes += JOB_OVERHEAD + reserve
         self.jobs[job.id] = job
+
+    def remove(self, job: Job) -> None:
+        """Forget a job that could not be started after all."""
+        if job.id in self.jobs:
+            self._drop(job)
 
     def has_shared(self, content_key: str | None) -> bool:
         return content_key is not None and content_key in self._shared
@@ -82,8 +99,14 @@ class JobStore:
 
     def complete(self, job: Job, data: list[dict[str, Any]], content_key: str | None) -> None:
         """The job's images: replaces its reservation with their real (shared) size."""
+        if job.id not in self.jobs:  # evicted or purged meanwhile: keep no books for it
+            return
         self.bytes -= job.reserved
         job.reserved = 0
+        held = job.content_key
+        if held is not None and held in self._shared:  # its reference was taken at add
+            job.data = self._shared[held][0]
+            return
         if content_key is not None and content_key in self._shared:
             data, size, refs = self._shared[content_key]
             self._shared[content_key] = (data, size, refs + 1)
@@ -96,7 +119,8 @@ class JobStore:
 
     def release(self, job: Job) -> None:
         """The job ended without images: its reservation is free again."""
-        self.bytes -= job.reserved
+        if job.id in self.jobs:
+            self.bytes -= job.reserved
         job.reserved = 0
 
     # -- lookup -------------------------------------------------------------------------
@@ -109,14 +133,20 @@ class JobStore:
                            "id", "job_not_found")
         return job
 
-    def unfetched(self) -> int:
-        """Ended jobs whose outcome (images or error) nobody has read yet."""
-        return sum(1 for j in self.jobs.values()
-                   if j.final and j.status != "cancelled" and not j.fetched)
+    def unfetched(self, since: float = 0.0) -> int:
+        """Jobs whose outcome nobody has read yet: still running or encoding, or ended
+        after `since` (a drain does not wait for results abandoned before it began).
+        Safe from another thread: it iterates a snapshot."""
+        return sum(1 for j in list(self.jobs.values())
+                   if j.status != "cancelled" and not j.fetched
+                   and (j.ended_at is None or j.ended_at >= since))
 
-    def mine(self, owner: str | None) -> list[Job]:
+    def mine(self, owner: str | None, quota: str) -> list[Job]:
+        """The caller's jobs: by key, or without auth by client address."""
         self.purge()
-        return [j for j in self.jobs.values() if j.owner == owner]
+        if owner is not None:
+            return [j for j in self.jobs.values() if j.owner == owner]
+        return [j for j in self.jobs.values() if j.owner is None and j.quota == quota]
 
     # -- forgetting ---------------------------------------------------------------------
     def purge(self) -> None:

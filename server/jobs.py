@@ -65,12 +65,15 @@ async def follow(rt: Runtime, request: Request, job: Job, params: GenerationPara
             if not isinstance(event, Preview):
                 break
         if isinstance(event, Completed):
-            key = content_key(job.sub, job.spec)
-            data = rt.jobs.shared(key)
-            if data is None:
-                encoded = await image_data(rt, request, event.images, job.spec)
-                data = [d.model_dump(exclude_none=True) for d in encoded]
-            rt.jobs.complete(job, data, key)
+            if _scaled_out(rt):  # every replica serves it from Redis: keep nothing here
+                rt.jobs.complete(job, [], None)
+            else:
+                key = content_key(job.sub, job.spec)
+                data = rt.jobs.shared(job.content_key or key)
+                if data is None:
+                    encoded = await image_data(rt, request, event.images, job.spec)
+                    data = [d.model_dump(exclude_none=True) for d in encoded]
+                rt.jobs.complete(job, data, key)
             job.result = ImagesResponse(
                 created=int(time.time()), data=[], background="opaque",
                 output_format=job.spec.output_format, size=job.spec.size,
@@ -89,7 +92,9 @@ async def follow(rt: Runtime, request: Request, job: Job, params: GenerationPara
         job.ended_at = time.time()
 
 
-def view(rt: Runtime, job: Job) -> dict[str, Any]:
+def view(rt: Runtime, job: Job, with_result: bool = True) -> dict[str, Any]:
+    """The job as the API shows it; a listing leaves results out (one shared result
+    inlined per listed job would multiply it)."""
     out: dict[str, Any] = {"id": job.id, "object": "image.job", "status": job.status,
                            "created_at": int(job.created_at), "queue_position": None,
                            "progress": None, "result": None, "error": job.error}
@@ -97,15 +102,18 @@ def view(rt: Runtime, job: Job) -> dict[str, Any]:
     steps = handle.params.steps
     if not job.final and handle.backend is not None:
         p = handle.backend.progress(handle.id)
-        job.status = out["status"] = p.phase
+        # the end is this job's own to record (with its result): until then, running
+        job.status = out["status"] = p.phase if p.phase in ("queued", "running") else "running"
         job.last_step = max(job.last_step, p.step)
         out["queue_position"] = p.position
     elif not job.final:  # answered from the result cache: done at its next turn
         out["queue_position"] = 0
     elif job.status == "completed":
         job.last_step = steps
-        out["result"] = {**(job.result or {}), "data": job.data}
-    job.fetched = job.fetched or job.final
+        if with_result:
+            out["result"] = {**(job.result or {}), "data": job.data}
+    if with_result:
+        job.fetched = job.fetched or job.final
     out["progress"] = {"step": job.last_step, "total_steps": steps,
                        "fraction": job.last_step / steps}
     return out
@@ -123,32 +131,37 @@ async def create_job(body: ImageGenerationRequest, request: Request) -> JSONResp
                        "/v1/images/generations)", "stream", "invalid_value")
     served, params, spec = resolve(body, rt)
     params = dataclasses.replace(params, tenant=quota_of(request))
+    reserve = reservation(params, spec, served.info.image_shape)
+    rt.jobs.make_room(reserve)  # before anything runs: a refused job leaves no trace
     sub = submit(rt, served, params, seeded=body.seed is not None)
     # public id "job-..."; the backend knows the request by the handle's "img-..." id
     owner = owner_of(request)
-    job = Job(sub.handle.id.replace("img-", "job-", 1), sub, spec, owner)
-    key = content_key(sub, spec)
+    job = Job(sub.handle.id.replace("img-", "job-", 1), sub, spec, owner, quota_of(request))
+    rt.jobs.add(job, reserve, content_key(sub, spec))
     try:
-        rt.jobs.add(job, 0 if rt.jobs.has_shared(key)
-                    else reservation(params, spec, served.info.image_shape))
-    except APIError:
-        sub.handle.cancel()  # refused: it must not run for nobody
+        # scaled out: any API replica can answer for it (a no-op for in-process backends)
+        usage = usage_for(params.prompt, params.n, sub.image_tokens).model_dump()
+        served.loop.remember_job(sub.handle.id, dataclasses.asdict(spec), usage, owner,
+                                 (sub.result_key, params.steps) if sub.from_cache else None)
+        out = view(rt, job)
+    except Exception:  # e.g. Redis went away: the job must not stay half-made
+        rt.jobs.remove(job)
+        sub.handle.cancel()
         raise
-    # scaled out: any API replica can answer for it (a no-op for in-process backends)
-    usage = usage_for(params.prompt, params.n, sub.image_tokens).model_dump()
-    served.loop.remember_job(sub.handle.id, dataclasses.asdict(spec), usage, owner,
-                             (sub.cached, params.steps) if sub.from_cache else None)
     job.task = asyncio.create_task(follow(rt, request, job, params))
-    return JSONResponse(view(rt, job), status_code=202)
+    return JSONResponse(out, status_code=202)
 
 
 @router.get("/v1/jobs", responses={200: {"model": ImageJobList}, **error_responses(400)})
 async def list_jobs(request: Request, limit: int = Query(100, ge=1, le=1000)) -> JSONResponse:
     """The caller's own jobs held by this server, newest first."""
     rt = runtime_of(request)
-    jobs = sorted(rt.jobs.mine(owner_of(request)), key=lambda j: j.created_at, reverse=True)
-    return JSONResponse({"object": "list", "data": [view(rt, j) for j in jobs[:limit]],
-                         "has_more": len(jobs) > limit})
+    jobs = sorted(rt.jobs.mine(owner_of(request), quota_of(request)),
+                  key=lambda j: j.created_at, reverse=True)
+    # progress may ask Redis (blocking calls): off the event loop
+    views = await asyncio.to_thread(lambda: [view(rt, j, with_result=False)
+                                             for j in jobs[:limit]])
+    return JSONResponse({"object": "list", "data": views, "has_more": len(jobs) > limit})
 
 
 def find(rt: Runtime, job_id: str, request: Request) -> Job:
@@ -166,6 +179,9 @@ async def get_job(job_id: str, request: Request) -> JSONResponse:
 
         remote = await remote_view(rt, request, job_id, owner_of(request))
         if remote is not None:
+            local = rt.jobs.jobs.get(job_id)
+            if local is not None and remote["status"] in ("completed", "failed"):
+                local.fetched = True  # read: the local record may go when room is needed
             return JSONResponse(remote)
     return JSONResponse(view(rt, find(rt, job_id, request)))
 

@@ -16,13 +16,13 @@ from .errors import error_response
 
 class BodyTimeout(HTTPException):
     def __init__(self, seconds: float) -> None:
-        super().__init__(408, f"the request body stopped arriving for {seconds:g} s "
+        super().__init__(408, f"the request body did not arrive within {seconds:g} s "
                               "(setting body_timeout_s)")
 
 
 async def body_timeout_handler(_: Any, exc: Exception) -> Any:
     assert isinstance(exc, BodyTimeout)
-    return error_response(408, str(exc.detail), None, "request_timeout")
+    return error_response(408, str(exc.detail), None, "request_timeout", CLOSE)
 
 
 class BodyTooLarge(HTTPException):
@@ -40,9 +40,12 @@ async def body_too_large_handler(_: Any, exc: Exception) -> Any:
     return too_large(exc.limit)
 
 
+CLOSE = {"Connection": "close"}  # the rest of the body is not read: drop the connection
+
+
 def too_large(limit: int) -> Any:
     return error_response(413, f"request body is larger than {limit / 2**20:g} MB "
-                          "(setting max_body_mb)", None, "request_too_large")
+                          "(setting max_body_mb)", None, "request_too_large", CLOSE)
 
 
 class BodyLimitMiddleware:
@@ -67,13 +70,16 @@ class BodyLimitMiddleware:
         seen = 0
         started = False
         body_done = False
+        deadline: float | None = None
 
         async def limited_receive() -> Any:
-            nonlocal seen, body_done
+            nonlocal seen, body_done, deadline
             if body_done:  # later reads wait for a disconnect: that may take long
                 return await receive()
+            now = asyncio.get_running_loop().time()
+            deadline = deadline or now + self.timeout_s  # for the whole body, not per chunk
             try:
-                message = await asyncio.wait_for(receive(), self.timeout_s)
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - now))
             except asyncio.TimeoutError:
                 raise BodyTimeout(self.timeout_s) from None
             if message["type"] == "http.request":

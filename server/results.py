@@ -4,8 +4,9 @@ bytes in all and per owner.
 Each image belongs to the API key that made it (its `owner`; None without auth,
 where the unguessable 128-bit key is the capability) and counts against a quota
 (the key, or the client address without auth). A quota that is full drops its own
-oldest images, never another quota's; only when the whole store is full does the
-oldest image of any quota go.
+oldest images; when the whole store is full, the largest quota's oldest go first,
+so a flood spread over several quotas cannot push out a small one's images before
+its own.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ class ResultStore:
             while mine and self._used.get(quota, 0) + size > self.per_quota_bytes:
                 self._drop(next(iter(mine)))
             while self._items and self.bytes + size > self.max_bytes:
-                self._drop(next(iter(self._items)))
+                largest = max(self._used, key=lambda q: self._used[q])
+                self._drop(next(iter(self._by_quota[largest])))
             self._items[key] = StoredImage(data, content_type, time.monotonic() + self.ttl_s,
                                            owner, quota)
             self._used[quota] = self._used.get(quota, 0) + size

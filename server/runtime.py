@@ -112,6 +112,7 @@ class Runtime:
         self.error: str | None = None
         self._ready = threading.Event()
         self._draining = False
+        self._drain_started = 0.0
         self.responses = 0  # API responses being written (server/drain.py)
         self._cache_seen: dict[str, tuple[int, int]] = {}
 
@@ -231,6 +232,8 @@ class Runtime:
     def begin_drain(self) -> None:
         """Refuse new work from now on (readiness turns 503, submissions 503); work in
         flight, streams and async jobs included, goes on."""
+        if not self._draining:
+            self._drain_started = time.time()
         self._draining = True
         for served in self.models.values():
             served.loop.close_intake()
@@ -244,7 +247,7 @@ class Runtime:
         yet (a draining server waits for them)."""
         if any(served.loop.shared for served in self.models.values()):
             return 0  # the scaled-out roles keep results in Redis for every replica
-        return self.jobs.unfetched()
+        return self.jobs.unfetched(since=self._drain_started)
 
     def abort_inflight(self, message: str) -> None:
         """End everything still in flight now, each with an explicit error."""

@@ -118,7 +118,8 @@ class Settings(BaseSettings):
         128.0, gt=0, description="encoded results of async jobs kept in memory; when full, "
         "fetched results go first and new jobs get 429")
     body_timeout_s: float = Field(
-        30.0, gt=0, description="a request body that stops arriving this long gets 408")
+        30.0, gt=0, description="a request body not complete this long after its headers "
+        "gets 408 (and the connection is closed)")
     header_timeout_s: float = Field(
         10.0, gt=0, description="a connection whose request headers take longer is closed")
     max_connections: int = Field(
@@ -137,6 +138,9 @@ class Settings(BaseSettings):
         "when public_base_url is not set")
     auth_internal: bool = Field(
         False, description="with API keys: also require one for /metrics, /docs, /openapi.json")
+    forwarded_allow_ips: list[str] = Field(
+        ["127.0.0.1"], description="proxies whose X-Forwarded-For names the client (for "
+        "per-address limits behind a load balancer); '*' trusts any")
     auth_failures_per_min: float = Field(
         30.0, gt=0, description="failed API-key attempts a client address may make per minute; "
         "then 429")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from .scheduler.backend import Handle
 from .scheduler.request import GenerationParams
@@ -18,7 +17,6 @@ class Submission:
     result_key: str | None = None  # exact-result-cache key (requests with a seed)
     image_tokens: int = 0  # usage: output tokens per image of the served model's size
     from_cache: bool = False  # answered from the exact result cache (nothing ran)
-    cached: Any = None  # those images (uint8 array), shared with the cache
 
     @property
     def params(self) -> GenerationParams:

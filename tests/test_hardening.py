@@ -318,3 +318,173 @@ def test_a_body_that_stops_arriving_gets_408():
     slow, fine = run(app, go)
     assert slow.status_code == 408 and slow.json()["error"]["code"] == "request_timeout"
     assert fine.status_code == 200
+
+
+# -- found by a review of the hardening work; each failed before its fix ----------------
+
+def test_job_listings_do_not_inline_results_and_without_auth_are_per_address():
+    app = make_app()
+
+    async def go():
+        async def as_client(addr):
+            t = httpx.ASGITransport(app=app, client=(addr, 1))
+            return httpx.AsyncClient(transport=t, base_url="http://localhost")
+
+        a, b = await as_client("10.0.0.1"), await as_client("10.0.0.2")
+        async with a, b:
+            job = (await a.post("/v1/jobs", json={"prompt": "p", "seed": 1})).json()["id"]
+            await wait_done(a, job)
+            return (await a.get("/v1/jobs")).json(), (await b.get("/v1/jobs")).json()
+
+    try:
+        mine, theirs = asyncio.run(go())
+    finally:
+        app.state.runtime.shutdown()
+    assert [j["status"] for j in mine["data"]] == ["completed"]
+    assert mine["data"][0]["result"] is None  # fetch results one job at a time
+    assert theirs["data"] == []
+
+
+def test_a_shared_result_is_held_from_admission_so_the_bound_holds():
+    from stepserve.server.job_store import Job, JobStore
+
+    store = JobStore(ttl_s=60, max_bytes=20_000, max_jobs=100)
+    sub = type("S", (), {})()
+    a = Job("a", sub, None)
+    store.make_room(1000)
+    store.add(a, 1000, "k")
+    store.complete(a, [{"b64_json": "x" * 5000}], "k")
+    a.status, a.ended_at, a.fetched = "completed", time.time(), True
+    b = Job("b", sub, None)
+    store.make_room(1000)
+    store.add(b, 1000, "k")  # the same result exists: b holds it from now on
+    assert b.reserved == 0
+    store._evict(10**9)  # a goes (fetched): the shared result must stay for b
+    assert "a" not in store.jobs and store.shared("k") is not None
+    store.complete(b, [{"b64_json": "y" * 5000}], "k")
+    assert b.data[0]["b64_json"] == "x" * 5000 and store.bytes <= store.max_bytes
+    assert store.unfetched() == 1  # b ended unread...
+    b.status, b.ended_at = "completed", time.time()
+    assert store.unfetched(since=time.time() + 1) == 0  # ...before a drain that began later
+    running = Job("c", sub, None)
+    store.add(running, 0)
+    assert store.unfetched(since=time.time() + 1) == 1  # a running job always counts
+
+
+def test_a_job_whose_record_cannot_be_kept_is_not_left_behind():
+    from stepserve.server.scheduler.backend import BackendUnavailable
+
+    engine = GatedEngine(timeout=30)
+    app = make_app(engine=engine)
+    served = app.state.runtime.default
+
+    def broken(*a, **k):
+        raise BackendUnavailable("the job queue (Redis) is unavailable; retry shortly")
+
+    served.loop.remember_job = broken
+
+    async def go(c):
+        r = await c.post("/v1/jobs", json={"prompt": "p"})
+        await asyncio.sleep(0.2)
+        engine.open()
+        return r
+
+    r = run(app, go)
+    assert r.status_code == 503
+    assert app.state.runtime.jobs.jobs == {} and app.state.runtime.jobs.bytes == 0
+
+
+def test_a_full_job_store_refuses_before_anything_runs():
+    engine = GatedEngine(timeout=30)
+    app = make_app(engine=engine, max_jobs=1)
+
+    async def go(c):
+        first = await c.post("/v1/jobs", json={"prompt": "p"})
+        second = await c.post("/v1/jobs", json={"prompt": "q"})
+        inflight = app.state.runtime.inflight
+        engine.open()
+        await wait_done(c, first.json()["id"])
+        return second, inflight
+
+    second, inflight = run(app, go)
+    assert second.status_code == 429 and inflight == 1  # the refused job never ran
+
+
+def test_a_progress_phase_never_ends_a_job_without_its_result():
+    from stepserve.server.jobs import view
+    from stepserve.server.scheduler.backend import Progress
+
+    app = make_app()
+    rt = app.state.runtime
+
+    class Finishing:  # a backend that already reports the end (e.g. Redis, before follow)
+        def progress(self, _):
+            return Progress("completed", 4)
+
+    from stepserve.server.job_store import Job
+    from stepserve.server.scheduler.backend import Handle
+    from stepserve.server.scheduler.request import GenerationParams
+    from stepserve.server.submission import Submission
+
+    sub = Submission(Handle("img-x", GenerationParams("p", 4, 1, 1.0), backend=Finishing()))
+    job = Job("job-x", sub, None)
+    rt.jobs.add(job, 0)
+    out = view(rt, job)
+    app.state.runtime.shutdown()
+    assert out["status"] == "running" and not job.final and not job.fetched
+
+
+def test_url_quotas_when_the_whole_store_is_full_the_largest_pays():
+    store = ResultStore(ttl_s=60, max_bytes=8_000, per_quota_bytes=3_000)
+    victim = store.put(b"v" * 1000, "image/png", "png", "b", "key:b")
+    for q in range(4):  # four attacker quotas, each under its own cap, fill the store
+        for _ in range(3):
+            store.put(b"x" * 1000, "image/png", "png", None, f"addr:{q}")
+    assert store.get(victim, "b") is not None and store.bytes <= 8_000
+
+
+def test_requests_without_a_key_are_not_counted_as_guesses():
+    app = make_app(api_keys=["key-a"], auth_failures_per_min=2)
+
+    async def go(c):
+        anon = [(await c.get("/v1/models")).status_code for _ in range(5)]
+        return anon, (await c.get("/v1/models", headers=A)).status_code
+
+    anon, keyed = run(app, go)
+    assert anon == [401] * 5 and keyed == 200
+
+
+def test_a_draining_server_takes_no_new_work_not_even_cache_hits():
+    app = make_app()
+
+    async def go(c):
+        body = {"prompt": "p", "seed": 3}
+        first = await c.post("/v1/images/generations", json=body)
+        app.state.runtime.begin_drain()
+        again = await c.post("/v1/images/generations", json=body)
+        job = await c.post("/v1/jobs", json=body)
+        return first, again, job
+
+    first, again, job = run(app, go)
+    assert first.status_code == 200
+    assert again.status_code == job.status_code == 503
+    assert again.json()["error"]["code"] == "shutting_down"
+
+
+def test_the_drain_thread_always_lets_the_server_exit():
+    import uvicorn
+
+    from stepserve.server.drain import DrainingServer
+
+    class Broken:
+        inflight = responses = 0
+
+        def begin_drain(self):
+            pass
+
+        def unfetched_jobs(self):
+            raise RuntimeError("dictionary changed size during iteration")
+
+    server = DrainingServer(uvicorn.Config(app=None), Broken(), timeout_s=5)
+    server._drain()
+    assert server.should_exit

@@ -12,7 +12,6 @@ import logging
 import time
 from typing import Any
 
-import numpy as np
 import redis
 
 from ..scheduler.backend import (
@@ -26,7 +25,7 @@ from ..scheduler.backend import (
 from ..scheduler.events import Completed, Failed, FinishReason, Preview
 from ..scheduler.request import GenerationParams
 from . import keys, scripts
-from .codec import failure_from_json, images_from_bytes, images_to_bytes, params_to_json
+from .codec import failure_from_json, images_from_bytes, params_to_json
 from .connect import REDIS_DOWN, UNAVAILABLE, aclient, as_backend_errors, client
 from .event_hub import LOST, EventHub
 
@@ -200,28 +199,32 @@ class RedisLoop:
 
     @as_backend_errors
     def remember_job(self, request_id: str, spec: dict, usage: dict,
-                     owner: str | None, done: tuple[np.ndarray, int] | None = None) -> None:
+                     owner: str | None, done: tuple[str, int] | None = None) -> None:
         """What another API replica needs to answer GET /v1/jobs/{id} for this job; a job
-        answered from the result cache (`done`: its images and steps) is stored as
-        completed, since no worker will ever announce it."""
+        answered from the result cache (`done`: its cache key and steps) is stored as
+        completed, pointing at the cached images (not a copy), since no worker will ever
+        announce it."""
         record: dict[Any, Any] = {
             "spec": json.dumps(spec), "usage": json.dumps(usage), "owner": owner or ""}
         if done is None:
             self.sync.hset(keys.job(request_id), mapping=record)
             return
-        images, steps = done
+        cache_key, steps = done
         pipe = self.sync.pipeline()
         pipe.hset(keys.job(request_id), mapping={
             **record, "status": "completed", "model": self.model, "steps": steps,
-            "step": steps, "created_at": time.time(), "ended_at": time.time()})
+            "step": steps, "created_at": time.time(), "ended_at": time.time(),
+            "rcache": cache_key})
         pipe.expire(keys.job(request_id), self.result_ttl_s)
-        pipe.set(keys.result(request_id), images_to_bytes(images), ex=self.result_ttl_s)
         pipe.execute()
 
     @as_backend_errors
     def cancel(self, request_id: str) -> None:
         """Queued: the worker skips it; running: it leaves its batch at the next step."""
-        self.sync.hset(keys.job(request_id), "cancelled", 1)
+        pipe = self.sync.pipeline()
+        pipe.hset(keys.job(request_id), "cancelled", 1)
+        pipe.expire(keys.job(request_id), self.result_ttl_s, nx=True)  # never for ever
+        pipe.execute()
         self.sync.publish(keys.CANCEL, request_id)  # to the worker running it, if any
         # and to the API replica that created it, which may not be this one
         self.sync.publish(keys.events(request_id), json.dumps({"type": "cancelled"}))

@@ -81,12 +81,17 @@ async def encoded_once(rt: Any, request: Request, loop: RedisLoop, handle_id: st
     if stored is not None:
         return json.loads(stored)
     blob = get(keys.result(handle_id))
+    meta = as_backend_errors(loop.sync.hget)(keys.job(handle_id), "rcache")
+    if blob is None and meta:  # answered from the shared result cache: read it there
+        from .result_cache import PREFIX as RCACHE
+
+        blob = get(f"{RCACHE}:{meta.decode()}")
     if blob is None:
         raise APIError(404, f"the result of job {job_id[:64]!r} has expired", "id",
                        "job_not_found")
     data = [d.model_dump(exclude_none=True)
             for d in await image_data(rt, request, images_from_bytes(blob), spec)]
-    ttl = int(loop.sync.ttl(keys.result(handle_id)) or 0)
+    ttl = int(loop.sync.ttl(keys.job(handle_id)) or 0)
     as_backend_errors(loop.sync.set)(keys.encoded(handle_id), json.dumps(data),
                                      ex=max(1, ttl), nx=True)
     won = get(keys.encoded(handle_id))  # another replica may have been first

@@ -106,8 +106,8 @@ class JobBackend(Protocol):
     def remember_job(self, request_id: str, spec: dict, usage: dict,
                      owner: str | None, done: tuple[Any, int] | None = None) -> None:
         """Keep what other API replicas need to answer for this async job (its output
-        spec, usage and owner; for a job answered without running, `done` = its images
-        and steps); a no-op where jobs live in one process."""
+        spec, usage and owner; for a job answered from the result cache, `done` = its
+        cache key and steps); a no-op where jobs live in one process."""
 
     def close_intake(self) -> None:
         """Refuse new requests from now on (ShuttingDown)."""

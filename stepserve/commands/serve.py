@@ -55,7 +55,10 @@ def run(args: argparse.Namespace, role: str = "serve") -> int:
                             port=settings.port, log_level=settings.log_level,
                             timeout_keep_alive=int(settings.keep_alive_s),
                             timeout_graceful_shutdown=int(settings.drain_timeout_s),
+                            proxy_headers=True,
+                            forwarded_allow_ips=settings.forwarded_allow_ips,
                             http=guarded_protocol(settings.header_timeout_s,
+                                                  settings.body_timeout_s,
                                                   settings.max_connections))
     from stepserve.server.drain import DrainingServer, keep_streams_open_on_shutdown
 
