@@ -20,6 +20,7 @@ import torch
 
 from stepserve.models.caches.config import CacheConfig
 from stepserve.models.sampling.batch import RowState
+from stepserve.models.sampling.edit import Edit
 from stepserve.models.sampling.qsched import QSched
 
 from .capabilities import Capabilities
@@ -51,10 +52,12 @@ class Engine(Protocol):
 
     def init_state(self, seed: int, steps: int, cond: Any, uncond: Any, *, guidance: float,
                    sampler: str, cache: CacheConfig | None = None,
-                   schedule: dict[str, Sequence[float]] | None = None) -> RowState:
+                   schedule: dict[str, Sequence[float]] | None = None,
+                   edit: Edit | None = None) -> RowState:
         """One request image's own sampler state. `schedule` is {"timesteps": [...]} or
-        {"sigmas": [...]} where `capabilities.schedule_kinds` allows it. Raises
-        ValueError for parameters this model cannot run (the request's fault)."""
+        {"sigmas": [...]} where `capabilities.schedule_kinds` allows it; `edit` starts it
+        from a source image (where `capabilities.edits`). Raises ValueError for
+        parameters this model cannot run (the request's fault)."""
 
     def needs_forward(self, state: Any) -> bool:
         """False when the state's step cache predicts its next step instead."""

@@ -31,6 +31,7 @@ class Capabilities:
     ays: tuple[int, ...] | None = None  # Align Your Steps timesteps, if the family has them
     schedule_kinds: dict[str, tuple[str, ...]] = field(default_factory=dict)  # sampler -> kinds
     latency_mode: bool = False  # ParaDiGMS Picard rounds (picard_init / picard_round)
+    edits: bool = False  # img2img and inpainting (init_state(edit=...))
 
     def cache_error(self, cache: CacheConfig, model: str, engine: str) -> str | None:
         """Why this model cannot run this cache policy, or None."""

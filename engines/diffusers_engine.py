@@ -27,6 +27,7 @@ from stepserve.models.caches.config import CacheConfig
 from stepserve.models.families.adapters import PromptEmbeds, family_of
 from stepserve.models.families.sampler import DiffusersState, DiffusersStepModel
 from stepserve.models.sampling import batch
+from stepserve.models.sampling.edit import Edit
 
 from .base import EngineInfo
 from .capabilities import Capabilities
@@ -123,7 +124,11 @@ class DiffusersEngine:
     def init_state(self, seed: int, steps: int, cond: PromptEmbeds, uncond: PromptEmbeds, *,
                    guidance: float, sampler: str = "default",
                    cache: CacheConfig | None = None,
-                   schedule: dict[str, Sequence[float]] | None = None) -> DiffusersState:
+                   schedule: dict[str, Sequence[float]] | None = None,
+                   edit: Edit | None = None) -> DiffusersState:
+        if edit is not None:
+            raise ValueError("edits of diffusers folders are not supported yet; the "
+                             "built-in model takes them")
         scheduler = self.scheduler_for(sampler)
         if schedule:  # custom timesteps or sigmas (Align Your Steps and the like)
             kind, given = next(iter(schedule.items()))

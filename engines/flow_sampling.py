@@ -17,6 +17,7 @@ from stepserve.models.builtin.text import TextBatch
 from stepserve.models.caches.config import CacheConfig
 from stepserve.models.sampling import batch
 from stepserve.models.sampling import state as flow
+from stepserve.models.sampling.edit import Edit
 from stepserve.models.sampling.paradigms import PicardState, picard_init, picard_round
 
 from .base import EngineInfo
@@ -52,18 +53,20 @@ class FlowSampling:
         features = (("dit-blocks",) if self.runs_blocks else ()) + (
             ("lazydit-gates",) if self.gates is not None else ())
         return Capabilities(samplers=flow.SAMPLERS, default_sampler="euler",
-                            features=features, latency_mode=True)
+                            features=features, latency_mode=True, edits=True)
 
     def init_state(self, seed: int, steps: int, cond: TextBatch, uncond: TextBatch, *,
                    guidance: float, sampler: str = "euler", cache: CacheConfig | None = None,
-                   schedule: dict[str, Sequence[float]] | None = None) -> flow.SamplerState:
+                   schedule: dict[str, Sequence[float]] | None = None,
+                   edit: Edit | None = None) -> flow.SamplerState:
         if schedule:
             raise ValueError("custom schedules need a diffusers model (the built-in model "
                              "samples its own flow times)")
         info = self.info
         return flow.init_state(seed, steps, cond, uncond, shape=info.image_shape,
                                guidance=guidance, sampler=sampler,
-                               time_shift=info.time_shift, qsched=info.qsched, cache=cache)
+                               time_shift=info.time_shift, qsched=info.qsched, cache=cache,
+                               edit=edit)
 
     @property
     def step_model(self) -> flow.FlowStepModel:

@@ -18,6 +18,7 @@ from ..caches.config import CacheConfig
 from ..caches.deepcache import DeepCacheConfig, DeepState
 from ..sampling import batch
 from ..sampling.batch import Row
+from ..sampling.edit import Source
 from .adapters import PromptEmbeds, SDFamily
 
 
@@ -37,6 +38,7 @@ class DiffusersState:
     cache_state: Any = field(default=None, repr=False)
     row_caches: tuple[Any, Any] | None = field(default=None, repr=False)
     generator: torch.Generator | None = field(default=None, repr=False)
+    source: Source | None = field(default=None, repr=False)  # an edit's source (latents)
 
     @property
     def steps(self) -> int:
@@ -116,6 +118,19 @@ class DiffusersStepModel:
                          c.skipped_blocks + int(reuse[k]) * deep_blocks)
                if c is not None else None for k, c in enumerate(caches)]
         return out, new
+
+    def keep(self, s: DiffusersState) -> DiffusersState:
+        """Inpainting with a plain checkpoint, as diffusers' inpainting pipelines do it:
+        outside the (latent) mask, the source latents noised to the next timestep (the
+        clean source after the last step)."""
+        src = s.source
+        assert src is not None and src.mask is not None
+        orig = src.x0
+        if not s.done:
+            t = s.scheduler.timesteps[s.step:s.step + 1]
+            orig = s.scheduler.add_noise(src.x0[None], src.noise[None], t)[0]
+        m = src.mask
+        return replace(s, x=m * s.x + (1 - m) * orig)
 
     def advance(self, s: DiffusersState, out: torch.Tensor) -> DiffusersState:
         e = out[None]

@@ -58,6 +58,9 @@ class RowState(Protocol):
     def row_caches(self) -> tuple[Any, Any] | None: ...  # a ForwardCache's rows (cond, uncond)
 
     @property
+    def source(self) -> Any: ...  # an edit's Source (edit.py), or None
+
+    @property
     def steps(self) -> int: ...
 
     @property
@@ -102,6 +105,10 @@ class StepModel(Protocol[S]):
 
     def advance(self, state: S, out: torch.Tensor) -> S:
         """The solver step with the (guided) model output: step + 1, new x and x0."""
+
+    def keep(self, state: S) -> S:
+        """Inpainting: the state with its unmasked region put back on the source's
+        trajectory at the state's current step."""
 
 
 def cache_states(cache: CacheConfig | None) -> tuple[Any, tuple[Any, Any] | None]:
@@ -176,5 +183,8 @@ def step_batch(model: StepModel[S], states: Sequence[S]) -> list[S]:
             assert isinstance(cache, StepCache)
             out = cache.predict(s.cache_state, s.t)
             s = replace(s, cache_state=cache.skipped(s.cache_state))  # type: ignore[type-var]
-        result.append(model.advance(s, out))
+        s = model.advance(s, out)
+        if s.source is not None and s.source.mask is not None:
+            s = model.keep(s)
+        result.append(s)
     return result

@@ -15,10 +15,12 @@ from typing import Any
 
 import torch
 
+from ..builtin.shapes import to_tensor
 from ..builtin.text import TextBatch
 from ..caches.config import CacheConfig
 from . import batch
 from .batch import Row, needs_forward
+from .edit import Edit, Source, mask_tensor, start_step
 from .flow import euler_step, predict_x0
 from .qsched import QSched
 from .schedules import flow_timesteps
@@ -52,6 +54,7 @@ class SamplerState:
     cache: CacheConfig | None = None  # step-cache policy; its state below follows the request
     cache_state: Any = field(default=None, repr=False)
     row_caches: tuple[Any, Any] | None = field(default=None, repr=False)
+    source: Source | None = field(default=None, repr=False)  # an edit's source
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -99,14 +102,34 @@ def initial_noise(seed: int, shape: Sequence[int]) -> torch.Tensor:
 def init_state(seed: int, steps: int, cond: TextBatch, uncond: TextBatch, *,
                shape: Sequence[int], guidance: float = 1.0, sampler: str = "euler",
                time_shift: float = 1.0, qsched: QSched | None = None,
-               cache: CacheConfig | None = None) -> SamplerState:
+               cache: CacheConfig | None = None, edit: Edit | None = None) -> SamplerState:
+    """A request image's state; with an `edit`, it starts at the edit's start step from
+    the source noised to that time (img2img), keeping the unmasked region on the
+    source's trajectory (inpainting)."""
     cache = cache if cache is not None and cache.enabled else None
     cache_state, row_caches = batch.cache_states(cache)
-    return SamplerState(x=initial_noise(seed, shape),
-                        times=tuple(flow_timesteps(steps, time_shift)),
+    times = tuple(flow_timesteps(steps, time_shift))
+    noise = initial_noise(seed, shape)
+    x, step, source = noise, 0, None
+    if edit is not None:
+        x0 = to_tensor(edit.image[None])[0]
+        if tuple(x0.shape) != tuple(shape):
+            raise ValueError(f"the edit's image is {tuple(x0.shape)}, the model makes "
+                             f"{tuple(shape)}")
+        step = start_step(steps, edit.strength)
+        x = flow_noised(x0, noise, times[step])
+        mask = None if edit.mask is None else mask_tensor(edit.mask, (shape[1], shape[2]))
+        source = Source(x0, noise, mask)
+    return SamplerState(x=x, times=times, step=step,
                         cond=cond, uncond=uncond, guidance=guidance, sampler=sampler,
                         qsched=None if qsched is None or qsched.identity else qsched,
-                        cache=cache, cache_state=cache_state, row_caches=row_caches)
+                        cache=cache, cache_state=cache_state, row_caches=row_caches,
+                        source=source)
+
+
+def flow_noised(x0: torch.Tensor, noise: torch.Tensor, t: float) -> torch.Tensor:
+    """The flow path at time t: x_t = (1 - t) x0 + t noise."""
+    return (1.0 - t) * x0 + t * noise
 
 
 def advance(state: SamplerState, v: torch.Tensor) -> SamplerState:
@@ -155,6 +178,14 @@ class FlowStepModel:
 
     def advance(self, state: SamplerState, out: torch.Tensor) -> SamplerState:
         return advance(state, out)
+
+    def keep(self, state: SamplerState) -> SamplerState:
+        """Inpainting: outside the mask, the source at this step's time."""
+        src = state.source
+        assert src is not None and src.mask is not None
+        m = src.mask
+        return replace(state, x=m * state.x + (1 - m) * flow_noised(src.x0, src.noise,
+                                                                       state.t))
 
 
 def guided_velocity(denoiser: Denoiser, states: Sequence[SamplerState],

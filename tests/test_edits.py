@@ -1,0 +1,73 @@
+"""Edits in the one batched step (issue 15, first part): img2img starts part-way down
+the schedule, inpainting keeps the unmasked region on the source's trajectory; both
+share forwards with generations."""
+
+import numpy as np
+import pytest
+import torch
+
+from stepserve.models.builtin.shapes import to_uint8
+from stepserve.models.sampling.edit import Edit, composite, start_step
+from stepserve.models.sampling.state import init_state, run_to_completion, step_batch
+
+
+@pytest.fixture(scope="module")
+def source():
+    from stepserve.models.builtin.shapes import render, sample_scene
+
+    scene = sample_scene(np.random.default_rng(0), shape="circle", colour="red",
+                         background="white")
+    return render([scene])[0]
+
+
+def state(engine, seed, steps, edit=None, prompt="a large blue circle in the center"):
+    text = engine.encode([prompt, ""])
+    info = engine.info
+    return init_state(seed, steps, text.select([0]), text.select([1]),
+                      shape=info.image_shape, time_shift=info.time_shift, edit=edit)
+
+
+def test_start_step_follows_diffusers_img2img():
+    assert [start_step(8, s) for s in (1.0, 0.75, 0.5, 0.3, 0.01)] == [0, 2, 4, 6, 7]
+
+
+def test_full_strength_is_a_generation_and_lower_starts_later(engine, source):
+    gen = state(engine, 3, 8)
+    full = state(engine, 3, 8, Edit(source, strength=1.0))
+    assert full.step == 0 and torch.equal(full.x, gen.x)
+    half = state(engine, 3, 8, Edit(source, strength=0.5))
+    assert half.step == 4 and not torch.equal(half.x, gen.x)
+    out = run_to_completion(engine.denoise, [half])[0]
+    assert out.done and out.step == 8
+
+
+def test_edits_batched_with_generations_equal_each_alone(engine, source):
+    specs = [(1, 8, None), (2, 8, Edit(source, 0.6)), (3, 6, Edit(source, 0.9)),
+             (4, 4, Edit(source, 0.5, mask=np.zeros((32, 32), bool)))]
+    alone = [run_to_completion(engine.denoise, [state(engine, s, n, e)])[0].x
+             for s, n, e in specs]
+    states = [state(engine, s, n, e) for s, n, e in specs]
+    states[0] = step_batch(engine.denoise, [states[0]])[0]  # at different steps
+    mixed = run_to_completion(engine.denoise, states, max_batch=4)
+    for a, m in zip(alone, mixed):
+        assert torch.allclose(a, m.x, atol=1e-4)
+
+
+def test_inpainting_keeps_every_pixel_outside_the_mask(engine, source):
+    mask = np.zeros((32, 32), bool)
+    mask[:, 16:] = True  # only the right half may change
+    edit = Edit(source, strength=1.0, mask=mask)
+    out = run_to_completion(engine.denoise, [state(engine, 5, 6, edit)])[0]
+    pixels = to_uint8(out.x[None])
+    assert np.array_equal(pixels[0][~mask], source[~mask])  # exact, before any composite
+    assert not np.array_equal(pixels[0][mask], source[mask])
+    assert np.array_equal(composite(pixels, edit)[0][~mask], source[~mask])
+
+
+def test_bad_edits_are_refused():
+    img = np.zeros((32, 32, 3), np.uint8)
+    with pytest.raises(ValueError, match="strength"):
+        Edit(img, strength=0.0)
+    with pytest.raises(ValueError, match="mask"):
+        Edit(img, mask=np.zeros((16, 16), bool))
+    assert Edit(img, 0.5).digest() != Edit(img, 0.6).digest()
