@@ -33,7 +33,9 @@ class Results(Protocol):
 
 
 def result_key(info: EngineInfo, params: GenerationParams) -> str:
-    fields = dataclasses.asdict(params)
+    fields = dict(vars(params))  # shallow: the edit's pixels are not copied
+    fields["cache"] = dataclasses.asdict(params.cache) if params.cache else None
+    fields["edit"] = params.edit.digest() if params.edit else None  # not the pixels
     for name in ("priority", "timeout_s", "partial_images", "tenant"):  # not the images
         fields.pop(name)
     if params.cache is not None:  # two policies may share option names: key on the name too

@@ -71,3 +71,22 @@ def test_bad_edits_are_refused():
     with pytest.raises(ValueError, match="mask"):
         Edit(img, mask=np.zeros((16, 16), bool))
     assert Edit(img, 0.5).digest() != Edit(img, 0.6).digest()
+
+
+def test_edits_travel_through_redis_and_key_the_result_cache(source):
+    pytest.importorskip("redis")
+    from stepserve.engines.base import EngineInfo
+    from stepserve.server.redis.codec import params_from_json, params_to_json
+    from stepserve.server.result_cache import result_key
+    from stepserve.server.scheduler.request import GenerationParams
+
+    mask = np.zeros((32, 32), bool)
+    mask[3:9, 20:31] = True
+    p = GenerationParams("p", 8, 1, 1.0, edit=Edit(source, 0.7, mask))
+    back = params_from_json(params_to_json(p)).edit
+    assert np.array_equal(back.image, source) and np.array_equal(back.mask, mask)
+    assert back.strength == 0.7
+    info = EngineInfo("torch", "m", "fp32", "cpu", (3, 32, 32), 1.0, 1.0)
+    plain = GenerationParams("p", 8, 1, 1.0)
+    other = GenerationParams("p", 8, 1, 1.0, edit=Edit(source, 0.7))
+    assert len({result_key(info, x) for x in (p, plain, other)}) == 3

@@ -3,26 +3,48 @@ raw bytes with a shape header (never pickled)."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 
 import numpy as np
 
 from stepserve.models.caches.config import CacheConfig
+from stepserve.models.sampling.edit import Edit
 
 from ..scheduler.events import Failed, FinishReason
 from ..scheduler.request import GenerationParams
 
 
 def params_to_json(p: GenerationParams) -> str:
-    d = dataclasses.asdict(p)
+    d = dict(vars(p))  # shallow: the edit's pixels are encoded below, not copied
     d["cache"] = {"policy": p.cache.policy, **dataclasses.asdict(p.cache)} if p.cache else None
+    d["edit"] = edit_to_json(p.edit) if p.edit else None
     return json.dumps(d)
+
+
+def edit_to_json(e: Edit) -> dict:
+    """An edit's source as raw bytes in base64 (never pickled)."""
+    return {"image": base64.b64encode(e.image.tobytes()).decode(), "shape": e.image.shape,
+            "strength": e.strength,
+            "mask": None if e.mask is None else base64.b64encode(
+                np.packbits(e.mask).tobytes()).decode()}
+
+
+def edit_from_json(d: dict) -> Edit:
+    shape = tuple(d["shape"])
+    image = np.frombuffer(base64.b64decode(d["image"]), np.uint8).reshape(shape).copy()
+    mask = None
+    if d.get("mask") is not None:
+        bits = np.frombuffer(base64.b64decode(d["mask"]), np.uint8)
+        mask = np.unpackbits(bits)[:shape[0] * shape[1]].reshape(shape[:2]).astype(bool)
+    return Edit(image, float(d["strength"]), mask)
 
 
 def params_from_json(text: str) -> GenerationParams:
     d = json.loads(text)
     d["cache"] = CacheConfig.parse(d["cache"]) if d.get("cache") else None
+    d["edit"] = edit_from_json(d["edit"]) if d.get("edit") else None
     if d.get("schedule"):
         d["schedule"] = tuple((k, tuple(v)) for k, v in d["schedule"])
     return GenerationParams(**d)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from stepserve.engines.base import Engine
+from stepserve.models.sampling.edit import composite
 
 from .backend import QueueFull
 from .events import Completed, Event, Failed, FinishReason, Preview
@@ -172,7 +173,7 @@ class SchedulerCore:
         return [self.engine.init_state(p.seed + k, p.steps, cond, uncond, guidance=p.guidance,
                                        sampler=p.sampler or self.default_sampler,
                                        schedule=dict(p.schedule) if p.schedule else None,
-                                       cache=p.cache) for k in range(p.n)]
+                                       cache=p.cache, edit=p.edit) for k in range(p.n)]
 
     def _pick(self, now: float) -> list[Request]:
         if self.config.batching == "request":
@@ -276,6 +277,8 @@ class SchedulerCore:
             req.first_step_at = now
         if req.states[0].done:
             images = self.engine.decode(torch.stack([s.x for s in req.states]))
+            if req.params.edit is not None:  # inpainting: the source outside the mask, exactly
+                images = composite(images, req.params.edit)
             self._retire(req, Status.FINISHED)
             stats.finished.append(req)
             return [Completed(req.id, images, req.params.steps)]

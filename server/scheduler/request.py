@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stepserve.models.caches.config import CacheConfig
+from stepserve.models.sampling.edit import Edit
 from stepserve.models.sampling.state import SamplerState
 
 
@@ -41,6 +42,7 @@ class GenerationParams:
     schedule: tuple[tuple[str, tuple[float, ...]], ...] | None = None  # (("timesteps", ...),)
     mode: str = "throughput"  # "latency": ParaDiGMS rounds while the server is otherwise idle
     tenant: str = ""  # whose share of the queue it uses (an API key's id, or an address)
+    edit: Edit | None = None  # img2img / inpainting source (models/sampling/edit.py)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.n < 1 or self.partial_images < 0:
