@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .auth import Auth, AuthMiddleware, owner_of
 from .drain import ActiveResponses
+from .edits import router as edits_router
 from .errors import (
     APIError,
     api_error_handler,
@@ -70,6 +71,7 @@ def create_app(settings: Settings | None = None, builder: EngineBuilder = build_
     app.add_exception_handler(BodyTooLarge, body_too_large_handler)
     app.add_exception_handler(BodyTimeout, body_timeout_handler)
     app.include_router(generation_router)
+    app.include_router(edits_router)  # before the jobs router: /v1/jobs/edits is its own
     app.include_router(jobs_router)
     document_errors(app, auth.guards if auth.enabled else None,
                     limiter_503=auth.buckets is not None and bool(settings.redis_url))

@@ -247,9 +247,16 @@ async def generate(body: ImageGenerationRequest, request: Request) -> Response:
     require_ready(rt)
     served, params, spec = resolve(body, rt)
     params = dataclasses.replace(params, tenant=quota_of(request))
+    return await answer(rt, request, served, params, spec, body, "image_generation")
+
+
+async def answer(rt: Runtime, request: Request, served: Served, params: GenerationParams,
+                 spec: OutputSpec, body: ImageGenerationRequest, kind: str) -> Response:
+    """Run a resolved request and answer it, plain or streamed (`kind` names the SSE
+    events: image_generation or image_edit)."""
     sub = submit(rt, served, params, seeded=body.seed is not None)
     if body.stream:
-        return EventSourceResponse(stream(rt, request, sub, spec, body),
+        return EventSourceResponse(stream(rt, request, sub, spec, body, kind),
                                    ping=15, send_timeout=30)
     event: Event | None = None
     try:
@@ -272,7 +279,8 @@ async def generate(body: ImageGenerationRequest, request: Request) -> Response:
 
 
 async def stream(rt: Runtime, request: Request, sub: Submission, spec: OutputSpec,
-                 body: ImageGenerationRequest) -> AsyncIterator[dict]:
+                 body: ImageGenerationRequest, kind: str = "image_generation"
+                 ) -> AsyncIterator[dict]:
     """SSE events: partial images (real x0 previews) then completed (or an error)."""
     common = {"background": "opaque", "output_format": spec.output_format,
               "quality": body.quality or "auto", "size": spec.size}
@@ -283,7 +291,7 @@ async def stream(rt: Runtime, request: Request, sub: Submission, spec: OutputSpe
             event = await handle.events.get()
             if isinstance(event, Preview):
                 for i, data in enumerate(await encode_all(event.images, spec)):
-                    payload = {"type": "image_generation.partial_image", "b64_json": b64(data),
+                    payload = {"type": f"{kind}.partial_image", "b64_json": b64(data),
                                "created_at": int(time.time()),
                                "partial_image_index": event.index, "image_index": i,
                                "step": event.step, "total_steps": handle.params.steps,
@@ -300,7 +308,7 @@ async def stream(rt: Runtime, request: Request, sub: Submission, spec: OutputSpe
         usage = usage_for(handle.params.prompt, handle.params.n,
                           sub.image_tokens).model_dump()
         for i, data in enumerate(await encode_all(final.images, spec)):
-            payload = {"type": "image_generation.completed", "b64_json": b64(data),
+            payload = {"type": f"{kind}.completed", "b64_json": b64(data),
                        "created_at": int(time.time()), "image_index": i, "usage": usage,
                        **common}
             yield {"event": payload["type"], "data": json.dumps(payload)}

@@ -30,7 +30,7 @@ from .generation import (
 )
 from .job_store import Job
 from .protocol import ImageGenerationRequest, ImageJob, ImageJobList, ImagesResponse, usage_for
-from .runtime import Runtime
+from .runtime import Runtime, Served
 from .scheduler.events import Completed, Failed, FinishReason, Preview
 from .scheduler.request import GenerationParams
 from .submission import OutputSpec, Submission
@@ -131,9 +131,15 @@ async def create_job(body: ImageGenerationRequest, request: Request) -> JSONResp
                        "/v1/images/generations)", "stream", "invalid_value")
     served, params, spec = resolve(body, rt)
     params = dataclasses.replace(params, tenant=quota_of(request))
+    return start_job(rt, request, served, params, spec, seeded=body.seed is not None)
+
+
+def start_job(rt: Runtime, request: Request, served: Served, params: GenerationParams,
+              spec: OutputSpec, seeded: bool) -> JSONResponse:
+    """Queue a resolved request as an async job (generations and edits alike)."""
     reserve = reservation(params, spec, served.info.image_shape)
     rt.jobs.make_room(reserve)  # before anything runs: a refused job leaves no trace
-    sub = submit(rt, served, params, seeded=body.seed is not None)
+    sub = submit(rt, served, params, seeded=seeded)
     # public id "job-..."; the backend knows the request by the handle's "img-..." id
     owner = owner_of(request)
     job = Job(sub.handle.id.replace("img-", "job-", 1), sub, spec, owner, quota_of(request))

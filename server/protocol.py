@@ -80,6 +80,14 @@ class ImageGenerationRequest(BaseModel):
         raise ValueError("must be 'WIDTHxHEIGHT' (e.g. '32x32') or 'auto'")
 
 
+class ImageEditRequest(ImageGenerationRequest):
+    """POST /v1/images/edits (multipart form): a generation request plus how far down
+    the schedule the edit starts; the image and mask come as files."""
+
+    strength: float = Field(0.75, gt=0, le=1, description="how much of the schedule the "
+                            "edit runs: 1.0 starts from pure noise, 0.3 changes little")
+
+
 class ImageData(BaseModel):
     b64_json: str | None = None
     url: str | None = None

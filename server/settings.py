@@ -112,6 +112,8 @@ class Settings(BaseSettings):
     result_cache_ttl_s: float = Field(3600.0, gt=0, description="how long cached results live")
     text_cache_size: int = Field(4096, ge=1, description="prompts kept by the text-encoder LRU")
     text_cache_mb: float = Field(64.0, gt=0, description="memory the text-encoder LRU may hold")
+    max_image_pixels: int = Field(
+        16_777_216, ge=1, description="largest edit source or mask, in pixels (4096x4096)")
     max_body_mb: float = Field(
         8.0, gt=0, description="largest request body; a larger one gets 413 before it is read")
     jobs_max_mb: float = Field(

@@ -112,7 +112,7 @@ def init_state(seed: int, steps: int, cond: TextBatch, uncond: TextBatch, *,
     noise = initial_noise(seed, shape)
     x, step, source = noise, 0, None
     if edit is not None:
-        x0 = to_tensor(edit.image[None])[0]
+        x0 = to_tensor(edit.image[None].copy())[0]  # a writable copy for torch
         if tuple(x0.shape) != tuple(shape):
             raise ValueError(f"the edit's image is {tuple(x0.shape)}, the model makes "
                              f"{tuple(shape)}")

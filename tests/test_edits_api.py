@@ -1,0 +1,160 @@
+"""POST /v1/images/edits with the official openai client (in-process), on the built-in
+model: plain, streamed, masked, as a job, and every bad input as a 4xx naming it."""
+
+import asyncio
+import base64
+import io
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from stepserve.server.app import create_app
+from stepserve.server.settings import Settings
+
+PROMPT = "a large blue circle in the center on a white background"
+
+
+@pytest.fixture(scope="module")
+def source():
+    from stepserve.models.builtin.shapes import render, sample_scene
+
+    scene = sample_scene(np.random.default_rng(0), shape="circle", colour="red",
+                         background="white", position="center")
+    return render([scene])[0]
+
+
+def png(array: np.ndarray, mode: str | None = None) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(array, mode).save(out, "PNG")
+    return out.getvalue()
+
+
+def make_app(engine, **settings):
+    app = create_app(Settings(warmup_batch_sizes=[1], **settings), builder=lambda s: engine)
+    app.state.runtime.start(background=False)
+    return app
+
+
+def run(app, fn):
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as h:
+            client = openai.AsyncOpenAI(base_url="http://localhost/v1", api_key="unused",
+                                        http_client=h)
+            return await fn(client, h)
+
+    try:
+        return asyncio.run(go())
+    finally:
+        app.state.runtime.shutdown()
+
+
+def decode(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+
+
+def test_openai_client_edits_plain_streamed_and_masked(engine, source):
+    mask = np.full((32, 32, 4), 255, np.uint8)
+    mask[:, 16:, 3] = 0  # transparent right half: only it may change
+
+    async def go(client, _):
+        plain = await client.images.edit(
+            image=("src.png", png(source), "image/png"), prompt=PROMPT,
+            extra_body={"strength": 0.8, "seed": 5, "num_inference_steps": 8})
+        events = [e async for e in await client.images.edit(
+            image=("src.png", png(source), "image/png"), prompt=PROMPT, stream=True,
+            partial_images=2, extra_body={"seed": 5, "num_inference_steps": 8,
+                                          "strength": 0.8})]
+        masked = await client.images.edit(
+            image=("src.png", png(source), "image/png"),
+            mask=("mask.png", png(mask, "RGBA"), "image/png"), prompt=PROMPT,
+            extra_body={"strength": 1.0, "seed": 6, "num_inference_steps": 6})
+        return plain, events, masked
+
+    plain, events, masked = run(make_app(engine, result_cache_mb=0), go)  # all computed
+    out = decode(plain.data[0].b64_json)
+    assert out.shape == (32, 32, 3) and not np.array_equal(out, source)
+    kinds = [e.type for e in events]
+    assert kinds[-1] == "image_edit.completed" and "image_edit.partial_image" in kinds
+    assert np.array_equal(decode(events[-1].b64_json), out)  # the same seed, same image
+    edited = decode(masked.data[0].b64_json)
+    assert np.array_equal(edited[:, :16], source[:, :16])  # outside the mask: exact
+    assert not np.array_equal(edited[:, 16:], source[:, 16:])
+
+
+def test_edit_jobs_are_polled_like_generations(engine, source):
+    async def go(_, h):
+        r = await h.post("/v1/jobs/edits", data={"prompt": PROMPT, "seed": "2",
+                                                  "strength": "0.6"},
+                         files={"image": ("s.png", png(source), "image/png")})
+        job = r.json()
+        for _ in range(200):
+            view = (await h.get(f"/v1/jobs/{job['id']}")).json()
+            if view["status"] == "completed":
+                return r, view
+            await asyncio.sleep(0.02)
+        return r, view
+
+    r, view = run(make_app(engine), go)
+    assert r.status_code == 202 and view["status"] == "completed"
+    assert decode(view["result"]["data"][0]["b64_json"]).shape == (32, 32, 3)
+
+
+@pytest.mark.parametrize("case,param", [
+    ("no image", "image"), ("two images", "image"), ("not an image", "image"),
+    ("too many pixels", "image"), ("mask of another size", "mask"),
+    ("mask without alpha", "mask"), ("strength 0", "strength"), ("strength text", "strength"),
+    ("n as text", "n"), ("unknown field", "colour"), ("json body", None)])
+def test_bad_edits_get_400_naming_the_field(engine, source, case, param):
+    img = ("s.png", png(source), "image/png")
+    data = {"prompt": PROMPT}
+    files: list = [("image", img)]
+    if case == "no image":
+        files = []
+    elif case == "two images":
+        files = [("image[]", img), ("image[]", img)]
+    elif case == "not an image":
+        files = [("image", ("s.png", b"GIF89a not really", "image/png"))]
+    elif case == "too many pixels":
+        files = [("image", ("s.png", png(np.zeros((64, 64, 3), np.uint8)), "image/png"))]
+    elif case == "mask of another size":
+        files.append(("mask", ("m.png", png(np.zeros((16, 16, 4), np.uint8), "RGBA"),
+                               "image/png")))
+    elif case == "mask without alpha":
+        files.append(("mask", ("m.png", png(source), "image/png")))
+    elif case == "strength 0":
+        data["strength"] = "0"
+    elif case == "strength text":
+        data["strength"] = "strong"
+    elif case == "n as text":
+        data["n"] = "two"
+    elif case == "unknown field":
+        data["colour"] = "blue"
+
+    async def go(_, h):
+        if case == "json body":
+            return await h.post("/v1/images/edits", json={"prompt": PROMPT})
+        return await h.post("/v1/images/edits", data=data, files=files)
+
+    r = run(make_app(engine, max_image_pixels=32 * 32 * 2), go)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.json()
+
+
+def test_exif_orientation_is_applied_and_sources_are_fitted():
+    from stepserve.server.edit_inputs import read_image
+
+    wide = np.zeros((20, 40, 3), np.uint8)
+    wide[:, :20] = 255  # left half white
+    out = io.BytesIO()
+    image = Image.fromarray(wide)
+    exif = image.getexif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    image.save(out, "JPEG", exif=exif, quality=95)
+    arr, original = read_image(out.getvalue(), (10, 10), 10**6)
+    assert original == (20, 40)  # displayed upright: tall, not wide
+    assert arr.shape == (10, 10, 3)
+    assert arr[1, 5].mean() > 200 and arr[8, 5].mean() < 50  # white on top after rotation
