@@ -27,7 +27,7 @@ from stepserve.models.caches.config import CacheConfig
 from stepserve.models.families.adapters import PromptEmbeds, family_of
 from stepserve.models.families.sampler import DiffusersState, DiffusersStepModel
 from stepserve.models.sampling import batch
-from stepserve.models.sampling.edit import Edit
+from stepserve.models.sampling.edit import Edit, Source, mask_tensor, start_step
 
 from .base import EngineInfo
 from .capabilities import Capabilities
@@ -92,7 +92,8 @@ class DiffusersEngine:
         ays = self.ays_timesteps()
         return Capabilities(samplers=samplers, default_sampler="default",
                             features=("unet",) if self.family.unet else (),
-                            ays=tuple(ays) if ays else None, schedule_kinds=kinds)
+                            ays=tuple(ays) if ays else None, schedule_kinds=kinds,
+                            edits=self.family.takes_edits)
 
     @torch.inference_mode()
     def encode(self, prompts: list[str]) -> PromptEmbeds:
@@ -126,9 +127,9 @@ class DiffusersEngine:
                    cache: CacheConfig | None = None,
                    schedule: dict[str, Sequence[float]] | None = None,
                    edit: Edit | None = None) -> DiffusersState:
-        if edit is not None:
-            raise ValueError("edits of diffusers folders are not supported yet; the "
-                             "built-in model takes them")
+        if edit is not None and not self.family.takes_edits:
+            raise ValueError(f"{self.info.model!r} ({type(self.pipe).__name__}) does not "
+                             "take edits yet")
         scheduler = self.scheduler_for(sampler)
         if schedule:  # custom timesteps or sigmas (Align Your Steps and the like)
             kind, given = next(iter(schedule.items()))
@@ -137,16 +138,40 @@ class DiffusersEngine:
         else:
             self.family.set_timesteps(scheduler, steps, self.size)
         # one generator per request image, consumed as the pipeline consumes its own:
-        # first the initial noise, then any noise the sampler injects (LCM, ancestral)
+        # (an edit's VAE sample,) the initial noise, then any noise the sampler injects
         generator = torch.Generator().manual_seed(seed)
+        cache = cache if cache is not None and cache.enabled else None
+        cache_state, row_caches = batch.cache_states(cache)
+        timesteps = tuple(float(t) for t in scheduler.timesteps)
+        if edit is not None:
+            x, step, source = self._edit_start(scheduler, steps, edit, generator)
+            return DiffusersState(x, scheduler, timesteps, cond, uncond, guidance, step=step,
+                                  cache=cache, generator=generator, source=source,
+                                  cache_state=cache_state, row_caches=row_caches)
         noise = self.family.initial_noise(self.size, generator)
         # probed: diffusers' flow-matching schedulers have no init_noise_sigma (it is 1)
         x = (noise * getattr(scheduler, "init_noise_sigma", 1.0))[0]
-        cache = cache if cache is not None and cache.enabled else None
-        cache_state, row_caches = batch.cache_states(cache)
-        return DiffusersState(x, scheduler, tuple(float(t) for t in scheduler.timesteps),
-                              cond, uncond, guidance, cache=cache, generator=generator,
-                              cache_state=cache_state, row_caches=row_caches)
+        return DiffusersState(x, scheduler, timesteps, cond, uncond, guidance, cache=cache,
+                              generator=generator, cache_state=cache_state,
+                              row_caches=row_caches)
+
+    def _edit_start(self, scheduler: Any, steps: int, edit: Edit,
+                    generator: torch.Generator) -> tuple[torch.Tensor, int, Source]:
+        """img2img as diffusers' img2img pipelines start it: the source's latents noised
+        to the first timestep of the schedule's last int(steps * strength) steps."""
+        order = scheduler.order
+        first = start_step(len(scheduler.timesteps) // order, edit.strength) * order
+        # probed: only index-based schedulers have set_begin_index (as the pipelines do)
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(first)
+        x0 = self.family.encode_image(edit.image, generator)
+        noise = self.family.initial_noise(self.size, generator)[0]
+        t = scheduler.timesteps[first:first + 1]
+        x = scheduler.add_noise(x0[None], noise[None], t)[0]
+        mask = None
+        if edit.mask is not None:
+            mask = mask_tensor(edit.mask, (x0.shape[-2], x0.shape[-1]))
+        return x, first, Source(x0, noise, mask)
 
     @staticmethod
     def needs_forward(state: DiffusersState) -> bool:

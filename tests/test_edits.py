@@ -90,3 +90,51 @@ def test_edits_travel_through_redis_and_key_the_result_cache(source):
     plain = GenerationParams("p", 8, 1, 1.0)
     other = GenerationParams("p", 8, 1, 1.0, edit=Edit(source, 0.7))
     assert len({result_key(info, x) for x in (p, plain, other)}) == 3
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_diffusers_img2img_equals_the_pipeline_also_batched(family, tmp_path_factory):
+    pytest.importorskip("diffusers")
+    from diffusers import (
+        DiffusionPipeline,
+        StableDiffusionImg2ImgPipeline,
+        StableDiffusionXLImg2ImgPipeline,
+    )
+    from PIL import Image
+
+    from stepserve.engines.diffusers_engine import DiffusersEngine
+    from stepserve.models.families.tiny import tiny_sd, tiny_sdxl
+    from stepserve.server.scheduler.core import SchedulerConfig, SchedulerCore
+    from stepserve.server.scheduler.events import Completed
+    from stepserve.server.scheduler.request import GenerationParams, Request
+
+    folder = (tiny_sd if family == "sd" else tiny_sdxl)(tmp_path_factory.mktemp(family) / "m")
+    pipe = DiffusionPipeline.from_pretrained(str(folder), use_safetensors=True)
+    img2img = (StableDiffusionImg2ImgPipeline if family == "sd"
+               else StableDiffusionXLImg2ImgPipeline)(**pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    engine = DiffusersEngine("m", folder)
+    rng = np.random.default_rng(1)
+    src = rng.integers(0, 256, (engine.size, engine.size, 3), dtype=np.uint8)
+
+    def reference(prompt, seed, steps, strength, guidance):
+        out = img2img(prompt, image=Image.fromarray(src), strength=strength,
+                      num_inference_steps=steps, guidance_scale=guidance,
+                      generator=torch.Generator().manual_seed(seed), output_type="np")
+        return (out.images[0] * 255).round().astype(np.uint8)
+
+    core = SchedulerCore(engine, SchedulerConfig(max_batch_size=8))
+    core.submit(Request("g", GenerationParams("a blue square", 6, 3, 2.0), 0.0))
+    core.step()  # a generation is one step in when the edits join
+    jobs = {"a": ("a red circle", 7, 5, 0.6, 3.0), "b": ("green", 8, 4, 0.9, 1.0)}
+    for rid, (prompt, seed, steps, strength, g) in jobs.items():
+        core.submit(Request(rid, GenerationParams(prompt, steps, seed, g,
+                                                  edit=Edit(src, strength)), 1.0))
+    images = {}
+    while core.has_work:
+        for e in core.step():
+            if isinstance(e, Completed):
+                images[e.request_id] = e.images[0]
+    for rid, args in jobs.items():
+        ref = reference(*args)
+        assert np.abs(images[rid].astype(int) - ref.astype(int)).max() <= 1, rid

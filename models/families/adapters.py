@@ -101,6 +101,32 @@ class SDFamily:
         """Model-space latents (N, ...) -> VAE-space (N, C, h, w)."""
         return x
 
+    @property
+    def takes_edits(self) -> bool:
+        """img2img / inpainting from VAE latents (flow-matching families: not yet)."""
+        return not self.flow
+
+    @torch.inference_mode()
+    def encode_image(self, image: np.ndarray, generator: torch.Generator) -> torch.Tensor:
+        """A source image (uint8 (H, W, 3) at the output size) -> model-space latents
+        (C, h, w), drawn from the VAE's posterior with `generator` exactly as diffusers'
+        img2img pipelines draw it (before the noise)."""
+        from PIL import Image
+
+        pipe = self.pipe
+        vae = pipe.vae
+        pixels = pipe.image_processor.preprocess(Image.fromarray(image))
+        z = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample(generator)
+        cfg = vae.config
+        mean, std = cfg.get("latents_mean"), cfg.get("latents_std")  # a config dict
+        if mean is not None and std is not None:
+            shape = (1, -1, 1, 1)
+            z = ((z - torch.tensor(mean).view(shape).to(z)) * cfg.scaling_factor
+                 / torch.tensor(std).view(shape).to(z))
+        else:
+            z = z * cfg.scaling_factor
+        return z[0].float().cpu()
+
     @staticmethod
     def _t(cond: PromptEmbeds, name: str, like: torch.Tensor) -> torch.Tensor:
         return cond.tensors[name].to(like.device, like.dtype)
