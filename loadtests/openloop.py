@@ -25,6 +25,7 @@ class Sample:
     status: int
     latency_s: float
     first_preview_s: float | None
+    strength: float | None = None  # an edit's, None for a generation
 
 
 @dataclass
@@ -48,31 +49,59 @@ class RunResult:
                 "ttfp_p95_s": float(np.percentile(ttfp, 95))}
 
 
+def source_png() -> bytes:
+    """An edit source: a rendered scene of the built-in model's data."""
+    import io
+
+    from PIL import Image
+
+    from stepserve.models.builtin.shapes import render, sample_scene
+
+    out = io.BytesIO()
+    Image.fromarray(render([sample_scene(np.random.default_rng(0))])[0]).save(out, "PNG")
+    return out.getvalue()
+
+
 async def one_request(client: httpx.AsyncClient, url: str, steps: int, seed: int,
-                      prompt: str) -> Sample:
+                      prompt: str, strength: float | None = None,
+                      source: bytes = b"") -> Sample:
+    """A streamed generation, or (with a strength) a streamed edit of `source`."""
     start = time.perf_counter()
     first = None
     body = {"prompt": prompt, "num_inference_steps": steps, "seed": seed, "stream": True,
             "partial_images": 1 if steps > 1 else 0}
+    if strength is None:
+        request = client.stream("POST", f"{url}/v1/images/generations", json=body)
+    else:
+        form = {k: str(v).lower() if isinstance(v, bool) else str(v)
+                for k, v in {**body, "strength": strength}.items()}
+        request = client.stream("POST", f"{url}/v1/images/edits", data=form,
+                                files={"image": ("source.png", source, "image/png")})
     try:
-        async with client.stream("POST", f"{url}/v1/images/generations", json=body) as r:
+        async with request as r:
             if r.status_code != 200:
                 await r.aread()
-                return Sample(steps, r.status_code, time.perf_counter() - start, None)
+                return Sample(steps, r.status_code, time.perf_counter() - start, None,
+                              strength)
             async for line in r.aiter_lines():
                 if line.startswith("data:") and first is None:
                     first = time.perf_counter() - start
-                if "image_generation.completed" in line:
-                    return Sample(steps, 200, time.perf_counter() - start, first)
+                if ".completed" in line:
+                    return Sample(steps, 200, time.perf_counter() - start, first, strength)
                 if '"error"' in line:
-                    return Sample(steps, 500, time.perf_counter() - start, first)
+                    return Sample(steps, 500, time.perf_counter() - start, first, strength)
     except httpx.HTTPError:
         pass
-    return Sample(steps, 599, time.perf_counter() - start, first)
+    return Sample(steps, 599, time.perf_counter() - start, first, strength)
 
 
 async def run_open_loop(url: str, rate: float, duration_s: float, steps_mix: list[int],
-                        seed: int = 0, prompts: list[str] | None = None) -> RunResult:
+                        seed: int = 0, prompts: list[str] | None = None,
+                        edit_share: float = 0.0,
+                        strengths: tuple[float, ...] = (0.5, 0.75, 0.9)) -> RunResult:
+    """Poisson arrivals; `edit_share` of them are edits at a strength drawn from
+    `strengths`."""
+    source = source_png() if edit_share > 0 else b""
     rng = random.Random(seed)
     prompts = prompts or ["a small red circle in the top left on a white background",
                           "a large blue square at the bottom right on a yellow background",
@@ -85,8 +114,10 @@ async def run_open_loop(url: str, rate: float, duration_s: float, steps_mix: lis
         t = rng.expovariate(rate)
         while t < duration_s:
             await asyncio.sleep(max(0.0, start + t - time.perf_counter()))
+            strength = rng.choice(strengths) if rng.random() < edit_share else None
             tasks.append(asyncio.create_task(one_request(
-                client, url, rng.choice(steps_mix), rng.randrange(10**6), rng.choice(prompts))))
+                client, url, rng.choice(steps_mix), rng.randrange(10**6), rng.choice(prompts),
+                strength, source)))
             t += rng.expovariate(rate)
         result.samples = list(await asyncio.gather(*tasks))
     return result

@@ -138,3 +138,16 @@ def test_diffusers_img2img_equals_the_pipeline_also_batched(family, tmp_path_fac
     for rid, args in jobs.items():
         ref = reference(*args)
         assert np.abs(images[rid].astype(int) - ref.astype(int)).max() <= 1, rid
+
+
+def test_the_edit_benchmark_measures_what_it_says(engine):
+    from stepserve.loadtests.edits import cell_mask, cost_rows, inpaint_rows, recolour_cases
+
+    sources, prompts, labels = recolour_cases(4)
+    assert all(p.split()[1] != "" for p in prompts) and labels.shape == (4, 5)
+    assert cell_mask("center").sum() == 10 * 10 and cell_mask("top left").sum() == 11 * 11
+    assert cell_mask("center")[15, 15] and not cell_mask("center")[5, 5]
+    rows = inpaint_rows(engine, 3, [0.75], [2])
+    assert rows[0]["outside_unchanged"] == 100.0  # the composite holds every time
+    cost = cost_rows(engine, [0.5], [4], n=2)
+    assert cost[0]["cost_x"] == 0.5

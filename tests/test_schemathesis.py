@@ -98,7 +98,12 @@ SETTINGS = hypothesis.settings(
 @schema.parametrize()
 @SETTINGS
 def test_every_operation(case):
-    case.call_and_validate(checks=CHECKS)
+    checks = CHECKS
+    if case.media_type == "multipart/form-data":
+        # a form cannot carry some schema-violating values (an empty array is no field
+        # at all): such "negative" cases arrive as valid requests
+        checks = [c for c in CHECKS if c is not negative_data_rejection]
+    case.call_and_validate(checks=checks)
 
 
 def wait_until_ended(job_id: str, timeout: float = 10.0) -> None:

@@ -6,7 +6,7 @@ import argparse
 import importlib
 
 HELP = ("benchmarks that print tables: openloop, batching, overhead, soak, engines, caches, "
-        "parallel, faults, scaleout, flood, drain")
+        "parallel, faults, scaleout, flood, drain, edits")
 
 # bench name -> module under stepserve.loadtests; each has main(argv)
 BENCHES = {
@@ -21,6 +21,7 @@ BENCHES = {
     "scaleout": "scaleout",
     "flood": "flood",
     "drain": "drain",
+    "edits": "edits",
 }
 
 
@@ -33,7 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "across processes; faults: workers and Redis killed under load "
                         "(lost / duplicated jobs); scaleout: api + worker over Redis vs "
                         "the all-in-one server; flood: server memory under a flood of cache-hit "
-                        "jobs and a huge body; drain: SIGTERM with work in flight")
+                        "jobs and a huge body; drain: SIGTERM with work in flight; edits: recolour "
+                        "and inpaint quality on the built-in model")
     p.add_argument("bench_args", nargs=argparse.REMAINDER,
                    help="the benchmark's own flags (`stepserve bench NAME --help`)")
 
