@@ -66,3 +66,47 @@ def test_playground_shows_errors(live_server, browser):
     status = browser.find_element(By.ID, "status")
     WebDriverWait(browser, 30).until(lambda d: status.get_attribute("data-state") == "error")
     assert "num_inference_steps" in status.text
+
+
+def test_playground_edits_the_last_image_inside_a_drawn_mask(live_server, browser):
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def pixels(data_url: str) -> np.ndarray:
+        raw = base64.b64decode(data_url.split(",", 1)[1])
+        return np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
+
+    browser.get(live_server.url + "/")
+    status = browser.find_element(By.ID, "status")
+    browser.find_element(By.ID, "go").click()  # a first image to edit
+    WebDriverWait(browser, 60).until(lambda d: status.get_attribute("data-state") == "done")
+    source = pixels(browser.find_element(By.ID, "final").get_attribute("src"))
+    browser.find_element(By.ID, "mode-edit").click()
+    assert browser.find_element(By.ID, "go").text == "Edit"
+    browser.find_element(By.ID, "reuse").click()
+    prompt = browser.find_element(By.ID, "prompt")
+    prompt.clear()
+    prompt.send_keys("a large blue square in the center on a black background")
+    browser.execute_script("const s = document.getElementById('strength'); s.value = '1';"
+                           "s.dispatchEvent(new Event('input'))")
+    mask = browser.find_element(By.ID, "mask")
+    WebDriverWait(browser, 10).until(lambda d: d.execute_script(
+        "return document.getElementById('mask').width") == source.shape[1])
+    chain = ActionChains(browser).move_to_element_with_offset(mask, 40, -100).click_and_hold()
+    for dy in range(-100, 101, 10):  # paint a vertical band right of the centre
+        chain = chain.move_to_element_with_offset(mask, 40, dy)
+        chain = chain.move_to_element_with_offset(mask, 110, dy)
+    chain.release().perform()
+    browser.find_element(By.ID, "go").click()
+    WebDriverWait(browser, 60).until(lambda d: status.get_attribute("data-state") == "done")
+    edited = pixels(browser.find_element(By.ID, "final").get_attribute("src"))
+    assert edited.shape == source.shape
+    w = source.shape[1]
+    assert np.array_equal(edited[:, : w // 2], source[:, : w // 2])  # outside the mask: exact
+    assert not np.array_equal(edited, source)  # inside it, the edit
