@@ -114,7 +114,9 @@ async def run_open_loop(url: str, rate: float, duration_s: float, steps_mix: lis
         t = rng.expovariate(rate)
         while t < duration_s:
             await asyncio.sleep(max(0.0, start + t - time.perf_counter()))
-            strength = rng.choice(strengths) if rng.random() < edit_share else None
+            strength = None  # (no extra draw without edits: the same arrivals as before)
+            if edit_share > 0 and rng.random() < edit_share:
+                strength = rng.choice(strengths)
             tasks.append(asyncio.create_task(one_request(
                 client, url, rng.choice(steps_mix), rng.randrange(10**6), rng.choice(prompts),
                 strength, source)))

@@ -158,3 +158,30 @@ def test_exif_orientation_is_applied_and_sources_are_fitted():
     assert original == (20, 40)  # displayed upright: tall, not wide
     assert arr.shape == (10, 10, 3)
     assert arr[1, 5].mean() > 200 and arr[8, 5].mean() < 50  # white on top after rotation
+
+
+def test_openai_client_edits_a_diffusers_folder_plain_and_streamed(tmp_path):
+    pytest.importorskip("diffusers")
+    from stepserve.models.families.tiny import tiny_sd
+
+    folder = tiny_sd(tmp_path / "tiny-sd")
+    app = create_app(Settings(model=str(folder), warmup_batch_sizes=[1], result_cache_mb=0))
+    app.state.runtime.start(background=False)
+    assert app.state.runtime.error is None, app.state.runtime.error
+    src = np.random.default_rng(3).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+
+    async def go(client, _):
+        plain = await client.images.edit(
+            model="tiny-sd", image=("src.png", png(src), "image/png"), prompt="a red circle",
+            extra_body={"strength": 0.6, "seed": 4, "num_inference_steps": 5})
+        events = [e async for e in await client.images.edit(
+            model="tiny-sd", image=("src.png", png(src), "image/png"), prompt="a red circle",
+            stream=True, partial_images=1,
+            extra_body={"strength": 0.6, "seed": 4, "num_inference_steps": 5})]
+        return plain, events
+
+    plain, events = run(app, go)
+    out = decode(plain.data[0].b64_json)
+    assert out.shape == (32, 32, 3)
+    assert [e.type for e in events][-1] == "image_edit.completed"
+    assert np.array_equal(decode(events[-1].b64_json), out)
