@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from stepserve.models.caches.config import CacheConfig
-from stepserve.models.families.adapters import PromptEmbeds, family_of
+from stepserve.models.families.adapters import PromptEmbeds, SDInpaintFamily, family_of
 from stepserve.models.families.sampler import DiffusersState, DiffusersStepModel
 from stepserve.models.sampling import batch
 from stepserve.models.sampling.edit import Edit, Source, mask_tensor, start_step
@@ -143,27 +143,47 @@ class DiffusersEngine:
         cache = cache if cache is not None and cache.enabled else None
         cache_state, row_caches = batch.cache_states(cache)
         timesteps = tuple(float(t) for t in scheduler.timesteps)
+        if self.family.inpainting and (edit is None or edit.mask is None):
+            raise ValueError(f"{self.info.model!r} is an inpainting model: send an image and "
+                             "a mask to /v1/images/edits")
+        if edit is not None and self.family.inpainting:
+            x, step, source = self._inpaint_start(scheduler, edit, generator)
+            return DiffusersState(x, scheduler, timesteps, cond, uncond, guidance, step=step,
+                                  cache=cache, generator=generator, source=source,
+                                  cache_state=cache_state, row_caches=row_caches)
         if edit is not None:
             x, step, source = self._edit_start(scheduler, steps, edit, generator)
             return DiffusersState(x, scheduler, timesteps, cond, uncond, guidance, step=step,
                                   cache=cache, generator=generator, source=source,
                                   cache_state=cache_state, row_caches=row_caches)
         noise = self.family.initial_noise(self.size, generator)
-        # probed: diffusers' flow-matching schedulers have no init_noise_sigma (it is 1)
-        x = (noise * getattr(scheduler, "init_noise_sigma", 1.0))[0]
+        x = (noise * init_noise_sigma(scheduler))[0]
         return DiffusersState(x, scheduler, timesteps, cond, uncond, guidance, cache=cache,
                               generator=generator, cache_state=cache_state,
                               row_caches=row_caches)
+
+    def _inpaint_start(self, scheduler: Any, edit: Edit, generator: torch.Generator
+                       ) -> tuple[torch.Tensor, int, Source]:
+        """As StableDiffusionInpaintPipeline starts: (at strength < 1 the source's
+        latents,) the noise, then the masked image's latents, from one generator."""
+        first = begin_at(scheduler, edit.strength)
+        assert edit.mask is not None
+        full = edit.strength >= 1.0
+        x0 = None if full else self.family.encode_image(edit.image, generator)
+        noise = self.family.initial_noise(self.size, generator)[0]
+        if x0 is None:
+            x = noise * init_noise_sigma(scheduler)
+        else:
+            x = scheduler.add_noise(x0[None], noise[None], scheduler.timesteps[first:first + 1])[0]
+        assert isinstance(self.family, SDInpaintFamily)
+        condition = self.family.inpaint_condition(edit.image, edit.mask, generator)
+        return x, first, Source(noise if x0 is None else x0, noise, None, condition)
 
     def _edit_start(self, scheduler: Any, steps: int, edit: Edit,
                     generator: torch.Generator) -> tuple[torch.Tensor, int, Source]:
         """img2img as diffusers' img2img pipelines start it: the source's latents noised
         to the first timestep of the schedule's last int(steps * strength) steps."""
-        order = scheduler.order
-        first = start_step(len(scheduler.timesteps) // order, edit.strength) * order
-        # probed: only index-based schedulers have set_begin_index (as the pipelines do)
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(first)
+        first = begin_at(scheduler, edit.strength)
         x0 = self.family.encode_image(edit.image, generator)
         noise = self.family.initial_noise(self.size, generator)[0]
         t = scheduler.timesteps[first:first + 1]
@@ -222,9 +242,29 @@ class DiffusersEngine:
 
     def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
         text = self.encode(["warm-up"])
+        edit = None
+        if self.family.inpainting:  # it only edits: warm it up with an edit
+            edit = Edit(np.zeros((self.size, self.size, 3), np.uint8), 1.0,
+                        np.ones((self.size, self.size), bool))
         for b in batch_sizes:
-            states = [self.init_state(i, 2, text, text, guidance=1.0) for i in range(b)]
+            states = [self.init_state(i, 2, text, text, guidance=1.0, edit=edit)
+                      for i in range(b)]
             self.step_batch(states)
+
+
+def init_noise_sigma(scheduler: Any) -> float:
+    # probed: diffusers' flow-matching schedulers have no init_noise_sigma (it is 1)
+    return getattr(scheduler, "init_noise_sigma", 1.0)
+
+
+def begin_at(scheduler: Any, strength: float) -> int:
+    """An edit's first timestep index, as diffusers' img2img pipelines choose it (and
+    tell index-based schedulers, which alone have set_begin_index: probed)."""
+    order = scheduler.order
+    first = start_step(len(scheduler.timesteps) // order, strength) * order
+    if hasattr(scheduler, "set_begin_index"):  # index-based schedulers only
+        scheduler.set_begin_index(first)
+    return first
 
 
 def load_taesd(folder: Path, device: torch.device, dtype: torch.dtype) -> Any:

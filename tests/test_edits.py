@@ -151,3 +151,45 @@ def test_the_edit_benchmark_measures_what_it_says(engine):
     assert rows[0]["outside_unchanged"] == 100.0  # the composite holds every time
     cost = cost_rows(engine, [0.5], [4], n=2)
     assert cost[0]["cost_x"] == 0.5
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.7])
+def test_inpainting_checkpoints_equal_the_inpaint_pipeline(strength, tmp_path_factory):
+    pytest.importorskip("diffusers")
+    from diffusers import DiffusionPipeline
+    from PIL import Image
+
+    from stepserve.engines.diffusers_engine import DiffusersEngine
+    from stepserve.models.families.tiny import tiny_sd
+    from stepserve.server.scheduler.core import SchedulerConfig, SchedulerCore
+    from stepserve.server.scheduler.events import Completed
+    from stepserve.server.scheduler.request import GenerationParams, Request
+
+    folder = tiny_sd(tmp_path_factory.mktemp("inpaint") / "m", inpaint=True)
+    pipe = DiffusionPipeline.from_pretrained(str(folder), use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe).__name__ == "StableDiffusionInpaintPipeline"
+    engine = DiffusersEngine("m", folder)  # its warm-up is an edit: it only edits
+    rng = np.random.default_rng(2)
+    src = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    editable = np.zeros((32, 32), bool)
+    editable[8:24, 16:] = True
+    core = SchedulerCore(engine, SchedulerConfig(max_batch_size=8))
+    for rid, (seed, g) in {"a": (5, 3.0), "b": (6, 1.0)}.items():
+        core.submit(Request(rid, GenerationParams("a red circle", 4, seed, g,
+                                                  edit=Edit(src, strength, editable)), 0.0))
+    images = {}
+    while core.has_work:
+        for e in core.step():
+            if isinstance(e, Completed):
+                images[e.request_id] = e.images[0]
+    for rid, (seed, g) in {"a": (5, 3.0), "b": (6, 1.0)}.items():
+        ref = pipe("a red circle", image=Image.fromarray(src),
+                   mask_image=Image.fromarray((editable * 255).astype(np.uint8)),
+                   strength=strength, num_inference_steps=4, guidance_scale=g,
+                   generator=torch.Generator().manual_seed(seed), output_type="np",
+                   height=32, width=32).images[0]
+        ref = (ref * 255).round().astype(np.uint8)
+        assert np.abs(images[rid].astype(int) - ref.astype(int)).max() <= 1, rid
+    with pytest.raises(ValueError, match="inpainting model"):
+        engine.init_state(0, 2, None, None, guidance=1.0)

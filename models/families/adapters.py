@@ -38,6 +38,7 @@ class PromptEmbeds:
 class SDFamily:
     """SD 1.x / 2.x / SD-Turbo: one CLIP text encoder, a UNet on its states."""
 
+    inpainting = False  # a dedicated inpainting checkpoint (SDInpaintFamily)
     guidance_embedded = False  # True: guidance is a model input, no CFG rows
     flow = False  # flow-matching velocity models (x0 = x - sigma * v)
     denoiser_name = "unet"  # the pipeline component that denoises
@@ -159,6 +160,37 @@ class SDXLFamily(SDFamily):
         added = {"text_embeds": self._t(cond, "pooled", x),
                  "time_ids": self._t(cond, "time_ids", x)}
         return {"encoder_hidden_states": self._t(cond, "hidden", x), "added_cond_kwargs": added}
+
+
+class SDInpaintFamily(SDFamily):
+    """A dedicated inpainting checkpoint (SD inpaint: a U-Net with 9 input channels):
+    the mask and the masked image's latents are extra input channels, as in diffusers'
+    StableDiffusionInpaintPipeline; it only edits (an image and a mask)."""
+
+    inpainting = True
+    ays_name = None
+
+    def latent_shape(self, size: int) -> tuple[int, int, int]:
+        """The sampled latents: the VAE's channels (the U-Net takes 9 = 4 + mask + 4)."""
+        return (self.pipe.vae.config.latent_channels, size // self.vae_scale,
+                size // self.vae_scale)
+
+    @torch.inference_mode()
+    def inpaint_condition(self, image: np.ndarray, editable: np.ndarray,
+                          generator: torch.Generator) -> torch.Tensor:
+        """(1 + C, h, w): the latent-size mask and the masked image's latents, drawn as the
+        pipeline draws them (after the noise)."""
+        from PIL import Image
+
+        pipe = self.pipe
+        pixels = pipe.image_processor.preprocess(Image.fromarray(image))
+        mask = torch.from_numpy(editable.astype(np.float32))[None, None]
+        masked = pixels * (mask < 0.5)
+        vae = pipe.vae
+        z = vae.encode(masked.to(vae.device, vae.dtype)).latent_dist.sample(generator)
+        z = z * vae.config.scaling_factor
+        small = torch.nn.functional.interpolate(mask, size=tuple(z.shape[-2:]))
+        return torch.cat([small, z.float().cpu()], 1)[0]
 
 
 class LCMFamily(SDFamily):
@@ -308,6 +340,7 @@ class FluxFamily(SDFamily):
 
 FAMILIES: dict[str, type[SDFamily]] = {
     "StableDiffusionPipeline": SDFamily, "StableDiffusionXLPipeline": SDXLFamily,
+    "StableDiffusionInpaintPipeline": SDInpaintFamily,
     "LatentConsistencyModelPipeline": LCMFamily, "PixArtSigmaPipeline": PixArtFamily,
     "PixArtAlphaPipeline": PixArtAlphaFamily, "StableDiffusion3Pipeline": SD3Family,
     "FluxPipeline": FluxFamily}

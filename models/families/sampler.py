@@ -76,6 +76,14 @@ def _model_input(s: DiffusersState) -> torch.Tensor:
     return x if scale is None else scale(x, s.scheduler.timesteps[s.step])
 
 
+def _with_condition(s: DiffusersState, x: torch.Tensor) -> torch.Tensor:
+    """A dedicated inpainting model's extra input channels, after the scaled latents."""
+    src = s.source
+    if src is None or src.condition is None:
+        return x
+    return torch.cat([x, src.condition[None].to(x)], 1)
+
+
 @dataclass(frozen=True)
 class DiffusersStepModel:
     family: SDFamily
@@ -87,7 +95,7 @@ class DiffusersStepModel:
         return not self.family.guidance_embedded and state.guidance > 1.0
 
     def forward(self, rows: list[Row[DiffusersState]]) -> tuple[torch.Tensor, list[Any]]:
-        x = torch.cat([_model_input(r.state) for r in rows])
+        x = torch.cat([_with_condition(r.state, _model_input(r.state)) for r in rows])
         t = torch.stack([r.state.scheduler.timesteps[r.state.step] for r in rows]).float()
         cond = PromptEmbeds.cat([r.text for r in rows])
         g = torch.tensor([r.state.guidance for r in rows])

@@ -38,7 +38,7 @@ def clip_tokenizer(folder: Path):
 
 
 def tiny_sd(folder: Path, prediction_type: str = "epsilon", seed: int = 0,
-            lcm: bool = False) -> Path:
+            lcm: bool = False, inpaint: bool = False) -> Path:
     """An SD 1.x-style pipeline (UNet, VAE, CLIP) at 32x32 pixels, random weights;
     lcm=True: a latent consistency model (guidance-embedding UNet, LCM scheduler)."""
     from diffusers import (
@@ -60,7 +60,8 @@ def tiny_sd(folder: Path, prediction_type: str = "epsilon", seed: int = 0,
         bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
         pad_token_id=vocab["<|endoftext|>"]))
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=2, sample_size=16, in_channels=4,
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=16,
+        in_channels=9 if inpaint else 4,
         out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
         time_cond_proj_dim=32 if lcm else None)
@@ -74,6 +75,13 @@ def tiny_sd(folder: Path, prediction_type: str = "epsilon", seed: int = 0,
             vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet,
             scheduler=LCMScheduler(**common), safety_checker=None, feature_extractor=None,
             requires_safety_checker=False)
+    elif inpaint:  # a dedicated inpainting checkpoint: mask + masked latents as inputs
+        from diffusers import StableDiffusionInpaintPipeline
+
+        pipe = StableDiffusionInpaintPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet,
+            scheduler=EulerDiscreteScheduler(**common, steps_offset=1), safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False)
     else:
         pipe = StableDiffusionPipeline(
             vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet,

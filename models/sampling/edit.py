@@ -56,6 +56,9 @@ class Source:
     x0: torch.Tensor  # the clean source (the model's sample space)
     noise: torch.Tensor  # the noise it was started with
     mask: torch.Tensor | None = field(default=None)  # (1, h, w) 1 where it may change
+    # a dedicated inpainting model's own input channels (mask, masked-image latents):
+    # conditioning instead of blending (mask then stays None)
+    condition: torch.Tensor | None = field(default=None)
 
 
 def mask_tensor(mask: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
@@ -68,7 +71,7 @@ def mask_tensor(mask: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
 
 
 def composite(images: np.ndarray, edit: Edit) -> np.ndarray:
-    """Final pixels: the source outside the mask, exactly."""
+    """Final pixels of mask-blended sampling: the source outside the mask, exactly."""
     if edit.mask is None:
         return images
     keep = ~edit.mask[None, :, :, None]

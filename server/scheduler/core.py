@@ -277,8 +277,9 @@ class SchedulerCore:
             req.first_step_at = now
         if req.states[0].done:
             images = self.engine.decode(torch.stack([s.x for s in req.states]))
-            if req.params.edit is not None:  # inpainting: the source outside the mask, exactly
-                images = composite(images, req.params.edit)
+            source = req.states[0].source
+            if req.params.edit is not None and source is not None and source.mask is not None:
+                images = composite(images, req.params.edit)  # outside the mask, exactly
             self._retire(req, Status.FINISHED)
             stats.finished.append(req)
             return [Completed(req.id, images, req.params.steps)]
