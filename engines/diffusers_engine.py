@@ -27,7 +27,7 @@ from stepserve.models.caches.config import CacheConfig
 from stepserve.models.families.adapters import PromptEmbeds, SDInpaintFamily, family_of
 from stepserve.models.families.sampler import DiffusersState, DiffusersStepModel
 from stepserve.models.sampling import batch
-from stepserve.models.sampling.edit import Edit, Source, mask_tensor, start_step
+from stepserve.models.sampling.edit import Edit, Source
 
 from .base import EngineInfo
 from .capabilities import Capabilities
@@ -166,7 +166,8 @@ class DiffusersEngine:
                        ) -> tuple[torch.Tensor, int, Source]:
         """As StableDiffusionInpaintPipeline starts: (at strength < 1 the source's
         latents,) the noise, then the masked image's latents, from one generator."""
-        first = begin_at(scheduler, edit.strength)
+        first = begin_at(scheduler, self.family.start_step(len(scheduler.timesteps) //
+                                                           scheduler.order, edit.strength))
         assert edit.mask is not None
         full = edit.strength >= 1.0
         x0 = None if full else self.family.encode_image(edit.image, generator)
@@ -183,14 +184,13 @@ class DiffusersEngine:
                     generator: torch.Generator) -> tuple[torch.Tensor, int, Source]:
         """img2img as diffusers' img2img pipelines start it: the source's latents noised
         to the first timestep of the schedule's last int(steps * strength) steps."""
-        first = begin_at(scheduler, edit.strength)
-        x0 = self.family.encode_image(edit.image, generator)
-        noise = self.family.initial_noise(self.size, generator)[0]
-        t = scheduler.timesteps[first:first + 1]
-        x = scheduler.add_noise(x0[None], noise[None], t)[0]
-        mask = None
-        if edit.mask is not None:
-            mask = mask_tensor(edit.mask, (x0.shape[-2], x0.shape[-1]))
+        family = self.family
+        first = begin_at(scheduler, family.start_step(len(scheduler.timesteps) //
+                                                      scheduler.order, edit.strength))
+        x0 = family.encode_image(edit.image, generator)
+        noise = family.initial_noise(self.size, generator)[0]
+        x = family.noised(scheduler, x0, noise, scheduler.timesteps[first:first + 1])
+        mask = None if edit.mask is None else family.model_mask(edit.mask, self.size)
         return x, first, Source(x0, noise, mask)
 
     @staticmethod
@@ -257,11 +257,10 @@ def init_noise_sigma(scheduler: Any) -> float:
     return getattr(scheduler, "init_noise_sigma", 1.0)
 
 
-def begin_at(scheduler: Any, strength: float) -> int:
-    """An edit's first timestep index, as diffusers' img2img pipelines choose it (and
-    tell index-based schedulers, which alone have set_begin_index: probed)."""
-    order = scheduler.order
-    first = start_step(len(scheduler.timesteps) // order, strength) * order
+def begin_at(scheduler: Any, start: int) -> int:
+    """An edit's first timestep index, told to index-based schedulers (which alone have
+    set_begin_index: probed) as diffusers' img2img pipelines tell them."""
+    first = start * scheduler.order
     if hasattr(scheduler, "set_begin_index"):  # index-based schedulers only
         scheduler.set_begin_index(first)
     return first

@@ -193,3 +193,42 @@ def test_inpainting_checkpoints_equal_the_inpaint_pipeline(strength, tmp_path_fa
         assert np.abs(images[rid].astype(int) - ref.astype(int)).max() <= 1, rid
     with pytest.raises(ValueError, match="inpainting model"):
         engine.init_state(0, 2, None, None, guidance=1.0)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_flow_matching_img2img_equals_the_pipeline(family, tmp_path_factory):
+    pytest.importorskip("diffusers")
+    from diffusers import DiffusionPipeline, FluxImg2ImgPipeline, StableDiffusion3Img2ImgPipeline
+    from PIL import Image
+
+    from stepserve.engines.diffusers_engine import DiffusersEngine
+    from stepserve.models.families.tiny import tiny_flux, tiny_sd3
+    from stepserve.server.scheduler.core import SchedulerConfig, SchedulerCore
+    from stepserve.server.scheduler.events import Completed
+    from stepserve.server.scheduler.request import GenerationParams, Request
+
+    folder = (tiny_sd3 if family == "sd3" else tiny_flux)(tmp_path_factory.mktemp(family) / "m")
+    pipe = DiffusionPipeline.from_pretrained(str(folder), use_safetensors=True)
+    img2img = (StableDiffusion3Img2ImgPipeline if family == "sd3"
+               else FluxImg2ImgPipeline)(**pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    size = 32 if family == "sd3" else 16
+    engine = DiffusersEngine("m", folder, image_size=size)
+    src = np.random.default_rng(5).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    jobs = {"a": ("a red circle", 7, 5, 0.6, 3.0), "b": ("green", 8, 4, 0.9, 1.0)}
+    core = SchedulerCore(engine, SchedulerConfig(max_batch_size=8))
+    for rid, (prompt, seed, steps, strength, g) in jobs.items():
+        core.submit(Request(rid, GenerationParams(prompt, steps, seed, g,
+                                                  edit=Edit(src, strength)), 0.0))
+    images = {}
+    while core.has_work:
+        for e in core.step():
+            if isinstance(e, Completed):
+                images[e.request_id] = e.images[0]
+    for rid, (prompt, seed, steps, strength, g) in jobs.items():
+        extra = {"height": size, "width": size}
+        ref = img2img(prompt, image=Image.fromarray(src), strength=strength,
+                      num_inference_steps=steps, guidance_scale=g, output_type="np",
+                      generator=torch.Generator().manual_seed(seed), **extra).images[0]
+        ref = (ref * 255).round().astype(np.uint8)
+        assert np.abs(images[rid].astype(int) - ref.astype(int)).max() <= 1, rid

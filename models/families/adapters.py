@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..sampling.edit import mask_tensor, start_step
+
 
 @dataclass(frozen=True)
 class PromptEmbeds:
@@ -102,10 +104,24 @@ class SDFamily:
         """Model-space latents (N, ...) -> VAE-space (N, C, h, w)."""
         return x
 
-    @property
-    def takes_edits(self) -> bool:
-        """img2img / inpainting from VAE latents (flow-matching families: not yet)."""
-        return not self.flow
+    takes_edits = True  # img2img / inpainting from VAE latents
+
+    def start_step(self, steps: int, strength: float) -> int:
+        """The first step an edit runs, as this family's img2img pipeline chooses it:
+        the last int(steps * strength) steps (at least one)."""
+        return start_step(steps, strength)
+
+    def noised(self, scheduler: Any, x0: torch.Tensor, noise: torch.Tensor,
+               t: torch.Tensor) -> torch.Tensor:
+        """The source at timestep t (one sample, no batch dimension)."""
+        if self.flow:  # flow-matching schedulers interpolate: x_t = t x1 + (1 - t) x0
+            return scheduler.scale_noise(x0[None], t, noise[None])[0]
+        return scheduler.add_noise(x0[None], noise[None], t)[0]
+
+    def model_mask(self, editable: np.ndarray, size: int) -> torch.Tensor:
+        """A pixel mask (True: may change) in model space, broadcastable to the latents."""
+        _, h, w = self.latent_shape(size)
+        return mask_tensor(editable, (h, w))
 
     @torch.inference_mode()
     def encode_image(self, image: np.ndarray, generator: torch.Generator) -> torch.Tensor:
@@ -125,8 +141,12 @@ class SDFamily:
             z = ((z - torch.tensor(mean).view(shape).to(z)) * cfg.scaling_factor
                  / torch.tensor(std).view(shape).to(z))
         else:
-            z = z * cfg.scaling_factor
-        return z[0].float().cpu()
+            z = (z - (cfg.get("shift_factor") or 0.0)) * cfg.scaling_factor
+        return self.to_model_space(z)[0].float().cpu()
+
+    def to_model_space(self, z: torch.Tensor) -> torch.Tensor:
+        """VAE-space latents (N, C, h, w) -> the denoiser's sample space."""
+        return z
 
     @staticmethod
     def _t(cond: PromptEmbeds, name: str, like: torch.Tensor) -> torch.Tensor:
@@ -244,6 +264,11 @@ class SD3Family(SDFamily):
     flow matching."""
 
     flow = True
+
+    def start_step(self, steps: int, strength: float) -> int:
+        """Flow-matching img2img pipelines keep int(steps - steps * strength) steps off
+        the front (no rounding of steps * strength first)."""
+        return min(steps - 1, int(max(steps - steps * strength, 0)))
     ays_name = None
     denoiser_name = "transformer"
 
@@ -333,6 +358,17 @@ class FluxFamily(SDFamily):
                      pooled_projections=self._t(cond, "pooled", x),
                      encoder_hidden_states=hidden, txt_ids=txt_ids, img_ids=img_ids,
                      return_dict=False)[0]
+
+    start_step = SD3Family.start_step
+
+    def to_model_space(self, z: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = z.shape
+        return self.pipe._pack_latents(z, n, c, h, w)
+
+    def model_mask(self, editable: np.ndarray, size: int) -> torch.Tensor:
+        c, h, w = self.latent_shape(size)
+        m = mask_tensor(editable, (h, w)).expand(c, h, w)
+        return self.pipe._pack_latents(m[None].contiguous(), 1, c, h, w)[0]
 
     def decoder_latents(self, x: torch.Tensor, size: int) -> torch.Tensor:
         return self.pipe._unpack_latents(x, size, size, self.pipe.vae_scale_factor)

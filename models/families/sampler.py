@@ -135,8 +135,8 @@ class DiffusersStepModel:
         assert src is not None and src.mask is not None
         orig = src.x0
         if not s.done:
-            t = s.scheduler.timesteps[s.step:s.step + 1]
-            orig = s.scheduler.add_noise(src.x0[None], src.noise[None], t)[0]
+            orig = self.family.noised(s.scheduler, src.x0, src.noise,
+                                      s.scheduler.timesteps[s.step:s.step + 1])
         m = src.mask
         return replace(s, x=m * s.x + (1 - m) * orig)
 
