@@ -262,9 +262,12 @@ def test_one_key_cannot_fill_the_queue_and_429_says_when_to_retry():
         for r in a + [b]:
             if r.status_code == 202:
                 await wait_done(c, r.json()["id"], A if r in a else B)
-        # the drain rate is measured now: a refusal's Retry-After comes from it
+        # the drain rate is measured now: a refusal's Retry-After comes from it (the gate
+        # closed again, so nothing finishes while the six are sent)
+        engine.close()
         more = [(await c.post("/v1/jobs", json={**body, "num_inference_steps": 4}, headers=A))
                 for _ in range(6)]
+        engine.open()
         return a, b, big, more, (await c.get("/metrics")).text
 
     a, b, big, more, metrics = run(app, go)
