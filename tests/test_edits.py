@@ -141,13 +141,17 @@ def test_diffusers_img2img_equals_the_pipeline_also_batched(family, tmp_path_fac
 
 
 def test_the_edit_benchmark_measures_what_it_says(engine):
-    from stepserve.loadtests.edits import cell_mask, cost_rows, inpaint_rows, recolour_cases
+    from functools import partial
+
+    from stepserve.loadtests.edits import cost_rows
+    from stepserve.models.builtin.edit_eval import cell_mask, inpaint_rows, recolour_cases
+    from stepserve.server.scheduler.offline import generate_offline
 
     sources, prompts, labels = recolour_cases(4)
     assert all(p.split()[1] != "" for p in prompts) and labels.shape == (4, 5)
     assert cell_mask("center").sum() == 10 * 10 and cell_mask("top left").sum() == 11 * 11
     assert cell_mask("center")[15, 15] and not cell_mask("center")[5, 5]
-    rows = inpaint_rows(engine, 3, [0.75], [2])
+    rows = inpaint_rows(partial(generate_offline, engine), 3, [0.75], [2])
     assert rows[0]["outside_unchanged"] == 100.0  # the composite holds every time
     cost = cost_rows(engine, [0.5], [4], n=2)
     assert cost[0]["cost_x"] == 0.5
@@ -232,3 +236,20 @@ def test_flow_matching_img2img_equals_the_pipeline(family, tmp_path_factory):
                       generator=torch.Generator().manual_seed(seed), **extra).images[0]
         ref = (ref * 255).round().astype(np.uint8)
         assert np.abs(images[rid].astype(int) - ref.astype(int)).max() <= 1, rid
+
+
+def test_eval_prints_the_edit_tables(capsys, tmp_path):
+    import json
+
+    from stepserve.cli import main
+
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--steps", "2", "--prompts", "3", "--sets", "seen", "--edits",
+                 "--edit-steps", "2", "--edit-strengths", "0.5", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "edits: recolour" in text and "edits: inpaint" in text
+    saved = json.loads(out.read_text())
+    assert saved["inpaint"][0]["outside_unchanged"] == 100.0 and saved["rows"]
+    assert main(["eval", "--steps", "2", "--prompts", "3", "--edits",
+                 "--edit-strengths", "1.5"]) == 2
+    assert "--edit-strengths" in capsys.readouterr().err

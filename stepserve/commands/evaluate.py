@@ -35,6 +35,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", default=None, help="euler or flow-euler (default: euler)")
     p.add_argument("--weights", type=Path, default=None, help="a dit.safetensors to evaluate")
     p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
+    p.add_argument("--edits", action="store_true",
+                   help="also measure edits: recolour and inpaint (docs/edits.md)")
+    p.add_argument("--edit-steps", default="4,8", help="step counts of the edit tables")
+    p.add_argument("--edit-strengths", default="0.5,0.75,0.9",
+                   help="strengths of the edit tables")
     add_progress_flag(p)
     add_model_flags(p)
 
@@ -96,6 +101,33 @@ def run(args: argparse.Namespace) -> int:
     print(f"engine={settings.engine} precision={settings.precision}{quant} "
           f"guidance={guidance} sampler={sampler} prompts/set={args.prompts}")
     print(format_table(rows))
+    out: dict = {"rows": [asdict(r) for r in rows]}
+    if args.edits:
+        out.update(edit_tables(args, engine, settings))
     if args.json:
-        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2))
+        args.json.write_text(json.dumps(out if args.edits else out["rows"], indent=2))
     return 0
+
+
+def edit_tables(args: argparse.Namespace, engine: object, settings: object) -> dict:
+    """The edit quality tables (models/builtin/edit_eval.py), printed and returned."""
+    from functools import partial
+
+    from stepserve.models.builtin.edit_eval import format_rows, inpaint_rows, recolour_rows
+    from stepserve.models.builtin.yardstick import Yardstick
+    from stepserve.server.scheduler.offline import generate_offline
+
+    steps = parse_steps(args.edit_steps)
+    try:
+        strengths = [float(s) for s in args.edit_strengths.split(",")]
+    except ValueError:
+        raise CommandError(f"--edit-strengths {args.edit_strengths}: give numbers in (0, 1]"
+                           ) from None
+    if not all(0 < s <= 1 for s in strengths):
+        raise CommandError(f"--edit-strengths {args.edit_strengths}: each in (0, 1]")
+    generate = partial(generate_offline, engine)
+    recolour = recolour_rows(generate, Yardstick(), args.prompts, strengths, list(steps))
+    inpaint = inpaint_rows(generate, args.prompts, strengths, list(steps))
+    print("\nedits: recolour\n" + format_rows(recolour))
+    print("\nedits: inpaint\n" + format_rows(inpaint))
+    return {"recolour": recolour, "inpaint": inpaint}
