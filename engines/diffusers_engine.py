@@ -145,7 +145,8 @@ class DiffusersEngine:
         timesteps = tuple(float(t) for t in scheduler.timesteps)
         if self.family.inpainting and (edit is None or edit.mask is None):
             raise ValueError(f"{self.info.model!r} is an inpainting model: send an image and "
-                             "a mask to /v1/images/edits")
+                             "a mask to /v1/images/edits (with several images, the mask "
+                             "is the first's: send them one per request)")
         if edit is not None and self.family.inpainting:
             x, step, source = self._inpaint_start(scheduler, edit, generator)
             return DiffusersState(x, scheduler, timesteps, cond, uncond, guidance, step=step,

@@ -3,7 +3,10 @@ shape (multipart/form-data), run through the same step batch as generations.
 
 The form's fields are those of a generation plus `strength`; `image` (or `image[]`)
 is the source and `mask` an optional PNG whose fully transparent pixels mark what may
-change. See server/edit_inputs.py for how they are read and sized.
+change. Several sources (`image[]` repeated) are edited one by one with the same
+prompt: the response holds `n` images of each, in upload order, and the mask applies
+to the first (as OpenAI applies it). See server/edit_inputs.py for how they are read
+and sized.
 """
 
 from __future__ import annotations
@@ -19,16 +22,17 @@ from stepserve.models.sampling.edit import Edit
 
 from .auth import quota_of
 from .edit_inputs import form_body, read_image, read_mask
-from .errors import APIError, error_responses
+from .errors import APIError, error_responses, shown
 from .generation import answer, require_ready, resolve, runtime_of
 from .jobs import start_job
-from .protocol import ImageEditRequest, ImagesResponse
+from .protocol import MAX_N, ImageEditRequest, ImagesResponse
 from .runtime import Runtime, Served
 from .scheduler.request import GenerationParams
 from .submission import OutputSpec
 
 router = APIRouter()
-MAX_FIELDS, MAX_FILES = 64, 4
+MAX_FIELDS = 64
+MAX_FILES = MAX_N + 1  # every source its own image (n x sources <= MAX_N), and a mask
 
 
 def form_schema() -> dict:
@@ -38,11 +42,14 @@ def form_schema() -> dict:
              if k not in ("cache", "timesteps", "sigmas")}  # sent as bracketed fields
     props["image"] = {"type": "string", "format": "binary",
                       "description": "the source: PNG, JPEG or WebP"}
+    props["image[]"] = {"type": "array", "items": {"type": "string", "format": "binary"},
+                        "maxItems": MAX_N, "description": "several sources instead of "
+                        "`image`: each is edited, n images each, in this order"}
     props["mask"] = {"type": "string", "format": "binary", "description": "PNG with "
                      "alpha, the image's size: fully transparent pixels may change"}
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {
         "schema": {"type": "object", "properties": props,
-                   "required": ["prompt", "image"]}}}}}
+                   "required": ["prompt"]}}}}}
 
 
 async def resolve_edit(request: Request, rt: Runtime
@@ -65,19 +72,36 @@ async def resolve_edit(request: Request, rt: Runtime
         if not caps.edits:
             raise APIError(400, f"{served.name!r} does not take edits yet", "model",
                            "unsupported_value")
+        unknown = sorted(set(files) - {"image", "mask"})
+        if unknown:
+            raise APIError(400, f"unexpected file field {shown(unknown[0])!r}: send `image` "
+                           "(or `image[]`) and optionally `mask`", shown(unknown[0]),
+                           "invalid_value")
         images = files.get("image", [])
-        if len(images) != 1:
-            raise APIError(400, "give one source image as `image`" if not images else
-                           "this model edits one image at a time: give one `image`",
+        if not images:
+            raise APIError(400, "give the source image as `image` (several as `image[]`)",
                            "image", "invalid_value")
+        if len(files.get("mask", [])) > 1:
+            raise APIError(400, "give at most one `mask`", "mask", "invalid_value")
+        total = params.n * len(images)
+        max_n = min(MAX_N, rt.settings.max_batch_size)
+        if total > max_n:
+            raise APIError(400, f"n x images ({params.n} x {len(images)}) must be at most "
+                           f"{max_n} on this server", "image", "invalid_value")
         _, h, w = served.info.image_shape
         limit = rt.settings.max_image_pixels
-        source, original = read_image(await images[0].read(), (w, h), limit)
+        sources, sizes = [], []
+        for i, upload in enumerate(images):
+            field = "image" if len(images) == 1 else f"image[{i}]"
+            source, size = read_image(await upload.read(), (w, h), limit, field)
+            sources.append(source)
+            sizes.append(size)
+        original = sizes[0]
         mask = None
         if files.get("mask"):
             mask = read_mask(await files["mask"][0].read(), (w, h), original, limit)
-        params = dataclasses.replace(params, edit=Edit(source, req.strength, mask),
-                                     tenant=quota_of(request))
+        edit = Edit(sources[0], req.strength, mask, tuple(sources[1:]))
+        params = dataclasses.replace(params, edit=edit, n=total, tenant=quota_of(request))
         return served, params, spec, req
     finally:
         await form.close()

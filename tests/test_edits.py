@@ -85,11 +85,15 @@ def test_edits_travel_through_redis_and_key_the_result_cache(source):
     p = GenerationParams("p", 8, 1, 1.0, edit=Edit(source, 0.7, mask))
     back = params_from_json(params_to_json(p)).edit
     assert np.array_equal(back.image, source) and np.array_equal(back.mask, mask)
-    assert back.strength == 0.7
+    assert back.strength == 0.7 and back.more == ()
+    two = GenerationParams("p", 8, 1, 1.0, n=2, edit=Edit(source, 0.7, more=(source[::-1],)))
+    back = params_from_json(params_to_json(two)).edit
+    assert len(back.more) == 1 and np.array_equal(back.more[0], source[::-1])
+    assert back.row(0, 2).image is back.image and back.row(1, 2).image is back.more[0]
     info = EngineInfo("torch", "m", "fp32", "cpu", (3, 32, 32), 1.0, 1.0)
     plain = GenerationParams("p", 8, 1, 1.0)
     other = GenerationParams("p", 8, 1, 1.0, edit=Edit(source, 0.7))
-    assert len({result_key(info, x) for x in (p, plain, other)}) == 3
+    assert len({result_key(info, x) for x in (p, plain, other, two)}) == 4
 
 
 @pytest.mark.parametrize("family", ["sd", "sdxl"])

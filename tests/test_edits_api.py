@@ -85,6 +85,32 @@ def test_openai_client_edits_plain_streamed_and_masked(engine, source):
     assert not np.array_equal(edited[:, 16:], source[:, 16:])
 
 
+def test_several_images_are_each_edited_n_times_and_the_mask_is_the_firsts(engine, source):
+    other = np.ascontiguousarray(source[::-1])  # the shape at the other edge
+    mask = np.full((32, 32, 4), 255, np.uint8)
+    mask[:, 16:, 3] = 0
+    extra = {"strength": 0.9, "seed": 11, "num_inference_steps": 6}
+
+    async def go(client, _):
+        both = await client.images.edit(
+            image=[("a.png", png(source), "image/png"), ("b.png", png(other), "image/png")],
+            mask=("mask.png", png(mask, "RGBA"), "image/png"), prompt=PROMPT, n=2,
+            extra_body=extra)
+        alone = await client.images.edit(
+            image=("b.png", png(other), "image/png"), prompt=PROMPT,
+            extra_body={**extra, "seed": 13})  # image 2 of 4 ran with seed 11 + 2
+        return both, alone
+
+    both, alone = run(make_app(engine, result_cache_mb=0), go)
+    out = [decode(d.b64_json) for d in both.data]
+    assert len(out) == 4
+    for first in out[:2]:  # the first source's edits: the mask applies, outside exact
+        assert np.array_equal(first[:, :16], source[:, :16])
+    assert not np.array_equal(out[2][:, :16], other[:, :16])  # no mask on the second
+    assert np.abs(out[2].astype(int) - decode(alone.data[0].b64_json)).max() <= 1
+    assert not np.array_equal(out[0], out[1]) and not np.array_equal(out[2], out[3])
+
+
 def test_edit_jobs_are_polled_like_generations(engine, source):
     async def go(_, h):
         r = await h.post("/v1/jobs/edits", data={"prompt": PROMPT, "seed": "2",
@@ -104,7 +130,9 @@ def test_edit_jobs_are_polled_like_generations(engine, source):
 
 
 @pytest.mark.parametrize("case,param", [
-    ("no image", "image"), ("two images", "image"), ("not an image", "image"),
+    ("no image", "image"), ("too many images", "image"), ("not an image", "image"),
+    ("second image not an image", "image[1]"), ("two masks", "mask"),
+    ("unknown file", "extra"),
     ("too many pixels", "image"), ("mask of another size", "mask"),
     ("mask without alpha", "mask"), ("strength 0", "strength"), ("strength text", "strength"),
     ("n as text", "n"), ("unknown field", "colour"), ("json body", None)])
@@ -114,8 +142,15 @@ def test_bad_edits_get_400_naming_the_field(engine, source, case, param):
     files: list = [("image", img)]
     if case == "no image":
         files = []
-    elif case == "two images":
-        files = [("image[]", img), ("image[]", img)]
+    elif case == "too many images":  # n x images over 10
+        files, data["n"] = [("image[]", img), ("image[]", img)], "6"
+    elif case == "second image not an image":
+        files = [("image[]", img), ("image[]", ("t.png", b"not an image", "image/png"))]
+    elif case == "two masks":
+        m = ("m.png", png(np.zeros((32, 32, 4), np.uint8), "RGBA"), "image/png")
+        files += [("mask", m), ("mask", m)]
+    elif case == "unknown file":
+        files.append(("extra", img))
     elif case == "not an image":
         files = [("image", ("s.png", b"GIF89a not really", "image/png"))]
     elif case == "too many pixels":

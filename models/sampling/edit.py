@@ -21,11 +21,16 @@ import torch
 class Edit:
     """An edit request's source image (uint8 (H, W, 3) at the model's output size), how
     far down the schedule sampling starts (`strength` 1.0: from pure noise), and an
-    optional mask (bool (H, W), True where the image may change)."""
+    optional mask (bool (H, W), True where the image may change).
+
+    `more` holds further sources (`image[]` with several files): each is edited on its
+    own, in order, with the same share of the request's images; the mask applies to
+    the first source only, as OpenAI's edits endpoint applies it."""
 
     image: np.ndarray
     strength: float = 0.8
     mask: np.ndarray | None = None
+    more: tuple[np.ndarray, ...] = ()
 
     def __post_init__(self) -> None:
         if self.image.dtype != np.uint8 or self.image.ndim != 3 or self.image.shape[2] != 3:
@@ -34,10 +39,29 @@ class Edit:
             raise ValueError("strength must be in (0, 1]")
         if self.mask is not None and self.mask.shape != self.image.shape[:2]:
             raise ValueError(f"mask is {self.mask.shape}, image {self.image.shape[:2]}")
+        if any(m.shape != self.image.shape or m.dtype != np.uint8 for m in self.more):
+            raise ValueError("every source of an edit is uint8 of the first one's shape")
+
+    @property
+    def sources(self) -> int:
+        return 1 + len(self.more)
+
+    def first_rows(self, n: int) -> int:
+        """How many of a request's n images are edits of the first source."""
+        return n // self.sources
+
+    def row(self, k: int, n: int) -> Edit:
+        """The one-source edit that image k of a request's n images runs."""
+        i = k // self.first_rows(n)
+        if i == 0:
+            return self if not self.more else Edit(self.image, self.strength, self.mask)
+        return Edit(self.more[i - 1], self.strength)
 
     def digest(self) -> str:
         """What an exact-result-cache key needs to know of the source."""
         h = hashlib.sha256(self.image.tobytes() + str(self.image.shape).encode())
+        for more in self.more:
+            h.update(b"|" + more.tobytes())
         if self.mask is not None:
             h.update(np.packbits(self.mask).tobytes())
         return f"{h.hexdigest()}:{self.strength!r}"
@@ -71,8 +95,10 @@ def mask_tensor(mask: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
 
 
 def composite(images: np.ndarray, edit: Edit) -> np.ndarray:
-    """Final pixels of mask-blended sampling: the source outside the mask, exactly."""
+    """Final pixels of mask-blended sampling: the source outside the mask, exactly (on
+    the first source's images; the others have no mask)."""
     if edit.mask is None:
         return images
+    first = edit.first_rows(images.shape[0])
     keep = ~edit.mask[None, :, :, None]
-    return np.where(keep, edit.image[None], images)
+    return np.concatenate([np.where(keep, edit.image[None], images[:first]), images[first:]])

@@ -28,7 +28,8 @@ def edit_to_json(e: Edit) -> dict:
     return {"image": base64.b64encode(e.image.tobytes()).decode(), "shape": e.image.shape,
             "strength": e.strength,
             "mask": None if e.mask is None else base64.b64encode(
-                np.packbits(e.mask).tobytes()).decode()}
+                np.packbits(e.mask).tobytes()).decode(),
+            "more": [base64.b64encode(m.tobytes()).decode() for m in e.more]}
 
 
 def edit_from_json(d: dict) -> Edit:
@@ -38,7 +39,9 @@ def edit_from_json(d: dict) -> Edit:
     if d.get("mask") is not None:
         bits = np.frombuffer(base64.b64decode(d["mask"]), np.uint8)
         mask = np.unpackbits(bits)[:shape[0] * shape[1]].reshape(shape[:2]).astype(bool)
-    return Edit(image, float(d["strength"]), mask)
+    more = tuple(np.frombuffer(base64.b64decode(m), np.uint8).reshape(shape).copy()
+                 for m in d.get("more", ()))
+    return Edit(image, float(d["strength"]), mask, more)
 
 
 def params_from_json(text: str) -> GenerationParams:

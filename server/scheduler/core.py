@@ -173,7 +173,9 @@ class SchedulerCore:
         return [self.engine.init_state(p.seed + k, p.steps, cond, uncond, guidance=p.guidance,
                                        sampler=p.sampler or self.default_sampler,
                                        schedule=dict(p.schedule) if p.schedule else None,
-                                       cache=p.cache, edit=p.edit) for k in range(p.n)]
+                                       cache=p.cache,
+                                       edit=p.edit.row(k, p.n) if p.edit else None)
+                for k in range(p.n)]
 
     def _pick(self, now: float) -> list[Request]:
         if self.config.batching == "request":
