@@ -19,6 +19,9 @@ import numpy as np
 import torch
 
 from stepserve.models.caches.config import CacheConfig
+from stepserve.models.lora.apply import Adapters
+from stepserve.models.lora.format import LoraError
+from stepserve.models.lora.library import LoraLibrary, LoraNotFound, LoraTarget
 from stepserve.models.sampling.batch import RowState
 from stepserve.models.sampling.edit import Edit
 from stepserve.models.sampling.qsched import QSched
@@ -41,6 +44,11 @@ class EngineInfo:
 class Engine(Protocol):
     info: EngineInfo
     build_seconds: float  # export / compile / quantize time paid at start-up
+    loras: LoraLibrary | None  # the adapters it may apply (the runtime sets it)
+
+    @property
+    def lora_target(self) -> LoraTarget | None:
+        """The denoiser LoRA adapters hook into (None: this engine cannot apply them)."""
 
     @property
     def capabilities(self) -> Capabilities:
@@ -53,11 +61,13 @@ class Engine(Protocol):
     def init_state(self, seed: int, steps: int, cond: Any, uncond: Any, *, guidance: float,
                    sampler: str, cache: CacheConfig | None = None,
                    schedule: dict[str, Sequence[float]] | None = None,
-                   edit: Edit | None = None) -> RowState:
+                   edit: Edit | None = None,
+                   lora: Sequence[tuple[str, float]] = ()) -> RowState:
         """One request image's own sampler state. `schedule` is {"timesteps": [...]} or
         {"sigmas": [...]} where `capabilities.schedule_kinds` allows it; `edit` starts it
-        from a source image (where `capabilities.edits`). Raises ValueError for
-        parameters this model cannot run (the request's fault)."""
+        from a source image (where `capabilities.edits`); `lora` names adapters of the
+        engine's `loras` library with their scales (where `capabilities.lora`). Raises
+        ValueError for parameters this model cannot run (the request's fault)."""
 
     def needs_forward(self, state: Any) -> bool:
         """False when the state's step cache predicts its next step instead."""
@@ -82,3 +92,21 @@ class Engine(Protocol):
 
     def warmup(self, batch_sizes: tuple[int, ...]) -> None:
         """Run representative forwards so the first request pays no start-up cost."""
+
+
+def adapters(engine: Engine, specs: Sequence[tuple[str, float]]) -> Adapters | None:
+    """The named adapters, loaded for this engine's model (ValueError naming `lora`)."""
+    if not specs:
+        return None
+    target = engine.lora_target
+    if target is None:
+        raise ValueError(f"lora: engine {engine.info.engine!r} does not apply LoRA adapters "
+                         "(serve the model with the torch engine)")
+    if engine.loras is None:
+        raise ValueError("lora: this server has no adapters (set lora_dirs)")
+    try:
+        return engine.loras.resolve(specs, target)
+    except LoraNotFound as exc:
+        raise ValueError(f"lora: no adapter named {exc.args[0]!r}") from None
+    except LoraError as exc:
+        raise ValueError(f"lora: {exc}") from None

@@ -32,6 +32,7 @@ class Capabilities:
     schedule_kinds: dict[str, tuple[str, ...]] = field(default_factory=dict)  # sampler -> kinds
     latency_mode: bool = False  # ParaDiGMS Picard rounds (picard_init / picard_round)
     edits: bool = False  # img2img and inpainting (init_state(edit=...))
+    lora: bool = False  # per-row LoRA adapters (init_state(lora=...))
 
     def cache_error(self, cache: CacheConfig, model: str, engine: str) -> str | None:
         """Why this model cannot run this cache policy, or None."""

@@ -26,10 +26,11 @@ import torch
 from stepserve.models.caches.config import CacheConfig
 from stepserve.models.families.adapters import PromptEmbeds, SDInpaintFamily, family_of
 from stepserve.models.families.sampler import DiffusersState, DiffusersStepModel
+from stepserve.models.lora.library import LoraLibrary, LoraTarget
 from stepserve.models.sampling import batch
 from stepserve.models.sampling.edit import Edit, Source
 
-from .base import EngineInfo
+from .base import EngineInfo, adapters
 from .capabilities import Capabilities
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -67,6 +68,7 @@ class DiffusersEngine:
         self.taesd = load_taesd(Path(path), self.device, self.dtype) if path else None
         self.latent_rgb = latent_rgb_map(self.family.latent_shape(self.size)[0])
         self.build_seconds = 0.0
+        self.loras: LoraLibrary | None = None
         self.step_model = DiffusersStepModel(self.family, self.device, self.dtype)
         self.info = EngineInfo(engine="torch", model=model, precision=precision,
                                device=str(self.device), image_shape=(3, self.size, self.size),
@@ -93,7 +95,11 @@ class DiffusersEngine:
         return Capabilities(samplers=samplers, default_sampler="default",
                             features=("unet",) if self.family.unet else (),
                             ays=tuple(ays) if ays else None, schedule_kinds=kinds,
-                            edits=self.family.takes_edits)
+                            edits=self.family.takes_edits, lora=True)
+
+    @property
+    def lora_target(self) -> LoraTarget:
+        return LoraTarget(self.info.model, self.family.denoiser, type(self.pipe))
 
     @torch.inference_mode()
     def encode(self, prompts: list[str]) -> PromptEmbeds:
@@ -126,7 +132,9 @@ class DiffusersEngine:
                    guidance: float, sampler: str = "default",
                    cache: CacheConfig | None = None,
                    schedule: dict[str, Sequence[float]] | None = None,
-                   edit: Edit | None = None) -> DiffusersState:
+                   edit: Edit | None = None,
+                   lora: Sequence[tuple[str, float]] = ()) -> DiffusersState:
+        adapted = adapters(self, lora)
         if edit is not None and not self.family.takes_edits:
             raise ValueError(f"{self.info.model!r} ({type(self.pipe).__name__}) does not "
                              "take edits yet")
@@ -151,17 +159,19 @@ class DiffusersEngine:
             x, step, source = self._inpaint_start(scheduler, edit, generator)
             return DiffusersState(x, scheduler, timesteps, cond, uncond, guidance, step=step,
                                   cache=cache, generator=generator, source=source,
-                                  cache_state=cache_state, row_caches=row_caches)
+                                  cache_state=cache_state, row_caches=row_caches,
+                                  lora=adapted)
         if edit is not None:
             x, step, source = self._edit_start(scheduler, steps, edit, generator)
             return DiffusersState(x, scheduler, timesteps, cond, uncond, guidance, step=step,
                                   cache=cache, generator=generator, source=source,
-                                  cache_state=cache_state, row_caches=row_caches)
+                                  cache_state=cache_state, row_caches=row_caches,
+                                  lora=adapted)
         noise = self.family.initial_noise(self.size, generator)
         x = (noise * init_noise_sigma(scheduler))[0]
         return DiffusersState(x, scheduler, timesteps, cond, uncond, guidance, cache=cache,
                               generator=generator, cache_state=cache_state,
-                              row_caches=row_caches)
+                              row_caches=row_caches, lora=adapted)
 
     def _inpaint_start(self, scheduler: Any, edit: Edit, generator: torch.Generator
                        ) -> tuple[torch.Tensor, int, Source]:

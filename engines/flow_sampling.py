@@ -15,12 +15,13 @@ import torch
 
 from stepserve.models.builtin.text import TextBatch
 from stepserve.models.caches.config import CacheConfig
+from stepserve.models.lora.library import LoraLibrary, LoraTarget
 from stepserve.models.sampling import batch
 from stepserve.models.sampling import state as flow
 from stepserve.models.sampling.edit import Edit
 from stepserve.models.sampling.paradigms import PicardState, picard_init, picard_round
 
-from .base import EngineInfo
+from .base import EngineInfo, adapters
 from .capabilities import Capabilities
 
 
@@ -29,6 +30,7 @@ class FlowSampling:
     build_seconds: float = 0.0
     runs_blocks: ClassVar[bool] = False  # implements denoise_cached (DiT block caches)
     gates: Any = None  # LazyDiT gates trained for these weights
+    loras: LoraLibrary | None = None
 
     # -- what an engine supplies ----------------------------------------------------------
     def encode(self, prompts: list[str]) -> TextBatch:
@@ -53,12 +55,20 @@ class FlowSampling:
         features = (("dit-blocks",) if self.runs_blocks else ()) + (
             ("lazydit-gates",) if self.gates is not None else ())
         return Capabilities(samplers=flow.SAMPLERS, default_sampler="euler",
-                            features=features, latency_mode=True, edits=True)
+                            features=features, latency_mode=True, edits=True,
+                            lora=self.lora_target is not None)
+
+    @property
+    def lora_target(self) -> LoraTarget | None:
+        """The torch DiT where this engine runs it (onnxruntime / TensorRT graphs have
+        the weights built in)."""
+        return None
 
     def init_state(self, seed: int, steps: int, cond: TextBatch, uncond: TextBatch, *,
                    guidance: float, sampler: str = "euler", cache: CacheConfig | None = None,
                    schedule: dict[str, Sequence[float]] | None = None,
-                   edit: Edit | None = None) -> flow.SamplerState:
+                   edit: Edit | None = None,
+                   lora: Sequence[tuple[str, float]] = ()) -> flow.SamplerState:
         if schedule:
             raise ValueError("custom schedules need a diffusers model (the built-in model "
                              "samples its own flow times)")
@@ -66,7 +76,7 @@ class FlowSampling:
         return flow.init_state(seed, steps, cond, uncond, shape=info.image_shape,
                                guidance=guidance, sampler=sampler,
                                time_shift=info.time_shift, qsched=info.qsched, cache=cache,
-                               edit=edit)
+                               edit=edit, lora=adapters(self, lora))
 
     @property
     def step_model(self) -> flow.FlowStepModel:

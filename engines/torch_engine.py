@@ -12,6 +12,7 @@ import torch
 from stepserve.models.builtin.text import TextBatch
 from stepserve.models.caches.block_cache import RowCache, cached_forward
 from stepserve.models.caches.lazydit import load_gates_for
+from stepserve.models.lora.library import LoraTarget
 
 from .builtin_base import BuiltinEngine
 
@@ -51,6 +52,10 @@ class TorchEngine(BuiltinEngine):
         if precision == "int8":
             self.dit = int8_weights(self.dit)
         self.forward = torch.compile(self.dit) if compile else self.dit
+
+    @property
+    def lora_target(self) -> LoraTarget | None:
+        return LoraTarget(self.info.model, self.dit)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype is None:

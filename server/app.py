@@ -36,6 +36,7 @@ from .limits import (
     body_timeout_handler,
     body_too_large_handler,
 )
+from .loras import router as loras_router
 from .runtime import EngineBuilder, Runtime, build_engine
 from .scheduler.backend import BackendUnavailable
 from .settings import Settings
@@ -73,6 +74,7 @@ def create_app(settings: Settings | None = None, builder: EngineBuilder = build_
     app.include_router(generation_router)
     app.include_router(edits_router)  # before the jobs router: /v1/jobs/edits is its own
     app.include_router(jobs_router)
+    app.include_router(loras_router)
     document_errors(app, auth.guards if auth.enabled else None,
                     limiter_503=auth.buckets is not None and bool(settings.redis_url))
     started = int(time.time())

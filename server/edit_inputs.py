@@ -13,6 +13,7 @@ may.
 from __future__ import annotations
 
 import io
+import json
 import re
 import types
 import typing
@@ -82,6 +83,8 @@ def form_body(items: list[tuple[str, Any]], model: type) -> tuple[dict[str, Any]
                 raise APIError(400, "give cache as a name or as cache[option] fields",
                                "cache", "invalid_value")
             cache[m.group(1)] = _number(value)
+        elif key == "lora" or key.startswith("lora["):
+            _lora_field(body, key, value)
         elif key.endswith("[]") and key[:-2] in ("timesteps", "sigmas"):
             kind = int if key.startswith("timesteps") else float
             body.setdefault(key[:-2], []).append(coerce(key[:-2], value, kind))
@@ -90,6 +93,31 @@ def form_body(items: list[tuple[str, Any]], model: type) -> tuple[dict[str, Any]
         else:
             body[key[:64]] = value  # the model refuses it, naming the field
     return body, files
+
+
+def _lora_field(body: dict[str, Any], key: str, value: str) -> None:
+    """`lora` as JSON text ('[{"name": "night", "scale": 0.8}]'), or one field per key:
+    lora[0][name]=night, lora[0][scale]=0.8."""
+    if key == "lora":
+        try:
+            body["lora"] = json.loads(value)
+        except ValueError:
+            raise APIError(400, "lora must be a JSON list of {name, scale} objects (or "
+                           "lora[i][name] / lora[i][scale] fields)", "lora",
+                           "invalid_value") from None
+        return
+    m = re.fullmatch(r"lora\[([0-9]{1,2})\]\[(name|scale)\]", key)
+    entries = body.setdefault("lora", [])
+    if m is None or not isinstance(entries, list):
+        raise APIError(400, f"{key[:64]}: give lora as JSON or as lora[i][name] / "
+                       "lora[i][scale] fields", "lora", "invalid_value")
+    i = int(m.group(1))
+    if i > len(entries):
+        raise APIError(400, f"{key}: lora entries must be numbered from 0 without gaps",
+                       "lora", "invalid_value")
+    if i == len(entries):
+        entries.append({})
+    entries[i][m.group(2)] = _number(value) if m.group(2) == "scale" else value
 
 
 def _open(data: bytes, field: str, max_pixels: int) -> Image.Image:

@@ -28,6 +28,7 @@ from .errors import (
     submit_error,
 )
 from .images import CONTENT_TYPES, b64, encode_image
+from .loras import choose
 from .metrics import tenant_label
 from .protocol import (
     MAX_N,
@@ -116,7 +117,8 @@ def resolve(body: ImageGenerationRequest, rt: Runtime
         priority=body.priority, timeout_s=body.timeout,
         partial_images=(body.partial_images or 0) if body.stream else 0,
         cache=cache if cache.enabled else None, schedule=schedule,
-        mode=body.mode or "throughput")
+        mode=body.mode or "throughput",
+        lora=choose(body.lora, served.loras, s.model_name, s.max_loras_per_request))
     spec = OutputSpec(body.response_format or "b64_json", body.output_format or "png",
                       body.output_compression, f"{w * upscale}x{h * upscale}", upscale)
     return served, params, spec

@@ -23,6 +23,18 @@ Name = Annotated[str, Field(max_length=64)]
 CacheKnob = Name | int | float | bool | None
 
 
+MAX_LORAS = 16  # the most a request may name; the server's max_loras_per_request may be lower
+
+
+class LoraSpec(BaseModel):
+    """One LoRA adapter for a request: a name listed at GET /v1/loras and its weight."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    name: str = Field(min_length=1, max_length=128)
+    scale: float = Field(1.0, ge=-4.0, le=4.0)
+
+
 class ImageGenerationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
@@ -61,6 +73,10 @@ class ImageGenerationRequest(BaseModel):
     mode: Literal["latency", "throughput"] | None = None
     # step cache: a policy name, or {"policy": ..., "order": 2, "interval": 2, ...}
     cache: Name | Annotated[dict[Name, CacheKnob], Field(max_length=16)] | None = None
+    # LoRA adapters (GET /v1/loras), each with its scale; rows with different adapters
+    # share one forward
+    lora: list[LoraSpec] | None = Field(
+        None, max_length=MAX_LORAS, description="at most the server's max_loras_per_request")
 
     @field_validator("n", "output_compression", "partial_images", "num_inference_steps",
                      "seed", "priority", "timesteps", mode="before")

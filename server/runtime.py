@@ -19,8 +19,10 @@ from stepserve.engines.base import Engine, EngineInfo
 from stepserve.engines.capabilities import Capabilities
 from stepserve.engines.registry import create_engine
 from stepserve.models.caches.config import CacheConfig
+from stepserve.models.lora.library import LoraLibrary
 
 from .job_store import JobStore
+from .loras import LocalLoras, LoraCatalog
 from .metrics import Metrics
 from .result_cache import ResultCache, Results
 from .results import Files, ResultStore
@@ -94,6 +96,7 @@ class Served:
     caps: Capabilities
     loop: JobBackend
     engine: Engine | None = None
+    loras: LoraCatalog | None = None  # the adapters it may apply (None: it takes none)
 
 
 class Runtime:
@@ -115,6 +118,7 @@ class Runtime:
         self._drain_started = 0.0
         self.responses = 0  # API responses being written (server/drain.py)
         self._cache_seen: dict[str, tuple[int, int]] = {}
+        self._lora_library: LoraLibrary | None = None
 
     @property
     def ready(self) -> bool:
@@ -193,7 +197,8 @@ class Runtime:
                                  max_batch_size=settings.max_batch_size,
                                  max_queue=settings.max_queue, aging_s=settings.aging_s,
                                  queue_cost=float(settings.max_queue * settings.default_steps),
-                                 queue_share=settings.queue_share)
+                                 queue_share=settings.queue_share,
+                                 lora_batching=settings.lora_batching)
         engines, loops = [], []
         for device in devices:
             engine = self.builder(settings.model_copy(update={"device": device}))
@@ -207,7 +212,21 @@ class Runtime:
             loops.append(EngineLoop(SchedulerCore(engine, config),
                                     on_step=functools.partial(self._observe, model=name)))
         loop = loops[0] if len(loops) == 1 else LoopGroup(loops)
-        return Served(name, settings, engines[0].info, caps, loop, engines[0])
+        return Served(name, settings, engines[0].info, caps, loop, engines[0],
+                      self._loras_for(engines))
+
+    def _loras_for(self, engines: list[Engine]) -> LoraCatalog | None:
+        """One adapter library for every model here (one byte budget), checked against
+        each model's denoiser."""
+        target = engines[0].lora_target
+        if self.settings.max_loras_per_request == 0 or target is None:
+            return None
+        if self._lora_library is None:
+            s = self.settings
+            self._lora_library = LoraLibrary(s.lora_dirs, int(s.lora_cache_mb * 2**20))
+        for engine in engines:
+            engine.loras = self._lora_library
+        return LocalLoras(self._lora_library, target)
 
     def _observe(self, stats: StepStats, model: str = "") -> None:
         m = self.metrics

@@ -24,6 +24,9 @@ from stepserve.engines.registry import PRECISIONS
 from stepserve.engines.registry import available as engine_names
 from stepserve.models.caches.config import policy_names
 
+# the built-in model's adapters, shipped beside its weights (models/builtin/weights)
+BUILTIN_LORA_DIR = Path(__file__).resolve().parents[1] / "models" / "builtin" / "weights" / "loras"
+
 # Fields whose values a registry lists: the CLI offers these choices, validation uses them.
 CHOICES: dict[str, Callable[[], tuple[str, ...] | list[str]]] = {
     "engine": engine_names, "precision": lambda: PRECISIONS, "cache": policy_names}
@@ -112,6 +115,17 @@ class Settings(BaseSettings):
     result_cache_ttl_s: float = Field(3600.0, gt=0, description="how long cached results live")
     text_cache_size: int = Field(4096, ge=1, description="prompts kept by the text-encoder LRU")
     text_cache_mb: float = Field(64.0, gt=0, description="memory the text-encoder LRU may hold")
+    lora_dirs: list[Path] = Field(
+        default_factory=lambda: [BUILTIN_LORA_DIR], description="folders of LoRA adapters "
+        "(NAME.safetensors or NAME/pytorch_lora_weights.safetensors); requests name them, "
+        "never a path (default: the built-in model's adapters)")
+    lora_batching: Literal["mixed", "split"] = Field(
+        "mixed", description="mixed: rows with different adapters share one forward; split: "
+        "only requests with the same adapters and scales do (the peers' way, to compare)")
+    lora_cache_mb: float = Field(
+        256.0, gt=0, description="LoRA weights kept loaded, least recently used out first")
+    max_loras_per_request: int = Field(4, ge=0, le=16, description="adapters one request "
+                                       "may apply at once (0: LoRA off)")
     max_image_pixels: int = Field(
         16_777_216, ge=1, description="largest edit source or mask, in pixels (4096x4096)")
     max_body_mb: float = Field(

@@ -110,3 +110,37 @@ def test_playground_edits_the_last_image_inside_a_drawn_mask(live_server, browse
     w = source.shape[1]
     assert np.array_equal(edited[:, : w // 2], source[:, : w // 2])  # outside the mask: exact
     assert not np.array_equal(edited, source)  # inside it, the edit
+
+
+def test_playground_offers_the_built_in_adapters_and_applies_one(live_server, browser):
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    def corners(data_url: str) -> float:
+        raw = base64.b64decode(data_url.split(",", 1)[1])
+        img = np.asarray(Image.open(io.BytesIO(raw)).convert("RGB")).astype(float)
+        return float(np.mean([img[1, 1], img[1, -2], img[-2, 1], img[-2, -2]]))
+
+    browser.get(live_server.url + "/")
+    picker = browser.find_element(By.ID, "lora")
+    WebDriverWait(browser, 10).until(lambda d: picker.get_attribute("data-loaded"))
+    offered = [o.get_attribute("value") for o in Select(picker).options]
+    assert {"", "night", "mirror"} <= set(offered)
+    prompt = browser.find_element(By.ID, "prompt")
+    prompt.clear()
+    prompt.send_keys("a small red circle in the center on a white background")
+    status = browser.find_element(By.ID, "status")
+    images = {}
+    for choice in ("", "night"):
+        Select(picker).select_by_value(choice)
+        browser.find_element(By.ID, "go").click()
+        WebDriverWait(browser, 60).until(lambda d: status.get_attribute("data-state") == "done")
+        images[choice] = browser.find_element(By.ID, "final").get_attribute("src")
+        browser.execute_script("document.getElementById('status').dataset.state = ''")
+    assert corners(images[""]) > 200  # white, as prompted
+    assert corners(images["night"]) < 60  # the night adapter's black background

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from ..sampling.schedules import shift_time
 from .checkpoint import save_module
 from .dit import DiT, DiTConfig
 from .pool import CaptionPool, build_pool
-from .shapes import render, sample_scene, to_tensor
+from .shapes import Scene, render, sample_scene, to_tensor
 from .text import TextBatch, TextEncoder
 
 
@@ -65,11 +66,16 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
 
-def make_batch(cfg: TrainConfig, pool: CaptionPool, step: int
+def make_batch(cfg: TrainConfig, pool: CaptionPool, step: int,
+               scene_map: Callable[[Scene], Scene] | None = None
                ) -> tuple[torch.Tensor, TextBatch, torch.Generator]:
+    """Captions from the pool and renders of their scenes (`scene_map`: the scene a
+    LoRA style draws instead, lora_train.py)."""
     rng = np.random.default_rng([cfg.seed, step])
     index = rng.integers(len(pool), size=cfg.batch)
     scenes = [sample_scene(rng, **pool.scene_kwargs(int(i))) for i in index]
+    if scene_map is not None:
+        scenes = [scene_map(s) for s in scenes]
     x0 = to_tensor(render(scenes, cfg.model.image_size))
     text = pool.text(index)
     drop = torch.from_numpy(rng.random(cfg.batch) < cfg.caption_dropout)
@@ -86,7 +92,7 @@ def make_batch(cfg: TrainConfig, pool: CaptionPool, step: int
     return x0, text, gen
 
 
-def training_targets(model: DiT, cfg: TrainConfig, x0: torch.Tensor, text: TextBatch,
+def training_targets(model: torch.nn.Module, cfg: TrainConfig, x0: torch.Tensor, text: TextBatch,
                      gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor,
                                                     torch.Tensor, torch.Tensor]:
     """(x_t, t, d, target velocity) for a batch: flow-matching rows then shortcut rows."""

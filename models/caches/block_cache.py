@@ -17,6 +17,7 @@ import torch
 
 from ..builtin.dit import DiT, DiTInputs
 from ..builtin.text import TextBatch
+from ..lora import apply as lora
 from .config import CacheConfigError, ForwardCache
 
 
@@ -108,8 +109,9 @@ def cached_forward(dit: DiT, x: torch.Tensor, t: torch.Tensor, d: torch.Tensor,
         run = [i for i in range(len(rows)) if p.runs(i, b)]
         if run:
             sel = torch.tensor(run)
-            p.h[sel] = block(p.h[sel], inp.c[sel], inp.ctx[sel], inp.ctx_mask[sel]
-                             ).to(p.h.dtype)
+            with lora.subset(run):
+                p.h[sel] = block(p.h[sel], inp.c[sel], inp.ctx[sel], inp.ctx_mask[sel]
+                                 ).to(p.h.dtype)
         for policy, idx in groups.items():
             policy.after_block(p, b, idx)
     for policy, idx in groups.items():

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..lora import apply as lora
 from .config import CacheConfigError, ForwardCache
 
 
@@ -58,6 +59,24 @@ def _block(block: Any, sample: torch.Tensor, emb: torch.Tensor, ehs: torch.Tenso
     return block(hidden_states=sample, temb=emb, **kwargs)
 
 
+def _deep(unet: Any, s: torch.Tensor, e: torch.Tensor, h: torch.Tensor,
+          down_res: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The deep path (down blocks after the first, mid, up blocks but the last)."""
+    for block in unet.down_blocks[1:]:
+        s, r = _block(block, s, e, h)
+        down_res += r
+    if unet.mid_block is not None:
+        s = (unet.mid_block(s, e, encoder_hidden_states=h)
+             if getattr(unet.mid_block, "has_cross_attention", False)  # as above
+             else unet.mid_block(s, e))
+    for block in unet.up_blocks[:-1]:
+        k = len(block.resnets)
+        s = _block(block, s, e, h, res_hidden_states_tuple=down_res[-k:],
+                   upsample_size=None)
+        down_res = down_res[:-k]
+    return s
+
+
 def deepcache_forward(unet: Any, x: torch.Tensor, t: torch.Tensor, *,
                       encoder_hidden_states: torch.Tensor,
                       added_cond_kwargs: dict | None = None,
@@ -88,21 +107,9 @@ def deepcache_forward(unet: Any, x: torch.Tensor, t: torch.Tensor, *,
     deep = None
     if full:
         idx = torch.tensor(full, device=x.device)
-        s, e, h = sample[idx], emb[idx], ehs[idx]
-        down_res = tuple(r[idx] for r in deep_res)
-        for block in unet.down_blocks[1:]:
-            s, r = _block(block, s, e, h)
-            down_res += r
-        if unet.mid_block is not None:
-            s = (unet.mid_block(s, e, encoder_hidden_states=h)
-                 if getattr(unet.mid_block, "has_cross_attention", False)  # as above
-                 else unet.mid_block(s, e))
-        for block in unet.up_blocks[:-1]:
-            k = len(block.resnets)
-            s = _block(block, s, e, h, res_hidden_states_tuple=down_res[-k:],
-                       upsample_size=None)
-            down_res = down_res[:-k]
-        deep = s
+        with lora.subset(full):
+            deep = _deep(unet, sample[idx], emb[idx], ehs[idx],
+                         tuple(r[idx] for r in deep_res))
     if deep is not None:
         features = torch.empty((n, *deep.shape[1:]), dtype=deep.dtype, device=deep.device)
         features[torch.tensor(full, device=x.device)] = deep

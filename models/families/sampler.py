@@ -16,6 +16,7 @@ import torch
 
 from ..caches.config import CacheConfig
 from ..caches.deepcache import DeepCacheConfig, DeepState
+from ..lora.apply import Adapters
 from ..sampling import batch
 from ..sampling.batch import Row
 from ..sampling.edit import Source
@@ -39,6 +40,7 @@ class DiffusersState:
     row_caches: tuple[Any, Any] | None = field(default=None, repr=False)
     generator: torch.Generator | None = field(default=None, repr=False)
     source: Source | None = field(default=None, repr=False)  # an edit's source (latents)
+    lora: Adapters | None = field(default=None, repr=False)  # LoRA adapters and scales
 
     @property
     def steps(self) -> int:

@@ -24,6 +24,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import torch
 
 from ..caches.config import CacheConfig, ForwardCache, StepCache
+from ..lora import apply as lora
 
 
 class RowState(Protocol):
@@ -59,6 +60,9 @@ class RowState(Protocol):
 
     @property
     def source(self) -> Any: ...  # an edit's Source (edit.py), or None
+
+    @property
+    def lora(self) -> Any: ...  # its LoRA adapters and scales (lora.apply.Adapters) or None
 
     @property
     def steps(self) -> int: ...
@@ -149,7 +153,8 @@ def guided_outputs(model: StepModel[S], states: Sequence[S]
         return [], []
     guided = [i for i, s in enumerate(states) if model.cfg_rows(s)]
     rows = [Row(s, 0) for s in states] + [Row(states[i], 1) for i in guided]
-    out, new_rows = model.forward(rows)
+    with lora.rows([r.state.lora for r in rows]):  # each row's adapters, one forward
+        out, new_rows = model.forward(rows)
     states = list(states)
     uncond_row = {i: len(states) + k for k, i in enumerate(guided)}
     for i, s in enumerate(states):

@@ -18,6 +18,7 @@ import torch
 from ..builtin.shapes import to_tensor
 from ..builtin.text import TextBatch
 from ..caches.config import CacheConfig
+from ..lora.apply import Adapters
 from . import batch
 from .batch import Row, needs_forward
 from .edit import Edit, Source, mask_tensor, start_step
@@ -55,6 +56,7 @@ class SamplerState:
     cache_state: Any = field(default=None, repr=False)
     row_caches: tuple[Any, Any] | None = field(default=None, repr=False)
     source: Source | None = field(default=None, repr=False)  # an edit's source
+    lora: Adapters | None = field(default=None, repr=False)  # LoRA adapters and scales
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -102,7 +104,8 @@ def initial_noise(seed: int, shape: Sequence[int]) -> torch.Tensor:
 def init_state(seed: int, steps: int, cond: TextBatch, uncond: TextBatch, *,
                shape: Sequence[int], guidance: float = 1.0, sampler: str = "euler",
                time_shift: float = 1.0, qsched: QSched | None = None,
-               cache: CacheConfig | None = None, edit: Edit | None = None) -> SamplerState:
+               cache: CacheConfig | None = None, edit: Edit | None = None,
+               lora: Adapters | None = None) -> SamplerState:
     """A request image's state; with an `edit`, it starts at the edit's start step from
     the source noised to that time (img2img), keeping the unmasked region on the
     source's trajectory (inpainting)."""
@@ -124,7 +127,7 @@ def init_state(seed: int, steps: int, cond: TextBatch, uncond: TextBatch, *,
                         cond=cond, uncond=uncond, guidance=guidance, sampler=sampler,
                         qsched=None if qsched is None or qsched.identity else qsched,
                         cache=cache, cache_state=cache_state, row_caches=row_caches,
-                        source=source)
+                        source=source, lora=lora or None)
 
 
 def flow_noised(x0: torch.Tensor, noise: torch.Tensor, t: float) -> torch.Tensor:

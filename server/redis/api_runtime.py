@@ -14,6 +14,7 @@ import redis
 from stepserve.engines.base import EngineInfo
 from stepserve.engines.capabilities import Capabilities
 
+from ..loras import AnnouncedLoras
 from ..runtime import Runtime, Served
 from . import keys
 from .client import RedisLoop
@@ -72,7 +73,9 @@ class ApiRuntime(Runtime):
             name = key.decode()
             self.models[name] = Served(
                 name, self.settings, EngineInfo(**info), Capabilities.from_json(meta["caps"]),
-                RedisLoop(url, name, self.settings.max_queue, self.settings.url_ttl_s))
+                RedisLoop(url, name, self.settings.max_queue, self.settings.url_ttl_s),
+                loras=AnnouncedLoras.from_json(meta["loras"])
+                if meta.get("loras") is not None else None)
         self.metrics.watch(waiting=lambda: sum(m.loop.waiting for m in self.models.values()),
                            running=lambda: 0)
         threading.Thread(target=self._watch, args=(url,), name="stepserve-redis-watch",

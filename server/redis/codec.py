@@ -13,7 +13,7 @@ from stepserve.models.caches.config import CacheConfig
 from stepserve.models.sampling.edit import Edit
 
 from ..scheduler.events import Failed, FinishReason
-from ..scheduler.request import GenerationParams
+from ..scheduler.request import GenerationParams, LoraChoice
 
 
 def params_to_json(p: GenerationParams) -> str:
@@ -50,6 +50,7 @@ def params_from_json(text: str) -> GenerationParams:
     d["edit"] = edit_from_json(d["edit"]) if d.get("edit") else None
     if d.get("schedule"):
         d["schedule"] = tuple((k, tuple(v)) for k, v in d["schedule"])
+    d["lora"] = tuple(LoraChoice(*c) for c in d.get("lora") or ())
     return GenerationParams(**d)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -88,7 +89,9 @@ class RedisWorker:
             except aioredis.ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
-            meta = {"info": _info_dict(served.info), "caps": served.caps.to_json()}
+            meta = {"info": _info_dict(served.info), "caps": served.caps.to_json(),
+                    "loras": [dataclasses.asdict(i) for i in served.loras.all()]
+                    if served.loras is not None else None}
             await self.r.hset(keys.MODELS, name, json.dumps(meta))
 
     async def _forever(self, fn, *args) -> None:

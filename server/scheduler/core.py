@@ -36,10 +36,14 @@ class SchedulerConfig:
     aging_s: float = 5.0
     queue_cost: float = 1024.0  # image-steps the queue holds (admission.py)
     queue_share: float = 0.5  # of queue_cost, the most one tenant may hold
+    lora_batching: str = "mixed"  # policy.py
 
     def __post_init__(self) -> None:
         if self.batching not in ("step", "request"):
             raise ValueError(f"batching must be 'step' or 'request', not {self.batching!r}")
+        if self.lora_batching not in ("mixed", "split"):
+            raise ValueError(f"lora_batching must be 'mixed' or 'split', not "
+                             f"{self.lora_batching!r}")
         if self.max_batch_size < 1 or self.max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be >= 1")
 
@@ -65,7 +69,7 @@ class SchedulerCore:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.engine = engine
         self.config = config
-        self.policy = BatchPolicy(config.max_batch_size, config.aging_s)
+        self.policy = BatchPolicy(config.max_batch_size, config.aging_s, config.lora_batching)
         self.clock = clock
         self.waiting: list[Request] = []
         self.running: list[Request] = []
@@ -174,7 +178,8 @@ class SchedulerCore:
                                        sampler=p.sampler or self.default_sampler,
                                        schedule=dict(p.schedule) if p.schedule else None,
                                        cache=p.cache,
-                                       edit=p.edit.row(k, p.n) if p.edit else None)
+                                       edit=p.edit.row(k, p.n) if p.edit else None,
+                                       lora=[(c.name, c.scale) for c in p.lora])
                 for k in range(p.n)]
 
     def _pick(self, now: float) -> list[Request]:

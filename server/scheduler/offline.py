@@ -12,25 +12,28 @@ from stepserve.models.sampling.edit import Edit
 
 from .core import SchedulerConfig, SchedulerCore
 from .events import Completed, Failed
-from .request import GenerationParams, Request
+from .request import GenerationParams, LoraChoice, Request
 
 
 def generate_offline(engine: Engine, prompts: Sequence[str], seeds: Sequence[int], steps: int,
                      guidance: float | None = None, sampler: str | None = None,
                      max_batch_size: int = 64, batching: str = "step",
                      cache: CacheConfig | None = None,
-                     edits: Sequence[Edit | None] | None = None) -> np.ndarray:
+                     edits: Sequence[Edit | None] | None = None,
+                     lora: Sequence[tuple[LoraChoice, ...]] | None = None) -> np.ndarray:
     """uint8 images (N, H, W, 3), one per prompt, in prompt order; `edits[i]` makes
-    prompt i an edit of that source."""
+    prompt i an edit of that source, `lora[i]` names its adapters."""
     edits = edits if edits is not None else [None] * len(prompts)
+    lora = lora if lora is not None else [()] * len(prompts)
     guidance = engine.info.default_guidance if guidance is None else guidance
     sampler = sampler or engine.capabilities.default_sampler
     core = SchedulerCore(engine, SchedulerConfig(batching=batching,
                                                  max_batch_size=max_batch_size,
                                                  max_queue=max(1, len(prompts))))
-    for i, (prompt, seed, edit) in enumerate(zip(prompts, seeds, edits, strict=True)):
+    for i, (prompt, seed, edit, adapters) in enumerate(zip(prompts, seeds, edits, lora,
+                                                            strict=True)):
         params = GenerationParams(prompt, steps, seed, guidance, sampler=sampler, cache=cache,
-                                  edit=edit)
+                                  edit=edit, lora=tuple(adapters))
         core.submit(Request(str(i), params, arrival=float(i)))
     images: dict[str, np.ndarray] = {}
     while core.has_work:

@@ -12,6 +12,9 @@ from .request import Request
 class BatchPolicy:
     max_batch_size: int = 32  # most samples (images) in one denoiser forward
     aging_s: float = 5.0  # each aging_s without service raises a request one priority level
+    # "mixed": rows with any adapters share a forward; "split": only requests with the same
+    # adapters and scales do (as the peers batch; kept to measure the difference)
+    lora_batching: str = "mixed"
 
     def key(self, req: Request, now: float) -> tuple[float, float]:
         waited = max(0.0, now - req.last_served)
@@ -23,7 +26,13 @@ class BatchPolicy:
     def pick(self, reqs: Iterable[Request], now: float) -> list[Request]:
         """Fill one batch in policy order; a request's images always travel together."""
         batch, used = [], 0
+        group = None
         for req in self.order(reqs, now):
+            if self.lora_batching == "split":
+                adapters = tuple((c.name, c.scale) for c in req.params.lora)
+                group = adapters if group is None else group
+                if adapters != group:
+                    continue
             if used + req.samples <= self.max_batch_size:
                 batch.append(req)
                 used += req.samples

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from stepserve.models.caches.config import CacheConfig
 from stepserve.models.sampling.edit import Edit
@@ -22,6 +22,15 @@ class Status(enum.IntEnum):
     @property
     def final(self) -> bool:
         return self >= Status.FINISHED
+
+
+class LoraChoice(NamedTuple):
+    """One adapter a request asks for; `digest` (its file's sha256, filled in by the API)
+    keys cached results to the file's version."""
+
+    name: str
+    scale: float = 1.0
+    digest: str = ""
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,7 @@ class GenerationParams:
     mode: str = "throughput"  # "latency": ParaDiGMS rounds while the server is otherwise idle
     tenant: str = ""  # whose share of the queue it uses (an API key's id, or an address)
     edit: Edit | None = None  # img2img / inpainting source (models/sampling/edit.py)
+    lora: tuple[LoraChoice, ...] = ()  # LoRA adapters applied to this request's rows
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.n < 1 or self.partial_images < 0:

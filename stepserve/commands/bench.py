@@ -6,7 +6,7 @@ import argparse
 import importlib
 
 HELP = ("benchmarks that print tables: openloop, batching, overhead, soak, engines, caches, "
-        "parallel, faults, scaleout, flood, drain, edits")
+        "parallel, faults, scaleout, flood, drain, edits, lora")
 
 # bench name -> module under stepserve.loadtests; each has main(argv)
 BENCHES = {
@@ -22,6 +22,7 @@ BENCHES = {
     "flood": "flood",
     "drain": "drain",
     "edits": "edits",
+    "lora": "lora",
 }
 
 
@@ -35,7 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(lost / duplicated jobs); scaleout: api + worker over Redis vs "
                         "the all-in-one server; flood: server memory under a flood of cache-hit "
                         "jobs and a huge body; drain: SIGTERM with work in flight; edits: recolour "
-                        "and inpaint quality on the built-in model")
+                        "and inpaint quality on the built-in model; lora: mixed-adapter "
+                        "batches vs none and vs split by adapter, and adapter quality")
     p.add_argument("bench_args", nargs=argparse.REMAINDER,
                    help="the benchmark's own flags (`stepserve bench NAME --help`)")
 

@@ -64,6 +64,7 @@ def run(args: argparse.Namespace, role: str = "serve") -> int:
 
     keep_streams_open_on_shutdown()
     server = DrainingServer(config, runtime, settings.drain_timeout_s)
+    reload_loras_on_sighup(runtime)
     failed: list[str] = []
     threading.Thread(target=stop_on_load_error, args=(runtime, server, failed),
                      name="stepserve-load-watch", daemon=True).start()
@@ -72,3 +73,17 @@ def run(args: argparse.Namespace, role: str = "serve") -> int:
         print(f"error: model failed to load: {failed[0]}", file=sys.stderr)
         return 1
     return 0
+
+
+def reload_loras_on_sighup(runtime) -> None:
+    """SIGHUP rescans the lora_dirs folders (as POST /v1/loras/reload does)."""
+    import signal
+
+    from stepserve.server.loras import reload_all
+
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can only be set there (e.g. serve run from a test thread)
+    if hasattr(signal, "SIGHUP"):  # probed: Windows has no SIGHUP
+        signal.signal(signal.SIGHUP, lambda *_: threading.Thread(
+            target=reload_all, args=(runtime,), name="stepserve-lora-reload",
+            daemon=True).start())

@@ -28,6 +28,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also train the LazyDiT gates for the trained DiT (base frozen)")
     p.add_argument("--lazydit-only", action="store_true",
                    help="only train the LazyDiT gates, for the DiT already in --out")
+    p.add_argument("--lora", action="append", default=None, choices=["night", "mirror"],
+                   metavar="STYLE",
+                   help="train a LoRA adapter of the built-in model instead (night, mirror; "
+                        "repeatable), on the DiT in --out if there is one, else the shipped "
+                        "one; written to OUT/loras/STYLE.safetensors, run in RUN_DIR/STYLE")
+    p.add_argument("--lora-steps", type=int, default=None, help="LoRA training steps")
+    p.add_argument("--lora-rank", type=int, default=None)
 
 
 def quick_evaluator(encoder, classifier, n: int, guidance: float):
@@ -56,7 +63,9 @@ def check_args(args: argparse.Namespace) -> Path:
     for flag, value, least in (("--steps", args.steps, 1), ("--batch", args.batch, 1),
                                ("--classifier-steps", args.classifier_steps, 1),
                                ("--eval-every", args.eval_every, 0),
-                               ("--threads", args.threads, 1)):
+                               ("--threads", args.threads, 1),
+                               ("--lora-steps", args.lora_steps, 1),
+                               ("--lora-rank", args.lora_rank, 1)):
         if value is not None and value < least:
             raise CommandError(f"{flag} {value}: give {least} or more")
     out = args.out or args.run_dir / "weights"
@@ -87,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
+    if args.lora:
+        return train_loras(args, out)
     cls_path = out / "classifier.safetensors"
     if not cls_path.exists():
         start = time.perf_counter()
@@ -122,4 +133,26 @@ def train_lazydit(out) -> int:
     gates, meta = train_gates(dit, TorchEngine(dit=dit))
     save_gates(gates, dit, out / "lazydit.safetensors", meta)
     print(f"LazyDiT gates written to {out / 'lazydit.safetensors'}: {meta['log'][-1]}")
+    return 0
+
+
+def train_loras(args: argparse.Namespace, out: Path) -> int:
+    """The built-in model's LoRA styles (models/builtin/lora_train.py), one after another."""
+    from stepserve.models.builtin.loading import DIT_PATH, load_dit
+    from stepserve.models.builtin.lora_train import LoraTrainConfig, train_lora
+    from stepserve.models.builtin.text import TextEncoder
+
+    base = out / "dit.safetensors" if (out / "dit.safetensors").is_file() else DIT_PATH
+    encoder = TextEncoder()
+    for style in args.lora:
+        cfg = LoraTrainConfig(style=style, seed=args.seed)
+        if args.lora_steps is not None:
+            cfg.steps = args.lora_steps
+        if args.lora_rank is not None:
+            cfg.rank = args.lora_rank
+        if args.batch is not None:
+            cfg.batch = args.batch
+        path = out / "loras" / f"{style}.safetensors"
+        train_lora(cfg, load_dit(base), args.run_dir / style, path, encoder)
+        print(f"adapter {style!r} written to {path} (base {base})")
     return 0

@@ -1,0 +1,1 @@
+"""LoRA adapters applied per row inside one batched denoiser forward."""

@@ -1,0 +1,133 @@
+"""LoRA rows on the built-in model inside one batched forward: a mixed batch (several
+adapters, scales, plain rows; block caches too) equals each request alone, the base
+weights are never changed, and adapters are read and checked as documented."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from stepserve.models.caches.config import CacheConfig
+from stepserve.models.lora import apply
+from stepserve.models.lora.format import LoraError, read_adapter
+from stepserve.models.lora.library import LoraLibrary
+from stepserve.models.lora.testing import random_builtin_adapter
+from stepserve.server.scheduler.offline import generate_offline
+from stepserve.server.scheduler.request import LoraChoice
+
+PROMPTS = ["a red circle", "a large blue square on a white background",
+           "a small green triangle in the top left", "a yellow circle at the bottom"]
+
+
+@pytest.fixture(scope="module")
+def adapted(engine, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("loras")
+    random_builtin_adapter(engine.dit, folder / "warm.safetensors", rank=4, seed=1, std=0.05)
+    random_builtin_adapter(engine.dit, folder / "cool.safetensors", rank=8, seed=2, std=0.05,
+                           targets=("q", "kv", "out"))
+    engine.loras = LoraLibrary([folder])
+    return engine, folder
+
+
+ADAPTERS = [(), (LoraChoice("warm", 1.0),), (LoraChoice("cool", 0.7),),
+            (LoraChoice("warm", 0.5), LoraChoice("cool", 1.0))]
+
+
+def test_mixed_batch_equals_each_request_alone_and_adapters_change_images(adapted):
+    engine, _ = adapted
+    before = {k: v.clone() for k, v in engine.dit.state_dict().items()}
+    together = generate_offline(engine, PROMPTS, [1, 2, 3, 4], 4, guidance=3.0,
+                                lora=ADAPTERS)
+    for i, adapters in enumerate(ADAPTERS):
+        alone = generate_offline(engine, PROMPTS[i:i + 1], [i + 1], 4, guidance=3.0,
+                                 lora=[adapters])[0]
+        assert np.abs(alone.astype(int) - together[i].astype(int)).max() <= 1, i
+    plain = generate_offline(engine, PROMPTS, [1, 2, 3, 4], 4, guidance=3.0)
+    assert np.array_equal(plain[0], together[0])  # a plain row is untouched by its peers
+    for i in (1, 2, 3):
+        assert np.abs(plain[i].astype(int) - together[i].astype(int)).max() > 16, i
+    for k, v in engine.dit.state_dict().items():  # nothing merged into the base
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("policy", ["first-blocks", "teacache", "ab-cache"])
+def test_adapter_rows_keep_their_step_caches_in_a_mixed_batch(adapted, policy):
+    engine, _ = adapted
+    cache = CacheConfig.parse(policy)
+    together = generate_offline(engine, PROMPTS, [5, 6, 7, 8], 8, guidance=1.0, cache=cache,
+                                lora=ADAPTERS)
+    for i, adapters in enumerate(ADAPTERS):
+        alone = generate_offline(engine, PROMPTS[i:i + 1], [i + 5], 8, guidance=1.0,
+                                 cache=cache, lora=[adapters])[0]
+        assert np.abs(alone.astype(int) - together[i].astype(int)).max() <= 1, (policy, i)
+
+
+def test_linear_delta_is_the_low_rank_update_per_row():
+    layer = torch.nn.Linear(6, 5)
+    torch.manual_seed(0)
+    a, b = torch.randn(2, 6), torch.randn(5, 2)
+    from stepserve.models.lora.format import LoraModule, LoraWeights
+
+    w = LoraWeights("t", "d", {"": LoraModule(a, b)})
+    hooks = apply.LoraHooks(layer)
+    hooks.attach(w)
+    x = torch.randn(3, 4, 6)
+    with apply.rows([None, ((w, 1.0),), ((w, -0.5),)]):
+        y = layer(x)
+    base = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    assert torch.allclose(y[0], base[0])
+    assert torch.allclose(y[1], base[1] + x[1] @ a.T @ b.T, atol=1e-5)
+    assert torch.allclose(y[2], base[2] - 0.5 * x[2] @ a.T @ b.T, atol=1e-5)
+    assert torch.equal(layer(x), base)  # outside rows(): the base layer alone
+    with pytest.raises(RuntimeError, match="do not match the batch"):
+        with apply.rows([((w, 1.0),)]):
+            layer(x)
+
+
+def test_adapter_files_are_checked(tmp_path, engine):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    save_file({"down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.zeros(4, 8),
+               "down_blocks.0.attentions.0.proj_in.lora_B.weight": torch.zeros(8, 4)},
+              str(bad / "unet-only.safetensors"))
+    save_file({"blocks.0.attn.q.lora_A.weight": torch.zeros(4, 256)},
+              str(bad / "half.safetensors"))
+    save_file({"blocks.0.attn.q.lora_A.weight": torch.zeros(4, 255),
+               "blocks.0.attn.q.lora_B.weight": torch.zeros(256, 4)},
+              str(bad / "shape.safetensors"))
+    save_file({"text_encoder.x.lora_A.weight": torch.zeros(4, 8)},
+              str(bad / "text.safetensors"))
+    (bad / "pickle.safetensors").write_bytes(b"\x80\x04not a safetensors file")
+    lib = LoraLibrary([bad])
+    target = engine.lora_target
+    for name, why in [("unet-only", "has no module"), ("half", "no lora_B"),
+                      ("shape", "is 256->256"), ("text", "text encoder"),
+                      ("pickle", "not a readable safetensors")]:
+        with pytest.raises(LoraError, match=why):
+            lib.load(name, target)
+    meta = {"lora_adapter_metadata": json.dumps({"r": 4, "lora_alpha": 8})}
+    save_file({"blocks.0.attn.q.lora_A.weight": torch.ones(4, 256),
+               "blocks.0.attn.q.lora_B.weight": torch.ones(256, 4)},
+              str(bad / "alpha.safetensors"), metadata=meta)
+    w = read_adapter(bad / "alpha.safetensors", "alpha")
+    assert float(w.modules["blocks.0.attn.q"].up[0, 0]) == 2.0  # alpha / r folded into B
+
+
+def test_library_evicts_least_recently_used_within_its_budget(tmp_path, engine):
+    for i in range(3):
+        random_builtin_adapter(engine.dit, tmp_path / f"a{i}.safetensors", rank=8, seed=i)
+    one = read_adapter(tmp_path / "a0.safetensors", "a0").nbytes
+    lib = LoraLibrary([tmp_path], budget_bytes=int(2.5 * one))
+    target = engine.lora_target
+    first = lib.load("a0", target)
+    lib.load("a1", target)
+    assert lib.load("a0", target) is first  # cached
+    lib.load("a2", target)  # over budget: a1 (least recently used) goes
+    assert lib.loaded_bytes <= 2.5 * one
+    assert lib.load("a0", target) is first
+    (tmp_path / "a0.safetensors").unlink()
+    random_builtin_adapter(engine.dit, tmp_path / "a0.safetensors", rank=8, seed=9)
+    lib.reload()
+    assert lib.load("a0", target) is not first  # a changed file is read again

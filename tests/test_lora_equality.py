@@ -1,0 +1,121 @@
+"""LoRA adapters applied per row in one batched forward equal diffusers' own
+`load_lora_weights` + `set_adapters` (tiny random-weight folders: a U-Net with conv
+adapters, and a DiT), and a mixed batch equals each request alone."""
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+from stepserve.engines.diffusers_engine import DiffusersEngine  # noqa: E402
+from stepserve.models.caches.config import CacheConfig  # noqa: E402
+from stepserve.models.families.tiny import tiny_sd, tiny_sd3  # noqa: E402
+from stepserve.models.lora.library import LoraLibrary  # noqa: E402
+from stepserve.models.lora.testing import random_adapter  # noqa: E402
+from stepserve.server.scheduler.core import SchedulerConfig, SchedulerCore  # noqa: E402
+from stepserve.server.scheduler.events import Completed  # noqa: E402
+from stepserve.server.scheduler.request import (  # noqa: E402
+    GenerationParams,
+    LoraChoice,
+    Request,
+)
+
+TARGETS = {"sd": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1", "ff.net.2"],
+           "sd3": ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "ff.net.2"]}
+
+
+@pytest.fixture(scope="module", params=["sd", "sd3"])
+def family(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    folder = (tiny_sd if request.param == "sd" else tiny_sd3)(root / "model")
+    loras = root / "loras"
+    for i, (name, rank) in enumerate([("x", 4), ("y", 8), ("z", 2)]):
+        random_adapter(folder, loras / name, TARGETS[request.param], rank, seed=i,
+                       alpha=2.0 * rank if name == "y" else None, std=2.0)
+    engine = DiffusersEngine("tiny", folder)
+    engine.loras = LoraLibrary([loras])
+    return folder, loras, engine
+
+
+def reference(folder, loras, prompt, seed, steps, guidance, adapters):
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(folder), use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    for name, _ in adapters:
+        pipe.load_lora_weights(str(loras / name), adapter_name=name)
+    if adapters:
+        pipe.set_adapters([n for n, _ in adapters], [s for _, s in adapters])
+    out = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance,
+               generator=torch.Generator().manual_seed(seed), output_type="np").images[0]
+    return (out * 255).round().astype(np.uint8)
+
+
+def run(engine, requests, cache=None):
+    core = SchedulerCore(engine, SchedulerConfig(max_batch_size=16))
+    for rid, (prompt, seed, steps, g, adapters) in requests.items():
+        core.submit(Request(rid, GenerationParams(
+            prompt, steps, seed, g, cache=cache,
+            lora=tuple(LoraChoice(n, s) for n, s in adapters)), 0.0))
+    images = {}
+    while core.has_work:
+        for e in core.step():
+            assert not hasattr(e, "error"), e
+            if isinstance(e, Completed):
+                images[e.request_id] = e.images[0]
+    return images
+
+
+REQUESTS = {"plain": ("a red circle", 1, 3, 4.0, ()),
+            "x": ("a blue square", 2, 3, 4.0, (("x", 1.0),)),
+            "y-half": ("a red circle", 3, 3, 1.0, (("y", 0.5),)),
+            "xz": ("green", 4, 3, 4.0, (("x", 0.8), ("z", 1.3)))}
+
+
+def test_mixed_batch_equals_diffusers_with_each_requests_adapters(family):
+    folder, loras, engine = family
+    images = run(engine, REQUESTS)
+    for rid, (prompt, seed, steps, g, adapters) in REQUESTS.items():
+        ref = reference(folder, loras, prompt, seed, steps, g, adapters)
+        diff = np.abs(images[rid].astype(int) - ref.astype(int)).max()
+        assert diff <= 1, (rid, diff)
+
+
+def test_the_adapters_change_the_denoised_latents(family):
+    """Else the equalities prove nothing (tiny VAEs squash most latent change)."""
+    _, _, engine = family
+    text = engine.encode(["a red circle", ""])
+    states = [engine.init_state(1, 3, text.select([0]), text.select([1]), guidance=4.0,
+                                lora=lora) for lora in ([], [("x", 1.0)], [("x", 0.5)])]
+    while not states[0].done:
+        states = engine.step_batch(states)
+    plain, full, half = (s.x for s in states)
+    assert (full - plain).abs().mean() > 0.1 * plain.abs().mean()
+    images = engine.decode(torch.stack([plain, full]))
+    assert np.abs(images[0].astype(int) - images[1].astype(int)).max() > 16
+    assert (half - plain).abs().mean() < (full - plain).abs().mean()
+
+
+def test_mixed_batch_equals_each_request_alone(family):
+    _, _, engine = family
+    together = run(engine, REQUESTS)
+    for rid, spec in REQUESTS.items():
+        alone = run(engine, {rid: spec})[rid]
+        assert np.abs(alone.astype(int) - together[rid].astype(int)).max() <= 1, rid
+
+
+def test_adapter_rows_keep_their_deepcache_in_a_mixed_batch(family):
+    """DeepCache runs the deep blocks on a subset of rows: each row keeps its adapters."""
+    _, _, engine = family
+    if not engine.family.unet:
+        pytest.skip("DeepCache is for U-Nets")
+    cache = CacheConfig.parse({"policy": "deepcache", "interval": 2})
+    requests = {k: (p, seed, 5, g, a) for k, (p, seed, _, g, a) in REQUESTS.items()}
+    together = run(engine, requests, cache)
+    uncached = run(engine, {"x": requests["x"]})["x"]
+    assert np.abs(uncached.astype(int) - together["x"].astype(int)).max() > 0  # it reused
+    for rid, spec in requests.items():
+        alone = run(engine, {rid: spec}, cache)[rid]
+        assert np.abs(alone.astype(int) - together[rid].astype(int)).max() <= 1, rid
