@@ -45,6 +45,7 @@ class Engine(Protocol):
     info: EngineInfo
     build_seconds: float  # export / compile / quantize time paid at start-up
     loras: LoraLibrary | None  # the adapters it may apply (the runtime sets it)
+    lora_fallback_rows: int  # adapter rows run through torch instead of its graph, so far
 
     @property
     def lora_target(self) -> LoraTarget | None:

@@ -15,6 +15,7 @@ from stepserve.models.builtin.dit import DiT
 from stepserve.models.builtin.loading import DIT_PATH, default_guidance, load_dit
 from stepserve.models.builtin.shapes import to_uint8
 from stepserve.models.builtin.text import TextBatch, TextEncoder
+from stepserve.models.lora.library import LoraTarget
 from stepserve.models.sampling.qsched import QSched
 
 from .base import EngineInfo
@@ -42,6 +43,21 @@ class BuiltinEngine(FlowSampling):
                                time_shift=cfg.time_shift,
                                default_guidance=default_guidance(self.weights)
                                if guidance is None else guidance, qsched=qsched)
+
+    # onnxruntime / TensorRT graphs hold the weights; rows with LoRA adapters run through
+    # the torch DiT kept beside them (counted: stepserve_lora_fallback_rows_total)
+    lora_fallback = True
+
+    @property
+    def lora_target(self) -> LoraTarget | None:
+        return LoraTarget(self.info.model, self.dit)
+
+    @torch.inference_mode()
+    def lora_rows(self, x: torch.Tensor, t: torch.Tensor, d: torch.Tensor,
+                  text: TextBatch) -> torch.Tensor:
+        self.lora_fallback_rows += x.shape[0]
+        dev = next(self.dit.parameters()).device
+        return self.dit(x.to(dev), t.to(dev), d.to(dev), text.to(dev)).float()
 
     def encode(self, prompts: list[str]) -> TextBatch:
         return self.encoder.encode(prompts)

@@ -69,6 +69,7 @@ class DiffusersEngine:
         self.latent_rgb = latent_rgb_map(self.family.latent_shape(self.size)[0])
         self.build_seconds = 0.0
         self.loras: LoraLibrary | None = None
+        self.lora_fallback_rows = 0  # its own torch forward applies adapters
         self.step_model = DiffusersStepModel(self.family, self.device, self.dtype)
         self.info = EngineInfo(engine="torch", model=model, precision=precision,
                                device=str(self.device), image_shape=(3, self.size, self.size),

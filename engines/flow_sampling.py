@@ -31,6 +31,7 @@ class FlowSampling:
     runs_blocks: ClassVar[bool] = False  # implements denoise_cached (DiT block caches)
     gates: Any = None  # LazyDiT gates trained for these weights
     loras: LoraLibrary | None = None
+    lora_fallback_rows: int = 0  # adapter rows a graph engine ran through torch instead
 
     # -- what an engine supplies ----------------------------------------------------------
     def encode(self, prompts: list[str]) -> TextBatch:
@@ -81,7 +82,15 @@ class FlowSampling:
     @property
     def step_model(self) -> flow.FlowStepModel:
         return flow.FlowStepModel(self.denoise, block_denoiser=self.denoise_cached
-                                  if self.runs_blocks else None)
+                                  if self.runs_blocks else None,
+                                  lora_denoiser=self.lora_rows if self.lora_fallback else None)
+
+    lora_fallback: bool = False  # rows with adapters take `lora_rows` (torch) instead
+
+    def lora_rows(self, x: torch.Tensor, t: torch.Tensor, d: torch.Tensor,
+                  text: TextBatch) -> torch.Tensor:
+        """The torch forward for rows with LoRA adapters (graph engines)."""
+        raise NotImplementedError
 
     def step_batch(self, states: Sequence[flow.SamplerState]) -> list[flow.SamplerState]:
         """At most ONE forward; states whose cache skips this step take no row in it."""

@@ -35,6 +35,7 @@ def int8_weights(module: M) -> M:
 class TorchEngine(BuiltinEngine):
     name = "torch"
     runs_blocks = True  # denoise_cached runs the DiT's blocks itself (block caches)
+    lora_fallback = False  # its own forward applies the adapters (compiled: see lora_rows)
 
     def __init__(self, precision: str = "fp32", device: str = "cpu", compile: bool = False,
                  **kwargs: Any) -> None:
@@ -52,6 +53,16 @@ class TorchEngine(BuiltinEngine):
         if precision == "int8":
             self.dit = int8_weights(self.dit)
         self.forward = torch.compile(self.dit) if compile else self.dit
+        self.lora_fallback = compile  # the compiled graph does not run the LoRA hooks
+
+    @torch.inference_mode()
+    def lora_rows(self, x: torch.Tensor, t: torch.Tensor, d: torch.Tensor,
+                  text: TextBatch) -> torch.Tensor:
+        """Adapter rows of a compiled engine: the eager DiT, with the hooks."""
+        self.lora_fallback_rows += x.shape[0]
+        with self._autocast():
+            return self.dit(x.to(self.device), t.to(self.device), d.to(self.device),
+                            text.to(self.device)).float()
 
     @property
     def lora_target(self) -> LoraTarget | None:

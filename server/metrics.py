@@ -21,6 +21,9 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        self.lora_fallback_rows = Counter(
+            "stepserve_lora_fallback_rows", "Denoiser rows with LoRA adapters that a graph "
+            "engine (onnxruntime, TensorRT, compiled torch) ran through eager torch", registry=r)
         self.requests = Counter("stepserve_requests", "Finished image requests by status",
                                 ["status"], registry=r)
         self.latency = Histogram("stepserve_request_latency_seconds",

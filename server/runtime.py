@@ -119,6 +119,7 @@ class Runtime:
         self.responses = 0  # API responses being written (server/drain.py)
         self._cache_seen: dict[str, tuple[int, int]] = {}
         self._lora_library: LoraLibrary | None = None
+        self._lora_seen: dict[str, int] = {}
 
     @property
     def ready(self) -> bool:
@@ -243,6 +244,9 @@ class Runtime:
             m.text_cache_hits.inc(max(0, hits - seen[0]))
             m.text_cache_misses.inc(max(0, misses - seen[1]))
             self._cache_seen[model] = (hits, misses)
+            rows = served.engine.lora_fallback_rows
+            m.lora_fallback_rows.inc(max(0, rows - self._lora_seen.get(model, 0)))
+            self._lora_seen[model] = rows
 
     @property
     def draining(self) -> bool:

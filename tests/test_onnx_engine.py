@@ -235,3 +235,24 @@ def test_qsched_search_scores_the_whole_grid_picks_the_best_and_is_applied(ort_e
         assert not np.array_equal(with_q, without)
     finally:
         (int8.graph_path.parent / QSCHED_FILE).unlink()
+
+
+@pytest.mark.slow  # the ort_engines fixture exports and quantizes three graphs (~15 s)
+def test_adapter_rows_fall_back_to_torch_and_are_counted(ort_engines, engine, tmp_path):
+    from stepserve.models.lora.library import LoraLibrary
+    from stepserve.models.lora.testing import random_builtin_adapter
+    from stepserve.server.scheduler.offline import generate_offline
+    from stepserve.server.scheduler.request import LoraChoice
+
+    random_builtin_adapter(engine.dit, tmp_path / "warm.safetensors", rank=4, std=0.05)
+    ort = ort_engines["fp32", "static"]
+    for e in (ort, engine):
+        e.loras = LoraLibrary([tmp_path])
+    plan = [(), (LoraChoice("warm"),), (), (LoraChoice("warm", 0.5),)]
+    before = ort.lora_fallback_rows
+    ours = generate_offline(ort, PROMPTS, [1, 2, 3, 4], 3, guidance=1.0, lora=plan)
+    assert ort.lora_fallback_rows - before == 2 * 3  # two adapter rows, three steps
+    ref = generate_offline(engine, PROMPTS, [1, 2, 3, 4], 3, guidance=1.0, lora=plan)
+    assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 1
+    plain = generate_offline(engine, PROMPTS, [1, 2, 3, 4], 3, guidance=1.0)
+    assert np.abs(plain[1].astype(int) - ours[1].astype(int)).max() > 16

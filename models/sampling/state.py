@@ -18,6 +18,7 @@ import torch
 from ..builtin.shapes import to_tensor
 from ..builtin.text import TextBatch
 from ..caches.config import CacheConfig
+from ..lora import apply as lora_apply
 from ..lora.apply import Adapters
 from . import batch
 from .batch import Row, needs_forward
@@ -156,6 +157,9 @@ class FlowStepModel:
     denoiser: Denoiser
     device: torch.device | str = "cpu"
     block_denoiser: BlockDenoiser | None = None
+    # where `denoiser` is a built graph (onnxruntime, TensorRT) with the weights inside:
+    # the torch forward that rows with LoRA adapters take instead
+    lora_denoiser: Denoiser | None = None
 
     def cfg_rows(self, state: SamplerState) -> bool:
         return state.uses_guidance
@@ -175,9 +179,26 @@ class FlowStepModel:
             caches = [RowCache(r.state.cache, r.cache, r.state.step, r.state.steps)
                       if isinstance(r.state.cache, BlockCache) else None for r in rows]
             v, new = self.block_denoiser(x, t, d, text, caches)
+        elif self.lora_denoiser is not None and any(r.state.lora for r in rows):
+            v, new = self._split_lora(rows, x, t, d, text), [None] * len(rows)
         else:
             v, new = self.denoiser(x, t, d, text), [None] * len(rows)
         return v.float().cpu(), new
+
+    def _split_lora(self, rows: list[Row[SamplerState]], x: torch.Tensor, t: torch.Tensor,
+                    d: torch.Tensor, text: TextBatch) -> torch.Tensor:
+        """Adapter rows through the torch forward, the others through the graph."""
+        assert self.lora_denoiser is not None
+        adapted = [i for i, r in enumerate(rows) if r.state.lora]
+        plain = [i for i, r in enumerate(rows) if not r.state.lora]
+        out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        with lora_apply.subset(adapted):
+            out[adapted] = self.lora_denoiser(x[adapted], t[adapted], d[adapted],
+                                              text.select(adapted)).float().to(x.device)
+        if plain:
+            out[plain] = self.denoiser(x[plain], t[plain], d[plain],
+                                       text.select(plain)).float().to(x.device)
+        return out
 
     def advance(self, state: SamplerState, out: torch.Tensor) -> SamplerState:
         return advance(state, out)
