@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -58,6 +58,7 @@ class AnnouncedLoras:
     """The API role: the adapters a worker announced for the model (server/redis)."""
 
     infos: dict[str, LoraInfo]
+    refresh: Callable[[], list[dict] | None] | None = None  # rereads the announcement
 
     def info(self, name: str) -> LoraInfo | None:
         return self.infos.get(name)
@@ -66,7 +67,11 @@ class AnnouncedLoras:
         return [self.infos[k] for k in sorted(self.infos)]
 
     def reload(self) -> None:
-        """Workers rescan their own folders (SIGHUP); they announce the result."""
+        """Workers rescan their own folders (SIGHUP) and announce the result; this
+        rereads what they announced."""
+        items = self.refresh() if self.refresh is not None else None
+        if items is not None:
+            self.infos = AnnouncedLoras.from_json(items).infos
 
     def to_json(self) -> list[dict]:
         return [dataclasses.asdict(i) for i in self.all()]

@@ -148,3 +148,26 @@ def test_reload_picks_up_new_and_changed_files(engine, folder):
     assert "new" not in before and "new" in after
     assert after["warm"] != before["warm"] and after["cool"] == before["cool"]
     assert r.status_code == 200
+
+
+def test_the_api_role_checks_adapters_as_workers_announce_them(engine, folder):
+    """Workers publish each model's adapters (as JSON in Redis); the API role, which has
+    no model, checks requests against that the same way."""
+    import json
+
+    from stepserve.models.lora.library import LoraLibrary
+    from stepserve.server.errors import APIError
+    from stepserve.server.loras import AnnouncedLoras, LocalLoras, choose
+    from stepserve.server.protocol import LoraSpec
+
+    local = LocalLoras(LoraLibrary([folder]), engine.lora_target)
+    announced = AnnouncedLoras.from_json(json.loads(json.dumps(
+        AnnouncedLoras({i.name: i for i in local.all()}).to_json())))
+    for catalog in (local, announced):
+        picked = choose([LoraSpec(name="warm", scale=0.5)], catalog, "builtin", 4)
+        assert picked[0].name == "warm" and picked[0].scale == 0.5
+        assert picked[0].digest == local.info("warm").digest
+        for name, status in (("nope", 404), ("sd-only", 400)):
+            with pytest.raises(APIError) as err:
+                choose([LoraSpec(name=name)], catalog, "builtin", 4)
+            assert err.value.status == status and err.value.param == "lora[0].name"

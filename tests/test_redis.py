@@ -408,3 +408,21 @@ def test_api_role_keeps_no_results_locally_and_copies_nothing_per_cache_hit(redi
         assert len(client.keys("stepserve:files:file:*")) - files == 2  # minted once
     finally:
         small.stop()
+
+
+def test_lora_adapters_announced_by_workers_are_checked_and_applied(cluster):
+    api, _ = cluster
+    listed = {d["id"]: d for d in httpx.get(f"{api.url}/v1/loras").json()["data"]}
+    assert listed["night"]["models"] == ["builtin"] and listed["mirror"]["rank"] > 0
+    client = openai.OpenAI(base_url=f"{api.url}/v1", api_key="unused", max_retries=0)
+    body = {"num_inference_steps": 4, "seed": 3}
+    prompt = "a small red circle in the center on a white background"
+    plain, night = (client.images.generate(prompt=prompt, response_format="b64_json",
+                                           extra_body={**body, **extra}).data[0].b64_json
+                    for extra in ({}, {"lora": [{"name": "night"}]}))
+    assert plain != night  # the result cache keys on the adapter too
+    missing = httpx.post(f"{api.url}/v1/images/generations",
+                         json={"prompt": prompt, "lora": [{"name": "nope"}]})
+    assert missing.status_code == 404
+    assert missing.json()["error"]["param"] == "lora[0].name"
+    assert httpx.post(f"{api.url}/v1/loras/reload").json()["data"]

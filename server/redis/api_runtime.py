@@ -3,6 +3,7 @@ Redis, each served through a RedisLoop."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -45,6 +46,11 @@ class ApiRuntime(Runtime):
                 self._down = REDIS_DOWN
             time.sleep(1.0)
 
+    def _announced_loras(self, name: str) -> list[dict] | None:
+        """The adapters a worker last announced for the model (POST /v1/loras/reload)."""
+        raw = self._client.hget(keys.MODELS, name)
+        return None if raw is None else json.loads(raw).get("loras")
+
     def _load(self) -> None:
         url = self.settings.redis_url
         if not url:
@@ -74,7 +80,8 @@ class ApiRuntime(Runtime):
             self.models[name] = Served(
                 name, self.settings, EngineInfo(**info), Capabilities.from_json(meta["caps"]),
                 RedisLoop(url, name, self.settings.max_queue, self.settings.url_ttl_s),
-                loras=AnnouncedLoras.from_json(meta["loras"])
+                loras=AnnouncedLoras(AnnouncedLoras.from_json(meta["loras"]).infos,
+                                     functools.partial(self._announced_loras, name))
                 if meta.get("loras") is not None else None)
         self.metrics.watch(waiting=lambda: sum(m.loop.waiting for m in self.models.values()),
                            running=lambda: 0)

@@ -94,6 +94,13 @@ class RedisWorker:
                     if served.loras is not None else None}
             await self.r.hset(keys.MODELS, name, json.dumps(meta))
 
+    async def reload_loras(self) -> None:
+        """Rescan the adapter folders, then publish each model's adapters again."""
+        from ..loras import reload_all
+
+        await asyncio.to_thread(reload_all, self)
+        await self._announce()
+
     async def _forever(self, fn, *args) -> None:
         """Run a service loop; a Redis hiccup (restart, network) is retried, not fatal."""
         stop = args[-1]

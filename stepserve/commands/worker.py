@@ -47,6 +47,9 @@ def run(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        # SIGHUP: rescan lora_dirs and announce the adapters again (API replicas reread
+        # them on POST /v1/loras/reload)
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(worker.reload_loras()))
         await worker.run(stop, settings.drain_timeout_s)
 
     asyncio.run(main())
