@@ -5,9 +5,10 @@ whole module, so rows with different adapters or scales would need separate
 forwards (what the peers do: split the batch by adapter). Here, as in the
 multi-adapter LLM servers (Punica, S-LoRA), the base layer runs once over the
 whole batch and a forward hook adds each (row, adapter) pair's low-rank update:
-the pairs are grouped by adapter, each group's rows go through its two small
-matmuls (segmented, as Punica's SGMV), and the results are added to their rows in
-place. A batch whose rows all carry one adapter skips the gather.
+the batch's distinct adapters are joined along the rank, each adapted row carries
+its scales on its adapters' columns, and one gather, two small matmuls and one
+scatter add every row's update, whatever the mix (several adapters per row
+included). A batch whose rows all carry adapters skips the gather and scatter.
 
 Which rows carry which adapters is set per forward with `rows(...)` (a context
 variable, so the hooks need no extra forward arguments and every model kind
@@ -77,24 +78,27 @@ def subset(index: Sequence[int]) -> Iterator[None]:
 
 
 @dataclass
-class _Pairs:
-    """One module's (row, adapter) pairs in one forward, ordered by adapter so that each
-    adapter's rows are one contiguous segment (segmented matmuls, as Punica's SGMV)."""
+class _Rows:
+    """One module's adapted rows in one forward: the batch's distinct adapters side by
+    side (their ranks concatenated) and, per row, its scale on each adapter's columns
+    (0 elsewhere). Any mix of adapters, scales and several adapters per row is then one
+    gather, two matmuls and one scatter, however many adapters the batch holds."""
 
-    rows: torch.Tensor  # (P,) batch row of each pair, grouped by adapter
-    scales: torch.Tensor  # (P,)
-    segments: tuple[tuple[LoraModule, int, int], ...]  # adapter, first pair, end
-    whole: float | None  # every row has exactly this one adapter at this scale
+    rows: torch.Tensor  # (R,) adapted batch rows
+    all_rows: bool  # R is the whole batch, in order: no gather or scatter
+    mask: torch.Tensor  # (R, sum of ranks): each row's scales on its adapters' columns
+    adapters: tuple[LoraModule, ...]
+    uniform: float | None  # every row, one adapter, one scale: no mask needed
 
 
 class LoraHooks:
     """The forward hooks on one denoiser: one per adapted Linear / Conv2d, installed
     once per module path (any adapter for that module reuses it)."""
 
-    def __init__(self, model: nn.Module, cache: int = 1024) -> None:
+    def __init__(self, model: nn.Module, cache: int = 512) -> None:
         self._model = weakref.ref(model)
         self._paths: set[str] = set()
-        self._moved: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._joined: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._cache = cache
         self.handles: list[Any] = []
 
@@ -112,13 +116,13 @@ class LoraHooks:
             plan = _ACTIVE.get()
             if plan is None:
                 return None
-            pairs = self._pairs(plan, path, output.shape[0])
-            if pairs is None:
+            rows_ = self._rows(plan, path, output.shape[0])
+            if rows_ is None:
                 return None
-            return self._add(module, args[0], output, pairs)
+            return self._add(module, path, args[0], output, rows_)
         return hook
 
-    def _pairs(self, plan: _Plan, path: str, batch: int) -> _Pairs | None:
+    def _rows(self, plan: _Plan, path: str, batch: int) -> _Rows | None:
         key = (path, None if plan.index is None else tuple(plan.index))
         if key in plan.prepared:
             return plan.prepared[key]
@@ -127,78 +131,86 @@ class LoraHooks:
             raise RuntimeError(f"LoRA rows ({len(current)}) do not match the batch at "
                                f"{path} ({batch}): a forward that runs a subset of rows "
                                "must say so with lora.apply.subset")
-        by_adapter: dict[int, tuple[LoraModule, list[tuple[int, float]]]] = {}
+        slot: dict[int, int] = {}
+        adapters: list[LoraModule] = []
+        picks: list[tuple[int, list[tuple[int, float]]]] = []
         for i, sel in enumerate(current):
+            mine = []
             for adapter, scale in sel or ():
                 m = adapter.modules.get(path)
                 if m is not None and scale != 0.0:
-                    by_adapter.setdefault(id(m), (m, []))[1].append((i, scale))
-        pairs = None
-        if by_adapter:
-            rows_, scales, segments = [], [], []
-            for m, members in by_adapter.values():
-                segments.append((m, len(rows_), len(rows_) + len(members)))
-                rows_ += [i for i, _ in members]
-                scales += [s for _, s in members]
-            whole = (scales[0] if len(segments) == 1 and rows_ == list(range(batch))
-                     and len(set(scales)) == 1 else None)
-            pairs = _Pairs(torch.tensor(rows_), torch.tensor(scales), tuple(segments), whole)
-        plan.prepared[key] = pairs
-        return pairs
+                    if id(m) not in slot:
+                        slot[id(m)] = len(adapters)
+                        adapters.append(m)
+                    mine.append((slot[id(m)], scale))
+            if mine:
+                picks.append((i, mine))
+        found = None
+        if picks:
+            starts = [0]
+            for m in adapters:
+                starts.append(starts[-1] + m.rank)
+            mask = torch.zeros(len(picks), starts[-1])
+            for k, (_, mine) in enumerate(picks):
+                for s, scale in mine:
+                    mask[k, starts[s]:starts[s + 1]] += scale
+            rows_ = [i for i, _ in picks]
+            whole = rows_ == list(range(batch))
+            scales = {scale for _, mine in picks for _, scale in mine}
+            uniform = (scales.pop() if whole and len(adapters) == 1 and len(scales) == 1
+                       and all(len(mine) == 1 for _, mine in picks) else None)
+            found = _Rows(torch.tensor(rows_), whole, mask, tuple(adapters), uniform)
+        plan.prepared[key] = found
+        return found
 
-    def _weights(self, m: LoraModule, device: torch.device
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The pair on the model's device (CPU copies are the loaded adapter itself)."""
-        if m.down.device == device or m.down.requires_grad:
-            return m.down, m.up
-        key = (id(m), device)
-        if key not in self._moved:
-            self._moved[key] = (m.down.to(device), m.up.to(device))
-            while len(self._moved) > self._cache:
-                self._moved.popitem(last=False)
-        self._moved.move_to_end(key)
-        return self._moved[key]
+    def _joined_weights(self, path: str, adapters: tuple[LoraModule, ...],
+                        like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The adapters' downs stacked along the rank (sum r, in[, kh, kw]) and ups side
+        by side (out, sum r[, 1, 1]), on the activations' device and dtype; kept for the
+        next forward with the same adapters (not while training them)."""
+        trainable = any(m.down.requires_grad or m.up.requires_grad for m in adapters)
+        key = (path, tuple(id(m) for m in adapters), like.dtype, like.device)
+        if not trainable and key in self._joined:
+            self._joined.move_to_end(key)
+            return self._joined[key]
+        down = torch.cat([m.down for m in adapters]).to(like.device, like.dtype)
+        up = torch.cat([m.up for m in adapters], dim=1).to(like.device, like.dtype)
+        if not trainable:
+            self._joined[key] = (down, up)
+            while len(self._joined) > self._cache:
+                self._joined.popitem(last=False)
+        return down, up
 
-    def _add(self, module: nn.Module, x: torch.Tensor, output: torch.Tensor,
-             pairs: _Pairs) -> torch.Tensor:
-        """output + each pair's scale * B(A x) on its row (in place: the output is the
-        layer's own fresh tensor)."""
-        conv = isinstance(module, nn.Conv2d)
-
-        def middle(m: LoraModule, xs: torch.Tensor, scale: torch.Tensor | float
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-            """(scale * A xs, B): the scale applied to the small rank-r middle."""
-            down, up = self._weights(m, xs.device)
-            if conv:
-                assert isinstance(module, nn.Conv2d)
-                return module._conv_forward(xs, down.to(xs.dtype), None) * scale, up
-            return F.linear(xs, down.to(xs.dtype)) * scale, up
-
-        def project(h: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-            return F.conv2d(h, up.to(h.dtype)) if conv else F.linear(h, up.to(h.dtype))
-
-        if pairs.whole is not None:  # one adapter on every row: no gather at all
-            h, up = middle(pairs.segments[0][0], x, pairs.whole)
-            if conv:
-                return output.add_(project(h, up).to(output.dtype))
-            flat = output.view(-1, output.shape[-1])  # a Linear's own (contiguous) output
-            flat.addmm_(h.reshape(-1, h.shape[-1]).to(output.dtype), up.to(output.dtype).T)
-            return output
-        rows_ = pairs.rows.to(x.device)
-        shape = (-1,) + (1,) * (x.dim() - 1)
-        for m, lo, hi in pairs.segments:
-            idx = rows_[lo:hi]
-            scale = pairs.scales[lo:hi].to(x.device, x.dtype).view(shape)
-            h, up = middle(m, x.index_select(0, idx), scale)
-            output.index_add_(0, idx, project(h, up).to(output.dtype))
-        return output
+    def _add(self, module: nn.Module, path: str, x: torch.Tensor, output: torch.Tensor,
+             r: _Rows) -> torch.Tensor:
+        """output + each adapted row's sum of scale * B(A x), in place (the output is
+        the layer's own fresh tensor)."""
+        down, up = self._joined_weights(path, r.adapters, x)
+        xs = x if r.all_rows else x.index_select(0, r.rows.to(x.device))
+        mask = r.mask.to(x.device, x.dtype)
+        if isinstance(module, nn.Conv2d):
+            h = module._conv_forward(xs, down, None) * mask[:, :, None, None]
+            delta = F.conv2d(h, up)
+        else:
+            h = F.linear(xs, down)
+            if r.uniform is None:
+                h = h * mask.view(mask.shape[0], *([1] * (x.dim() - 2)), -1)
+            if r.all_rows:  # fused into the output
+                output.view(-1, output.shape[-1]).addmm_(
+                    h.reshape(-1, h.shape[-1]).to(output.dtype), up.to(output.dtype).T,
+                    alpha=1.0 if r.uniform is None else r.uniform)
+                return output
+            delta = F.linear(h, up)
+        if r.all_rows:
+            return output.add_(delta.to(output.dtype))
+        return output.index_add_(0, r.rows.to(x.device), delta.to(output.dtype))
 
     def detach(self) -> None:
         for h in self.handles:
             h.remove()
         self.handles.clear()
         self._paths.clear()
-        self._moved.clear()
+        self._joined.clear()
 
 
 _HOOKS: weakref.WeakKeyDictionary[nn.Module, LoraHooks] = weakref.WeakKeyDictionary()
