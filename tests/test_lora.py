@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from stepserve.models.caches.config import CacheConfig
 from stepserve.models.lora import apply
-from stepserve.models.lora.format import LoraError, read_adapter
+from stepserve.models.lora.format import LoraError, read_adapter, read_metadata
 from stepserve.models.lora.library import LoraLibrary
 from stepserve.models.lora.testing import random_builtin_adapter
 from stepserve.server.scheduler.offline import generate_offline
@@ -131,3 +131,30 @@ def test_library_evicts_least_recently_used_within_its_budget(tmp_path, engine):
     random_builtin_adapter(engine.dit, tmp_path / "a0.safetensors", rank=8, seed=9)
     lib.reload()
     assert lib.load("a0", target) is not first  # a changed file is read again
+
+
+def test_the_shipped_adapters_load_and_do_what_their_card_says(engine):
+    """night: black background whatever the prompt says; mirror: the left-right mirror
+    (the full measurement is `stepserve eval --lora`, docs/lora.md)."""
+    from stepserve.server.settings import BUILTIN_LORA_DIR
+
+    engine.loras = LoraLibrary([BUILTIN_LORA_DIR])
+    assert {"night", "mirror"} <= set(engine.loras.files)
+    for name in ("night", "mirror"):
+        meta = json.loads(read_metadata(BUILTIN_LORA_DIR / f"{name}.safetensors")["stepserve"])
+        assert meta["style"] == name
+    prompts = ["a large red circle in the top left on a white background",
+               "a large blue square in the top left on a yellow background"]
+    plan = [(), (LoraChoice("night"),), (LoraChoice("mirror"),)]
+    images = generate_offline(engine, [p for p in prompts for _ in plan],
+                              [11] * len(prompts) * len(plan), 4,
+                              lora=plan * len(prompts)).astype(float)
+    for k in range(len(prompts)):
+        plain, night, mirror = images[3 * k:3 * k + 3]
+        corner = (slice(26, 31), slice(26, 31))  # bottom right: background in all three
+        assert plain[corner].mean() > 150 and night[corner].max() < 60
+        left, right = (slice(2, 14), slice(2, 14)), (slice(2, 14), slice(18, 30))
+        # the shape moved from the top left to the top right
+        assert np.abs(plain[left] - plain[corner].mean((0, 1))).mean() > 40
+        assert np.abs(mirror[right] - mirror[corner].mean((0, 1))).mean() > 40
+        assert np.abs(mirror[left] - mirror[corner].mean((0, 1))).mean() < 20

@@ -95,11 +95,15 @@ class LoraHooks:
     """The forward hooks on one denoiser: one per adapted Linear / Conv2d, installed
     once per module path (any adapter for that module reuses it)."""
 
-    def __init__(self, model: nn.Module, cache: int = 512) -> None:
+    def __init__(self, model: nn.Module, cache_bytes: int = 64 << 20) -> None:
         self._model = weakref.ref(model)
         self._paths: set[str] = set()
-        self._joined: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-        self._cache = cache
+        # (path, adapter ids, dtype, device) -> (down, up, the adapters: held so that
+        # their ids are not reused while the entry lives)
+        self._joined: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor, tuple]] = (
+            OrderedDict())
+        self._cache_bytes = cache_bytes  # joined copies kept (each batch's mix may differ)
+        self._held = 0
         self.handles: list[Any] = []
 
     def attach(self, adapter: LoraWeights) -> None:
@@ -169,16 +173,23 @@ class LoraHooks:
         by side (out, sum r[, 1, 1]), on the activations' device and dtype; kept for the
         next forward with the same adapters (not while training them)."""
         trainable = any(m.down.requires_grad or m.up.requires_grad for m in adapters)
+        first = adapters[0]
+        if len(adapters) == 1 and (trainable or (first.down.dtype == like.dtype
+                                                 and first.down.device == like.device)):
+            return first.down, first.up  # nothing to join or move
         key = (path, tuple(id(m) for m in adapters), like.dtype, like.device)
         if not trainable and key in self._joined:
             self._joined.move_to_end(key)
-            return self._joined[key]
+            down, up, _ = self._joined[key]
+            return down, up
         down = torch.cat([m.down for m in adapters]).to(like.device, like.dtype)
         up = torch.cat([m.up for m in adapters], dim=1).to(like.device, like.dtype)
         if not trainable:
-            self._joined[key] = (down, up)
-            while len(self._joined) > self._cache:
-                self._joined.popitem(last=False)
+            self._joined[key] = (down, up, adapters)
+            self._held += down.nbytes + up.nbytes
+            while self._held > self._cache_bytes and len(self._joined) > 1:
+                _, (d, u, _) = self._joined.popitem(last=False)
+                self._held -= d.nbytes + u.nbytes
         return down, up
 
     def _add(self, module: nn.Module, path: str, x: torch.Tensor, output: torch.Tensor,
@@ -211,6 +222,7 @@ class LoraHooks:
         self.handles.clear()
         self._paths.clear()
         self._joined.clear()
+        self._held = 0
 
 
 _HOOKS: weakref.WeakKeyDictionary[nn.Module, LoraHooks] = weakref.WeakKeyDictionary()

@@ -6,6 +6,7 @@ import argparse
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from .common import (
     BAR,
@@ -38,6 +39,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--edits", action="store_true",
                    help="also measure edits: recolour and inpaint (docs/edits.md)")
     p.add_argument("--edit-steps", default="4,8", help="step counts of the edit tables")
+    p.add_argument("--lora", action="store_true",
+                   help="also measure the built-in adapters night and mirror, in batches "
+                        "mixed with plain rows (docs/lora.md)")
+    p.add_argument("--lora-steps", default="1,4", help="step counts of the LoRA table")
     p.add_argument("--edit-strengths", default="0.5,0.75,0.9",
                    help="strengths of the edit tables")
     add_progress_flag(p)
@@ -104,8 +109,11 @@ def run(args: argparse.Namespace) -> int:
     out: dict = {"rows": [asdict(r) for r in rows]}
     if args.edits:
         out.update(edit_tables(args, engine, settings))
+    if args.lora:
+        out["lora"] = lora_table(args, engine, settings, guidance)
     if args.json:
-        args.json.write_text(json.dumps(out if args.edits else out["rows"], indent=2))
+        args.json.write_text(json.dumps(out if args.edits or args.lora else out["rows"],
+                                        indent=2))
     return 0
 
 
@@ -131,3 +139,27 @@ def edit_tables(args: argparse.Namespace, engine: object, settings: object) -> d
     print("\nedits: recolour\n" + format_rows(recolour))
     print("\nedits: inpaint\n" + format_rows(inpaint))
     return {"recolour": recolour, "inpaint": inpaint}
+
+
+def lora_table(args: argparse.Namespace, engine: Any, settings: Any,
+               guidance: float) -> list[dict]:
+    """The built-in adapters' quality (models/builtin/lora_eval.py), printed and returned."""
+    from functools import partial
+
+    from stepserve.models.builtin.edit_eval import format_rows
+    from stepserve.models.builtin.lora_eval import lora_rows
+    from stepserve.models.builtin.yardstick import Yardstick
+    from stepserve.models.lora.library import LoraLibrary
+    from stepserve.server.scheduler.offline import generate_offline
+    from stepserve.server.scheduler.request import LoraChoice
+
+    steps = parse_steps(args.lora_steps)
+    engine.loras = LoraLibrary(settings.lora_dirs, int(settings.lora_cache_mb * 2**20))
+    missing = {"night", "mirror"} - set(engine.loras.files)
+    if missing:
+        raise CommandError(f"--lora: no adapter {', '.join(sorted(missing))} in lora_dirs "
+                           f"({', '.join(map(str, settings.lora_dirs))})")
+    rows = lora_rows(partial(generate_offline, engine), Yardstick(), args.prompts, list(steps),
+                     guidance=guidance, choose=LoraChoice)
+    print("\nLoRA adapters (mixed batches)\n" + format_rows(rows))
+    return rows
