@@ -119,3 +119,23 @@ def test_adapter_rows_keep_their_deepcache_in_a_mixed_batch(family):
     for rid, spec in requests.items():
         alone = run(engine, {rid: spec}, cache)[rid]
         assert np.abs(alone.astype(int) - together[rid].astype(int)).max() <= 1, rid
+
+
+def test_kohya_named_files_are_converted_by_diffusers_own_converter(family, tmp_path):
+    folder, loras, engine = family
+    if not engine.family.unet:
+        pytest.skip("the kohya names here are a U-Net's")
+    from diffusers.utils import convert_state_dict_to_kohya
+    from safetensors.torch import load_file, save_file
+
+    peft = load_file(str(loras / "x" / "pytorch_lora_weights.safetensors"))
+    kohya = convert_state_dict_to_kohya(peft)
+    assert any(k.startswith("lora_unet_") and k.endswith(".alpha") for k in kohya)
+    save_file(kohya, str(tmp_path / "x-kohya.safetensors"))
+    engine.loras = LoraLibrary([loras, tmp_path])
+    try:
+        images = run(engine, {"peft": REQUESTS["x"],
+                              "kohya": REQUESTS["x"][:4] + ((("x-kohya", 1.0),),)})
+    finally:
+        engine.loras = LoraLibrary([loras])
+    assert np.abs(images["peft"].astype(int) - images["kohya"].astype(int)).max() <= 1
