@@ -158,3 +158,22 @@ def test_the_shipped_adapters_load_and_do_what_their_card_says(engine):
         assert np.abs(plain[left] - plain[corner].mean((0, 1))).mean() > 40
         assert np.abs(mirror[right] - mirror[corner].mean((0, 1))).mean() > 40
         assert np.abs(mirror[left] - mirror[corner].mean((0, 1))).mean() < 20
+
+
+def test_latency_mode_requests_with_adapters_run_step_by_step(adapted):
+    """ParaDiGMS rounds would drop the row's adapters: such a request is not given them."""
+    from stepserve.server.scheduler.core import SchedulerConfig, SchedulerCore
+    from stepserve.server.scheduler.events import Completed
+    from stepserve.server.scheduler.request import GenerationParams, Request
+
+    engine, _ = adapted
+    images = {}
+    for mode in ("throughput", "latency"):
+        core = SchedulerCore(engine, SchedulerConfig())
+        core.submit(Request(mode, GenerationParams(PROMPTS[0], 8, 3, 1.0, mode=mode,
+                                                   lora=ADAPTERS[1]), 0.0))
+        while core.has_work:
+            for e in core.step():
+                if isinstance(e, Completed):
+                    images[mode] = e.images[0]
+    assert np.array_equal(images["throughput"], images["latency"])

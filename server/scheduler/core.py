@@ -195,7 +195,8 @@ class SchedulerCore:
         req = self.running[0] if self.running else None
         wants = (req is not None and req.params.mode == "latency" and req.samples == 1
                  and req.params.steps >= 8 and self.engine.capabilities.latency_mode
-                 and req.params.cache is None)
+                 and req.params.cache is None
+                 and not req.params.lora)  # ParaDiGMS rounds do not carry the row plan
         if alone and wants:
             return req
         for other in self.running:  # fall back from the converged prefix
