@@ -1,6 +1,6 @@
 """LoRA adapters applied per row in one batched forward equal diffusers' own
 `load_lora_weights` + `set_adapters` (tiny random-weight folders: a U-Net with conv
-adapters, and a DiT), and a mixed batch equals each request alone."""
+adapters, and two DiTs: SD3 and FLUX), and a mixed batch equals each request alone."""
 
 import numpy as np
 import pytest
@@ -11,7 +11,7 @@ pytest.importorskip("peft")
 
 from stepserve.engines.diffusers_engine import DiffusersEngine  # noqa: E402
 from stepserve.models.caches.config import CacheConfig  # noqa: E402
-from stepserve.models.families.tiny import tiny_sd, tiny_sd3  # noqa: E402
+from stepserve.models.families.tiny import tiny_flux, tiny_sd, tiny_sd3  # noqa: E402
 from stepserve.models.lora.library import LoraLibrary  # noqa: E402
 from stepserve.models.lora.testing import random_adapter  # noqa: E402
 from stepserve.server.scheduler.core import SchedulerConfig, SchedulerCore  # noqa: E402
@@ -23,18 +23,21 @@ from stepserve.server.scheduler.request import (  # noqa: E402
 )
 
 TARGETS = {"sd": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1", "ff.net.2"],
-           "sd3": ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "ff.net.2"]}
+           "sd3": ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "ff.net.2"],
+           "flux": ["to_q", "to_k", "to_v", "to_out.0", "proj_mlp", "ff.net.2"]}
+BUILDERS = {"sd": tiny_sd, "sd3": tiny_sd3, "flux": tiny_flux}
+SIZES = {"flux": 16}  # FLUX folders have no native size
 
 
-@pytest.fixture(scope="module", params=["sd", "sd3"])
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
 def family(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
-    folder = (tiny_sd if request.param == "sd" else tiny_sd3)(root / "model")
+    folder = BUILDERS[request.param](root / "model")
     loras = root / "loras"
     for i, (name, rank) in enumerate([("x", 4), ("y", 8), ("z", 2)]):
         random_adapter(folder, loras / name, TARGETS[request.param], rank, seed=i,
                        alpha=2.0 * rank if name == "y" else None, std=2.0)
-    engine = DiffusersEngine("tiny", folder)
+    engine = DiffusersEngine("tiny", folder, image_size=SIZES.get(request.param))
     engine.loras = LoraLibrary([loras])
     return folder, loras, engine
 
@@ -48,8 +51,10 @@ def reference(folder, loras, prompt, seed, steps, guidance, adapters):
         pipe.load_lora_weights(str(loras / name), adapter_name=name)
     if adapters:
         pipe.set_adapters([n for n, _ in adapters], [s for _, s in adapters])
+    extra = {"height": 16, "width": 16} if "Flux" in type(pipe).__name__ else {}
     out = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance,
-               generator=torch.Generator().manual_seed(seed), output_type="np").images[0]
+               generator=torch.Generator().manual_seed(seed), output_type="np",
+               **extra).images[0]
     return (out * 255).round().astype(np.uint8)
 
 
