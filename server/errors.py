@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -12,7 +13,12 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .protocol import ErrorResponse
-from .scheduler.backend import BackendUnavailable, QueueFull, ShuttingDown
+from .scheduler.backend import (
+    BackendUnavailable,
+    DeadlineUnreachable,
+    QueueFull,
+    ShuttingDown,
+)
 from .scheduler.events import Failed, FinishReason
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -146,10 +152,12 @@ def backend_down(message: str) -> APIError:
 def submit_error(exc: Exception, retry_after_s: int) -> APIError:
     """A backend's refusal at submit time, as the API answers it."""
     if isinstance(exc, QueueFull):
-        wait = retry_after_s if exc.retry_after is None else int(exc.retry_after)
+        wait = retry_after_s if exc.retry_after is None else math.ceil(exc.retry_after)
         return APIError(429, str(exc), None, "queue_full", {"Retry-After": str(wait)})
     if isinstance(exc, ShuttingDown):
         return APIError(503, str(exc), None, "shutting_down")
+    if isinstance(exc, DeadlineUnreachable):
+        return APIError(504, str(exc), "timeout", "deadline_unreachable")
     if isinstance(exc, BackendUnavailable):
         return backend_down(str(exc))
     return APIError(400, str(exc), "n", "invalid_value")
@@ -169,7 +177,8 @@ STATUS_MEANING = {
     429: "Queue full, or a rate limit; retry after `Retry-After` seconds",
     500: "The engine failed on this request",
     503: "Not ready, shutting down, or the job backend is unavailable; `Retry-After`",
-    504: "The request's `timeout` passed before it finished",
+    504: "The request's `timeout` passed before it finished, or cannot be met (refused "
+         "at once, or dropped once unreachable)",
 }
 
 

@@ -42,6 +42,7 @@ from .result_cache import result_key
 from .runtime import Runtime, Served
 from .scheduler.backend import (
     BackendUnavailable,
+    DeadlineUnreachable,
     Handle,
     QueueFull,
     ShuttingDown,
@@ -114,7 +115,8 @@ def resolve(body: ImageGenerationRequest, rt: Runtime
         guidance=body.guidance_scale if body.guidance_scale is not None
         else info.default_guidance,
         n=body.n, negative_prompt=body.negative_prompt or "", sampler=sampler,
-        priority=body.priority, timeout_s=body.timeout,
+        priority=body.priority, timeout_s=body.timeout if body.timeout is not None
+        else s.slo_s,
         partial_images=(body.partial_images or 0) if body.stream else 0,
         cache=cache if cache.enabled else None, schedule=schedule,
         mode=body.mode or "throughput",
@@ -175,9 +177,13 @@ def submit(rt: Runtime, served: Served, params: GenerationParams,
             return Submission(handle, key, tokens, from_cache=True)
     try:
         handle = served.loop.submit(params)
-    except (QueueFull, ShuttingDown, BackendUnavailable, ValueError) as exc:
-        if isinstance(exc, QueueFull):
+    except (QueueFull, ShuttingDown, BackendUnavailable, DeadlineUnreachable,
+            ValueError) as exc:
+        if isinstance(exc, QueueFull | DeadlineUnreachable):
             rt.metrics.requests.labels("rejected").inc()
+            if isinstance(exc, DeadlineUnreachable) or exc.deadline:
+                rt.metrics.deadline_refused.labels(
+                    "unreachable" if isinstance(exc, DeadlineUnreachable) else "late").inc()
             rt.metrics.tenant_requests.labels(tenant_label(params.tenant), "rejected").inc()
         raise submit_error(exc, rt.settings.retry_after_s) from exc
     return Submission(handle, key, tokens)

@@ -24,6 +24,13 @@ class Metrics:
         self.lora_fallback_rows = Counter(
             "stepserve_lora_fallback_rows", "Denoiser rows with LoRA adapters that a graph "
             "engine (onnxruntime, TensorRT, compiled torch) ran through eager torch", registry=r)
+        self.deadline_dropped = Counter(
+            "stepserve_deadline_dropped", "Requests dropped once their deadline became "
+            "unreachable (before costing more forwards)", registry=r)
+        self.deadline_refused = Counter(
+            "stepserve_deadline_refused", "Requests refused at admission because they would "
+            "miss their deadline: late (429, the work ahead) or unreachable (504)",
+            ["reason"], registry=r)
         self.requests = Counter("stepserve_requests", "Finished image requests by status",
                                 ["status"], registry=r)
         self.latency = Histogram("stepserve_request_latency_seconds",
@@ -81,6 +88,8 @@ class Metrics:
             self.cache_skipped.labels(policy=policy).inc(n)
         for policy, n in stats.skipped_blocks.items():
             self.cache_skipped_blocks.labels(policy=policy).inc(n)
+        if stats.dropped:
+            self.deadline_dropped.inc(stats.dropped)
         if stats.batch_samples:
             self.batch_size.observe(stats.batch_samples)
             self.forward_s.observe(stats.forward_s)

@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     queue_share: float = Field(
         0.5, gt=0, le=1, description="most of the queue one API key (or client address) may "
         "hold, by cost: images x steps, of max_queue x default_steps")
+    slo_s: float | None = Field(
+        None, gt=0, le=3600, description="deadline (s) of requests that send no timeout: "
+        "admission refuses what would miss it, and rows that can no longer meet it leave")
     default_steps: int = Field(4, ge=1, le=100, description="steps when a request names none")
     max_steps: int = Field(64, ge=1, le=100, description="most steps a request may ask for")
     url_ttl_s: float = Field(3600.0, gt=0, description="how long url results stay fetchable")

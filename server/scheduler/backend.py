@@ -29,9 +29,16 @@ class QueueFull(Exception):
     """The bounded queue (or the caller's share of it) is full; `retry_after` says when
     to retry, from the measured drain rate (None: not measured yet)."""
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
+    def __init__(self, message: str, retry_after: float | None = None,
+                 deadline: bool = False) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.deadline = deadline  # refused because it would finish past its deadline
+
+
+class DeadlineUnreachable(Exception):
+    """The request cannot finish within its timeout even if it ran in every forward
+    from now: refused at once rather than admitted to miss it."""
 
 
 class ShuttingDown(Exception):

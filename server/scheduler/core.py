@@ -20,8 +20,9 @@ from stepserve.models.sampling.edit import composite
 
 from .backend import QueueFull
 from .events import Completed, Event, Failed, FinishReason, Preview
+from .forecast import Forecast, StepTimes, forecast
 from .policy import BatchPolicy
-from .request import Request, Status
+from .request import GenerationParams, Request, Status
 
 log = logging.getLogger("stepserve.scheduler")
 
@@ -62,6 +63,7 @@ class StepStats:
     finished: list[Request] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)  # cache policy -> skipped image-steps
     skipped_blocks: dict[str, float] = field(default_factory=dict)  # policy -> skipped blocks
+    dropped: int = 0  # requests dropped: their deadline became unreachable
 
 
 class SchedulerCore:
@@ -75,6 +77,7 @@ class SchedulerCore:
         self.running: list[Request] = []
         self.last_stats = StepStats()
         self.default_sampler = engine.capabilities.default_sampler
+        self.step_times = StepTimes()  # measured on `clock`, so a fake clock can drive it
 
     # -- intake ---------------------------------------------------------------------------
     def submit(self, req: Request) -> None:
@@ -108,6 +111,7 @@ class SchedulerCore:
         now = self.clock()
         stats = StepStats()
         events: list[Event] = self._expire(now, stats)
+        events += self._drop_unreachable(now, stats)
         events += self._admit(now, stats)
         events += self._skip_ahead(stats)
         solo = self._latency_request()
@@ -130,6 +134,46 @@ class SchedulerCore:
             events.append(Failed(req.id, FinishReason.TIMEOUT,
                                  f"request timed out after {req.params.timeout_s:g} s "
                                  f"at step {req.step}/{req.params.steps}"))
+        return events
+
+    # -- deadlines ------------------------------------------------------------------------
+    def rows_in_flight(self) -> int:
+        return sum(r.samples for r in list(self.waiting) + list(self.running))
+
+    def forecast(self, params: GenerationParams, now: float) -> Forecast | None:
+        """When a new request would finish, from the work ordered before it (read from
+        another thread: list copies, no lock)."""
+        new = Request("", params, now)
+        key = self.policy.key(new, now)
+        ahead = 0.0
+        for req in list(self.waiting) + list(self.running):
+            if self.policy.key(req, now) <= key:
+                ahead += req.samples * (req.params.steps - req.step)
+        return forecast(self.step_times, params.n, params.steps, ahead,
+                        self.rows_in_flight(), self.config.max_batch_size)
+
+    def _drop_unreachable(self, now: float, stats: StepStats) -> list[Event]:
+        """Rows that can no longer finish before their deadline, even if they took part
+        in every forward from now, leave before they cost another forward."""
+        events: list[Event] = []
+        flight = self.rows_in_flight()
+        for req in [r for r in self.waiting + self.running if r.deadline is not None]:
+            assert req.deadline is not None
+            left = req.params.steps - req.step
+            fc = forecast(self.step_times, req.samples, left, 0.0, flight - req.samples,
+                          self.config.max_batch_size)
+            if fc is None or now + fc.earliest <= req.deadline:
+                continue
+            self._retire(req, Status.TIMED_OUT)
+            flight -= req.samples
+            stats.finished.append(req)
+            stats.dropped += 1
+            events.append(Failed(req.id, FinishReason.TIMEOUT,
+                                 f"dropped at step {req.step}/{req.params.steps}: it can no "
+                                 f"longer finish within its timeout of "
+                                 f"{req.params.timeout_s:g} s (needs about {fc.earliest:.2f} s "
+                                 f"more, {max(0.0, req.deadline - now):.2f} s left)",
+                                 "deadline_unreachable"))
         return events
 
     def _admit(self, now: float, stats: StepStats) -> list[Event]:
@@ -253,7 +297,7 @@ class SchedulerCore:
 
     def _forward(self, batch: list[Request], stats: StepStats) -> list[Event]:
         states = [s for r in batch for s in r.states]
-        start = time.perf_counter()
+        start, started = time.perf_counter(), self.clock()
         try:
             new_states = self.engine.step_batch(states)
         except Exception as exc:  # fail only this batch; the server keeps serving
@@ -269,6 +313,7 @@ class SchedulerCore:
         stats.batch_samples = sum(map(self.engine.needs_forward, states))
         stats.batch_requests = len(batch)
         now = self.clock()
+        self.step_times.observe(stats.batch_samples, now - started)
         events: list[Event] = []
         offset = 0
         for req in batch:

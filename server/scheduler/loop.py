@@ -16,7 +16,14 @@ from collections.abc import Callable
 from typing import Any
 
 from .admission import Admission
-from .backend import Handle, Progress, QueueFull, ShuttingDown, new_request_id
+from .backend import (
+    DeadlineUnreachable,
+    Handle,
+    Progress,
+    QueueFull,
+    ShuttingDown,
+    new_request_id,
+)
 from .core import SchedulerCore, StepStats
 from .events import Completed, Event, Failed, FinishReason
 from .request import GenerationParams, Request
@@ -71,6 +78,7 @@ class EngineLoop:
         if params.n > self.core.config.max_batch_size:
             raise ValueError(f"n={params.n} exceeds the server's max batch size "
                              f"{self.core.config.max_batch_size}")
+        self._check_deadline(params)
         handle = Handle(new_request_id(), params, backend=self)
         with self._lock:
             if len(self._handles) >= self.core.config.max_queue:
@@ -81,6 +89,25 @@ class EngineLoop:
         self._inbox.put(("submit", Request(handle.id, params, self.core.clock())))
         self._wake.set()
         return handle
+
+    def _check_deadline(self, params: GenerationParams) -> None:
+        """Refuse now what cannot finish in time: DeadlineUnreachable when even running in
+        every forward from now is too slow; QueueFull with the wait until it would fit
+        when the work ahead of it is (an honest Retry-After: the forecast's excess)."""
+        if params.timeout_s is None:
+            return
+        fc = self.core.forecast(params, self.core.clock())
+        if fc is None:  # nothing measured yet: admit
+            return
+        if fc.earliest > params.timeout_s:
+            raise DeadlineUnreachable(
+                f"the request needs about {fc.earliest:.2f} s even in every forward from "
+                f"now, over its timeout of {params.timeout_s:g} s")
+        if fc.expected > params.timeout_s:
+            raise QueueFull(f"the work queued ahead would make this request finish in about "
+                            f"{fc.expected:.2f} s, over its timeout of "
+                            f"{params.timeout_s:g} s", fc.expected - params.timeout_s,
+                            deadline=True)
 
     def progress(self, request_id: str) -> Progress:
         """Read without stopping the core: "queued" (position 0 = next to be admitted)

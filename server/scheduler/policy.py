@@ -1,7 +1,9 @@
-"""Batch policy: priority, then arrival, with aging so nothing starves."""
+"""Batch policy: priority class (with aging, so nothing starves), then earliest deadline
+first within the class, then arrival."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -16,9 +18,13 @@ class BatchPolicy:
     # adapters and scales do (as the peers batch; kept to measure the difference)
     lora_batching: str = "mixed"
 
-    def key(self, req: Request, now: float) -> tuple[float, float]:
+    def key(self, req: Request, now: float) -> tuple[float, float, float]:
+        """Each aging_s without service lifts a request one priority class; within a
+        class the earliest deadline goes first (no deadline: last), then arrival."""
         waited = max(0.0, now - req.last_served)
-        return (req.params.priority - waited / self.aging_s, req.arrival)
+        deadline = req.deadline
+        return (math.floor(req.params.priority - waited / self.aging_s),
+                math.inf if deadline is None else deadline, req.arrival)
 
     def order(self, reqs: Iterable[Request], now: float) -> list[Request]:
         return sorted(reqs, key=lambda r: self.key(r, now))

@@ -1,0 +1,71 @@
+"""When will a request finish? The cost model behind deadline-aware admission and
+dropping: measured seconds per batched forward by batch size, and the denoiser rows
+of the work ordered before the request.
+
+Step-level batching keeps the batch full while work is queued, so a request that
+has `ahead` row-steps ordered before it and needs `own` row-steps of its own
+finishes after about (ahead + own) / B forwards of B rows, and never sooner than
+its own steps back to back.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass
+class StepTimes:
+    """Seconds per forward by rows in the batch: an exponential moving average per
+    size seen; other sizes interpolated linearly between the nearest seen ones (or
+    scaled from the one seen, for sizes outside them)."""
+
+    alpha: float = 0.2
+    _ema: dict[int, float] = field(default_factory=dict)
+
+    def observe(self, rows: int, seconds: float) -> None:
+        if rows < 1 or seconds <= 0:
+            return
+        old = self._ema.get(rows)
+        self._ema[rows] = seconds if old is None else (1 - self.alpha) * old + self.alpha * seconds
+
+    @property
+    def known(self) -> bool:
+        return bool(self._ema)
+
+    def at(self, rows: int) -> float | None:
+        if not self._ema:
+            return None
+        rows = max(1, rows)
+        if rows in self._ema:
+            return self._ema[rows]
+        sizes = sorted(self._ema)
+        below = [s for s in sizes if s < rows]
+        above = [s for s in sizes if s > rows]
+        if below and above:
+            lo, hi = below[-1], above[0]
+            w = (rows - lo) / (hi - lo)
+            return (1 - w) * self._ema[lo] + w * self._ema[hi]
+        near = below[-1] if below else above[0]
+        # a forward costs at least the nearest one's time per row beyond it (conservative
+        # above, since a bigger batch is never faster per forward; floor below)
+        return self._ema[near] * (rows / near if rows > near else 1.0)
+
+
+@dataclass(frozen=True)
+class Forecast:
+    earliest: float  # seconds from now if it ran alone in every forward from now
+    expected: float  # seconds from now with the work ordered before it
+
+
+def forecast(times: StepTimes, own_rows: int, own_steps: int, ahead_row_steps: float,
+             rows_in_flight: int, max_batch: int) -> Forecast | None:
+    """None until forwards have been measured."""
+    if not times.known or own_steps < 1:
+        return None
+    batch = max(own_rows, min(max_batch, rows_in_flight + own_rows))
+    step_s = times.at(batch)
+    assert step_s is not None
+    earliest = own_steps * step_s
+    forwards = math.ceil((ahead_row_steps + own_rows * own_steps) / batch)
+    return Forecast(earliest, max(earliest, forwards * step_s))
