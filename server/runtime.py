@@ -199,7 +199,8 @@ class Runtime:
                                  max_queue=settings.max_queue, aging_s=settings.aging_s,
                                  queue_cost=float(settings.max_queue * settings.default_steps),
                                  queue_share=settings.queue_share,
-                                 lora_batching=settings.lora_batching)
+                                 lora_batching=settings.lora_batching,
+                                 deadlines=settings.deadlines == "forecast")
         engines, loops = [], []
         for device in devices:
             engine = self.builder(settings.model_copy(update={"device": device}))

@@ -93,6 +93,10 @@ class Settings(BaseSettings):
     slo_s: float | None = Field(
         None, gt=0, le=3600, description="deadline (s) of requests that send no timeout: "
         "admission refuses what would miss it, and rows that can no longer meet it leave")
+    deadlines: Literal["forecast", "off"] = Field(
+        "forecast", description="forecast: refuse what would miss its deadline, drop rows "
+        "that can no longer meet it, earliest deadline first; off: admit everything (only "
+        "the timeout ends a request; for comparison)")
     default_steps: int = Field(4, ge=1, le=100, description="steps when a request names none")
     max_steps: int = Field(64, ge=1, le=100, description="most steps a request may ask for")
     url_ttl_s: float = Field(3600.0, gt=0, description="how long url results stay fetchable")

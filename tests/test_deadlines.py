@@ -63,17 +63,33 @@ def warm(core, clock):
 
 def test_step_times_are_measured_and_interpolated():
     times = StepTimes()
-    assert forecast(times, 1, 4, 0, 0, 8) is None  # nothing measured: no forecast
+    assert forecast(times, 1, 4, 0, 8) is None  # nothing measured: no forecast
     times.observe(1, 0.11)
     times.observe(4, 0.14)
     assert times.at(1) == pytest.approx(0.11) and times.at(4) == pytest.approx(0.14)
     assert times.at(2) == pytest.approx(0.12)
     assert times.at(8) == pytest.approx(0.28)  # beyond the largest seen: per row
-    fc = forecast(times, 1, 4, ahead_row_steps=12, rows_in_flight=3, max_batch=4)
-    assert fc.earliest == pytest.approx(4 * 0.14)  # its 4 steps in batches of 4
-    assert fc.expected == pytest.approx(4 * 0.14)  # (12 + 4) / 4 forwards: the same
-    fc = forecast(times, 1, 4, ahead_row_steps=40, rows_in_flight=10, max_batch=4)
+    fc = forecast(times, 1, 4, ahead_row_steps=12, max_batch=4)
+    assert fc.earliest == pytest.approx(4 * 0.11)  # its 4 steps alone
+    assert fc.expected == pytest.approx(4 * 0.14)  # 16 row-steps in 4 forwards of 4
+    fc = forecast(times, 1, 4, ahead_row_steps=40, max_batch=4)
     assert fc.expected == pytest.approx(11 * 0.14)  # ceil(44 / 4) full forwards
+    # within 0.5 s its own steps must run in batches of at most 2 (4 x 0.12 s)
+    fc = forecast(times, 1, 4, ahead_row_steps=12, max_batch=4, within=0.5)
+    assert fc.expected == pytest.approx(8 * 0.12)
+
+
+def test_a_full_batch_is_cut_to_what_keeps_deadlines():
+    clock, engine, core = make(max_batch=4)
+    warm(core, clock)  # 0.11 s at 1 row, 0.14 s at 4
+    core.submit(Request("tight", params(steps=4, timeout=0.5), clock.now))
+    for i in range(3):
+        core.submit(Request(f"loose{i}", params(steps=4), clock.now))
+    before = len(engine.batches)
+    events = run(core)
+    assert any(isinstance(e, Completed) and e.request_id == "tight" for e in events)
+    # 4 steps at 4 rows (0.56 s) would miss 0.5 s: the tight one ran in smaller batches
+    assert max(engine.batches[before:before + 4]) < 4
 
 
 def test_earliest_deadline_first_within_a_priority_class():

@@ -38,6 +38,8 @@ class SchedulerConfig:
     queue_cost: float = 1024.0  # image-steps the queue holds (admission.py)
     queue_share: float = 0.5  # of queue_cost, the most one tenant may hold
     lora_batching: str = "mixed"  # policy.py
+    deadlines: bool = True  # forecast admission, dropping and EDF (False: admit all, FIFO
+    # within a class; the behaviour before them, kept to measure the difference)
 
     def __post_init__(self) -> None:
         if self.batching not in ("step", "request"):
@@ -71,7 +73,8 @@ class SchedulerCore:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.engine = engine
         self.config = config
-        self.policy = BatchPolicy(config.max_batch_size, config.aging_s, config.lora_batching)
+        self.policy = BatchPolicy(config.max_batch_size, config.aging_s, config.lora_batching,
+                                  config.deadlines)
         self.clock = clock
         self.waiting: list[Request] = []
         self.running: list[Request] = []
@@ -111,7 +114,8 @@ class SchedulerCore:
         now = self.clock()
         stats = StepStats()
         events: list[Event] = self._expire(now, stats)
-        events += self._drop_unreachable(now, stats)
+        if self.config.deadlines:
+            events += self._drop_unreachable(now, stats)
         events += self._admit(now, stats)
         events += self._skip_ahead(stats)
         solo = self._latency_request()
@@ -150,22 +154,20 @@ class SchedulerCore:
             if self.policy.key(req, now) <= key:
                 ahead += req.samples * (req.params.steps - req.step)
         return forecast(self.step_times, params.n, params.steps, ahead,
-                        self.rows_in_flight(), self.config.max_batch_size)
+                        self.config.max_batch_size, params.timeout_s)
 
     def _drop_unreachable(self, now: float, stats: StepStats) -> list[Event]:
         """Rows that can no longer finish before their deadline, even if they took part
         in every forward from now, leave before they cost another forward."""
         events: list[Event] = []
-        flight = self.rows_in_flight()
         for req in [r for r in self.waiting + self.running if r.deadline is not None]:
             assert req.deadline is not None
             left = req.params.steps - req.step
-            fc = forecast(self.step_times, req.samples, left, 0.0, flight - req.samples,
+            fc = forecast(self.step_times, req.samples, left, 0.0,
                           self.config.max_batch_size)
             if fc is None or now + fc.earliest <= req.deadline:
                 continue
             self._retire(req, Status.TIMED_OUT)
-            flight -= req.samples
             stats.finished.append(req)
             stats.dropped += 1
             events.append(Failed(req.id, FinishReason.TIMEOUT,
@@ -229,7 +231,24 @@ class SchedulerCore:
     def _pick(self, now: float) -> list[Request]:
         if self.config.batching == "request":
             return list(self.running)
-        return self.policy.pick(self.running, now)
+        batch = self.policy.pick(self.running, now)
+        return self._within_deadlines(batch, now) if self.config.deadlines else batch
+
+    def _within_deadlines(self, batch: list[Request], now: float) -> list[Request]:
+        """A full batch makes each forward slower; keep only as many rows (in policy
+        order) as let every picked request with a deadline still finish in time, if it
+        took part in every forward of that size from now."""
+        if not self.step_times.known:
+            return batch
+        for size in range(len(batch), 0, -1):
+            head = batch[:size]
+            rows = sum(r.samples for r in head)
+            step_s = self.step_times.at(rows)
+            assert step_s is not None
+            if all(r.deadline is None or now + (r.params.steps - r.step) * step_s
+                   <= r.deadline for r in head):
+                return head
+        return batch[:1]
 
     def _latency_request(self) -> Request | None:
         """Latency mode runs only while its request is alone: then the idle batch slots go

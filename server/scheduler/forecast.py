@@ -55,17 +55,25 @@ class StepTimes:
 @dataclass(frozen=True)
 class Forecast:
     earliest: float  # seconds from now if it ran alone in every forward from now
-    expected: float  # seconds from now with the work ordered before it
+    expected: float  # seconds from now, the work ordered before it included
 
 
 def forecast(times: StepTimes, own_rows: int, own_steps: int, ahead_row_steps: float,
-             rows_in_flight: int, max_batch: int) -> Forecast | None:
-    """None until forwards have been measured."""
+             max_batch: int, within: float | None = None) -> Forecast | None:
+    """The best the scheduler can do, over batch sizes: bigger batches drain the work
+    ahead sooner but make each of the request's own steps slower. `within` (its
+    timeout): prefer the sizes that keep its own steps inside it. None until forwards
+    have been measured."""
     if not times.known or own_steps < 1:
         return None
-    batch = max(own_rows, min(max_batch, rows_in_flight + own_rows))
-    step_s = times.at(batch)
-    assert step_s is not None
-    earliest = own_steps * step_s
-    forwards = math.ceil((ahead_row_steps + own_rows * own_steps) / batch)
-    return Forecast(earliest, max(earliest, forwards * step_s))
+    alone = times.at(own_rows)
+    assert alone is not None
+    earliest = own_steps * alone
+    work = ahead_row_steps + own_rows * own_steps
+    options = []
+    for batch in range(own_rows, max(own_rows, max_batch) + 1):
+        step_s = times.at(batch)
+        assert step_s is not None
+        options.append((own_steps * step_s, max(own_steps, math.ceil(work / batch)) * step_s))
+    fitting = [o for o in options if within is None or o[0] <= within]
+    return Forecast(earliest, min(e for _, e in (fitting or options)))

@@ -94,7 +94,7 @@ class EngineLoop:
         """Refuse now what cannot finish in time: DeadlineUnreachable when even running in
         every forward from now is too slow; QueueFull with the wait until it would fit
         when the work ahead of it is (an honest Retry-After: the forecast's excess)."""
-        if params.timeout_s is None:
+        if params.timeout_s is None or not self.core.config.deadlines:
             return
         fc = self.core.forecast(params, self.core.clock())
         if fc is None:  # nothing measured yet: admit

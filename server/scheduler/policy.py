@@ -17,13 +17,14 @@ class BatchPolicy:
     # "mixed": rows with any adapters share a forward; "split": only requests with the same
     # adapters and scales do (as the peers batch; kept to measure the difference)
     lora_batching: str = "mixed"
+    edf: bool = True  # earliest deadline first within a class (False: arrival order)
 
     def key(self, req: Request, now: float) -> tuple[float, float, float]:
         """Each aging_s without service lifts a request one priority class; within a
         class the earliest deadline goes first (no deadline: last), then arrival."""
         waited = max(0.0, now - req.last_served)
-        deadline = req.deadline
-        return (math.floor(req.params.priority - waited / self.aging_s),
+        deadline = req.deadline if self.edf else None
+        return (math.ceil(req.params.priority - waited / self.aging_s),
                 math.inf if deadline is None else deadline, req.arrival)
 
     def order(self, reqs: Iterable[Request], now: float) -> list[Request]:

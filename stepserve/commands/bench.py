@@ -6,7 +6,7 @@ import argparse
 import importlib
 
 HELP = ("benchmarks that print tables: openloop, batching, overhead, soak, engines, caches, "
-        "parallel, faults, scaleout, flood, drain, edits, lora")
+        "parallel, faults, scaleout, flood, drain, edits, lora, slo")
 
 # bench name -> module under stepserve.loadtests; each has main(argv)
 BENCHES = {
@@ -23,6 +23,7 @@ BENCHES = {
     "drain": "drain",
     "edits": "edits",
     "lora": "lora",
+    "slo": "slo",
 }
 
 
@@ -37,7 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the all-in-one server; flood: server memory under a flood of cache-hit "
                         "jobs and a huge body; drain: SIGTERM with work in flight; edits: recolour "
                         "and inpaint quality on the built-in model; lora: mixed-adapter "
-                        "batches vs none and vs split by adapter, and adapter quality")
+                        "batches vs none and vs split by adapter, and adapter quality; slo: "
+                        "goodput under overload with and without deadline scheduling")
     p.add_argument("bench_args", nargs=argparse.REMAINDER,
                    help="the benchmark's own flags (`stepserve bench NAME --help`)")
 
