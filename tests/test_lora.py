@@ -22,13 +22,18 @@ PROMPTS = ["a red circle", "a large blue square on a white background",
 
 
 @pytest.fixture(scope="module")
-def adapted(engine, tmp_path_factory):
+def lora_folder(engine, tmp_path_factory):
     folder = tmp_path_factory.mktemp("loras")
     random_builtin_adapter(engine.dit, folder / "warm.safetensors", rank=4, seed=1, std=0.05)
     random_builtin_adapter(engine.dit, folder / "cool.safetensors", rank=8, seed=2, std=0.05,
                            targets=("q", "kv", "out"))
-    engine.loras = LoraLibrary([folder])
-    return engine, folder
+    return folder
+
+
+@pytest.fixture
+def adapted(engine, lora_folder):
+    engine.loras = LoraLibrary([lora_folder])  # the session's engine: set for each test
+    return engine, lora_folder
 
 
 ADAPTERS = [(), (LoraChoice("warm", 1.0),), (LoraChoice("cool", 0.7),),

@@ -5,10 +5,11 @@ whole module, so rows with different adapters or scales would need separate
 forwards (what the peers do: split the batch by adapter). Here, as in the
 multi-adapter LLM servers (Punica, S-LoRA), the base layer runs once over the
 whole batch and a forward hook adds each (row, adapter) pair's low-rank update:
-the batch's distinct adapters are joined along the rank, each adapted row carries
-its scales on its adapters' columns, and one gather, two small matmuls and one
-scatter add every row's update, whatever the mix (several adapters per row
-included). A batch whose rows all carry adapters skips the gather and scatter.
+the batch's distinct adapters are joined along the rank, each row carries its
+scales on its adapters' columns (zeros elsewhere), and two small matmuls add every
+row's update straight into the layer's output, whatever the mix (several adapters
+per row included). Where only a few rows carry adapters, just those rows are
+gathered, computed and scattered back.
 
 Which rows carry which adapters is set per forward with `rows(...)` (a context
 variable, so the hooks need no extra forward arguments and every model kind
@@ -84,8 +85,8 @@ class _Rows:
     (0 elsewhere). Any mix of adapters, scales and several adapters per row is then one
     gather, two matmuls and one scatter, however many adapters the batch holds."""
 
-    rows: torch.Tensor  # (R,) adapted batch rows
-    all_rows: bool  # R is the whole batch, in order: no gather or scatter
+    rows: torch.Tensor  # (R,) adapted batch rows, or all of them (see `dense`)
+    dense: bool  # computed for every row (plain rows' mask is 0): no gather or scatter
     mask: torch.Tensor  # (R, sum of ranks): each row's scales on its adapters' columns
     adapters: tuple[LoraModule, ...]
     uniform: float | None  # every row, one adapter, one scale: no mask needed
@@ -154,16 +155,20 @@ class LoraHooks:
             starts = [0]
             for m in adapters:
                 starts.append(starts[-1] + m.rank)
-            mask = torch.zeros(len(picks), starts[-1])
-            for k, (_, mine) in enumerate(picks):
+            # most rows adapted: compute every row (a plain row's scales are 0), which
+            # saves the gather, the scatter and the delta's memory; few: only theirs
+            dense = 2 * len(picks) >= batch
+            rows_ = list(range(batch)) if dense else [i for i, _ in picks]
+            at = {i: k for k, i in enumerate(rows_)}
+            mask = torch.zeros(len(rows_), starts[-1])
+            for i, mine in picks:
                 for s, scale in mine:
-                    mask[k, starts[s]:starts[s + 1]] += scale
-            rows_ = [i for i, _ in picks]
-            whole = rows_ == list(range(batch))
+                    mask[at[i], starts[s]:starts[s + 1]] += scale
             scales = {scale for _, mine in picks for _, scale in mine}
-            uniform = (scales.pop() if whole and len(adapters) == 1 and len(scales) == 1
-                       and all(len(mine) == 1 for _, mine in picks) else None)
-            found = _Rows(torch.tensor(rows_), whole, mask, tuple(adapters), uniform)
+            uniform = (scales.pop() if len(picks) == batch and len(adapters) == 1
+                       and len(scales) == 1 and all(len(mine) == 1 for _, mine in picks)
+                       else None)
+            found = _Rows(torch.tensor(rows_), dense, mask, tuple(adapters), uniform)
         plan.prepared[key] = found
         return found
 
@@ -197,22 +202,22 @@ class LoraHooks:
         """output + each adapted row's sum of scale * B(A x), in place (the output is
         the layer's own fresh tensor)."""
         down, up = self._joined_weights(path, r.adapters, x)
-        xs = x if r.all_rows else x.index_select(0, r.rows.to(x.device))
+        xs = x if r.dense else x.index_select(0, r.rows.to(x.device))
         mask = r.mask.to(x.device, x.dtype)
         if isinstance(module, nn.Conv2d):
-            h = module._conv_forward(xs, down, None) * mask[:, :, None, None]
+            h = module._conv_forward(xs, down, None).mul_(mask[:, :, None, None])
             delta = F.conv2d(h, up)
         else:
             h = F.linear(xs, down)
-            if r.uniform is None:
-                h = h * mask.view(mask.shape[0], *([1] * (x.dim() - 2)), -1)
-            if r.all_rows:  # fused into the output
+            if r.uniform is None:  # in place: h is fresh, and neither matmul's backward
+                h.mul_(mask.view(mask.shape[0], *([1] * (x.dim() - 2)), -1))  # reads it
+            if r.dense:  # fused into the output
                 output.view(-1, output.shape[-1]).addmm_(
                     h.reshape(-1, h.shape[-1]).to(output.dtype), up.to(output.dtype).T,
                     alpha=1.0 if r.uniform is None else r.uniform)
                 return output
             delta = F.linear(h, up)
-        if r.all_rows:
+        if r.dense:
             return output.add_(delta.to(output.dtype))
         return output.index_add_(0, r.rows.to(x.device), delta.to(output.dtype))
 
