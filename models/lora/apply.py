@@ -42,10 +42,20 @@ class _Plan:
 
     rows: list[Adapters | None]
     index: list[int] | None = None  # the subset now running (None: all rows)
-    prepared: dict[tuple, Any] = field(default_factory=dict)  # per (module, subset)
+    prepared: dict[Any, Any] = field(default_factory=dict)  # per (module, subset), ...)
 
     def current(self) -> list[Adapters | None]:
         return self.rows if self.index is None else [self.rows[i] for i in self.index]
+
+    def distinct(self) -> list[LoraWeights]:
+        """The adapters of all rows, each once, in first-seen order."""
+        if "distinct" not in self.prepared:
+            seen: dict[int, LoraWeights] = {}
+            for sel in self.rows:
+                for adapter, _ in sel or ():
+                    seen.setdefault(id(adapter), adapter)
+            self.prepared["distinct"] = list(seen.values())
+        return self.prepared["distinct"]
 
 
 _ACTIVE: ContextVar[_Plan | None] = ContextVar("stepserve_lora_rows", default=None)
@@ -128,48 +138,25 @@ class LoraHooks:
         return hook
 
     def _rows(self, plan: _Plan, path: str, batch: int) -> _Rows | None:
-        key = (path, None if plan.index is None else tuple(plan.index))
-        if key in plan.prepared:
-            return plan.prepared[key]
+        subset = None if plan.index is None else tuple(plan.index)
+        if (path, subset) in plan.prepared:
+            return plan.prepared[(path, subset)]
         current = plan.current()
         if len(current) != batch:
             raise RuntimeError(f"LoRA rows ({len(current)}) do not match the batch at "
                                f"{path} ({batch}): a forward that runs a subset of rows "
                                "must say so with lora.apply.subset")
-        slot: dict[int, int] = {}
-        adapters: list[LoraModule] = []
-        picks: list[tuple[int, list[tuple[int, float]]]] = []
-        for i, sel in enumerate(current):
-            mine = []
-            for adapter, scale in sel or ():
-                m = adapter.modules.get(path)
-                if m is not None and scale != 0.0:
-                    if id(m) not in slot:
-                        slot[id(m)] = len(adapters)
-                        adapters.append(m)
-                    mine.append((slot[id(m)], scale))
-            if mine:
-                picks.append((i, mine))
-        found = None
-        if picks:
-            starts = [0]
-            for m in adapters:
-                starts.append(starts[-1] + m.rank)
-            # most rows adapted: compute every row (a plain row's scales are 0), which
-            # saves the gather, the scatter and the delta's memory; few: only theirs
-            dense = 2 * len(picks) >= batch
-            rows_ = list(range(batch)) if dense else [i for i, _ in picks]
-            at = {i: k for k, i in enumerate(rows_)}
-            mask = torch.zeros(len(rows_), starts[-1])
-            for i, mine in picks:
-                for s, scale in mine:
-                    mask[at[i], starts[s]:starts[s + 1]] += scale
-            scales = {scale for _, mine in picks for _, scale in mine}
-            uniform = (scales.pop() if len(picks) == batch and len(adapters) == 1
-                       and len(scales) == 1 and all(len(mine) == 1 for _, mine in picks)
-                       else None)
-            found = _Rows(torch.tensor(rows_), dense, mask, tuple(adapters), uniform)
-        plan.prepared[key] = found
+        # the rows and masks depend only on which of the batch's adapters adapt this
+        # layer: usually every layer alike, so they are built once per forward
+        present = tuple(a for a in plan.distinct() if path in a.modules)
+        shared = (tuple(id(a) for a in present), subset)
+        if shared not in plan.prepared:
+            plan.prepared[shared] = _layout(current, present, batch)
+        layout = plan.prepared[shared]
+        found = None if layout is None else _Rows(
+            layout[0], layout[1], layout[2], tuple(a.modules[path] for a in present),
+            layout[3])
+        plan.prepared[(path, subset)] = found
         return found
 
     def _joined_weights(self, path: str, adapters: tuple[LoraModule, ...],
@@ -228,6 +215,48 @@ class LoraHooks:
         self._paths.clear()
         self._joined.clear()
         self._held = 0
+
+
+def _layout(current: list[Adapters | None], present: tuple[LoraWeights, ...], batch: int
+            ) -> tuple[torch.Tensor, bool, torch.Tensor, float | None] | None:
+    """(rows, dense, scale mask, uniform scale) for rows carrying `present` adapters,
+    whose ranks lie side by side in that order."""
+    if not present:
+        return None
+    starts = [0]
+    for a in present:
+        starts.append(starts[-1] + a.rank)
+    slot = {id(a): k for k, a in enumerate(present)}
+    picks: list[tuple[int, list[float]]] = []
+    scales: set[float] = set()
+    several = False
+    for i, sel in enumerate(current):
+        row = [0.0] * starts[-1]
+        n = 0
+        for adapter, scale in sel or ():
+            k = slot.get(id(adapter))
+            if k is not None and scale != 0.0:
+                for j in range(starts[k], starts[k + 1]):
+                    row[j] += scale
+                scales.add(scale)
+                n += 1
+        if n:
+            picks.append((i, row))
+            several |= n > 1
+    if not picks:
+        return None
+    # most rows adapted: compute every row (a plain row's scales are 0), which saves the
+    # gather, the scatter and the delta's memory; only a few: just theirs
+    dense = 2 * len(picks) >= batch
+    zero = [0.0] * starts[-1]
+    if dense:
+        by_row = dict(picks)
+        rows_, mask = list(range(batch)), [by_row.get(i, zero) for i in range(batch)]
+    else:
+        rows_, mask = [i for i, _ in picks], [row for _, row in picks]
+    uniform = (scales.pop() if len(picks) == batch and len(present) == 1
+               and len(scales) == 1 and not several else None)
+    return torch.tensor(rows_), dense, torch.tensor(mask), uniform
 
 
 _HOOKS: weakref.WeakKeyDictionary[nn.Module, LoraHooks] = weakref.WeakKeyDictionary()
