@@ -69,6 +69,11 @@ def test_step_times_are_measured_and_interpolated():
     assert times.at(1) == pytest.approx(0.11) and times.at(4) == pytest.approx(0.14)
     assert times.at(2) == pytest.approx(0.12)
     assert times.at(8) == pytest.approx(0.28)  # beyond the largest seen: per row
+    times.observe(1, 0.5)  # a slow spell moves the average, not the lower bound
+    assert times.at(1) == pytest.approx(0.188) and times.fastest(1) == pytest.approx(0.11)
+    times = StepTimes()
+    times.observe(1, 0.11)
+    times.observe(4, 0.14)
     fc = forecast(times, 1, 4, ahead_row_steps=12, max_batch=4)
     assert fc.earliest == pytest.approx(4 * 0.11)  # its 4 steps alone
     assert fc.expected == pytest.approx(4 * 0.14)  # 16 row-steps in 4 forwards of 4
@@ -77,19 +82,6 @@ def test_step_times_are_measured_and_interpolated():
     # within 0.5 s its own steps must run in batches of at most 2 (4 x 0.12 s)
     fc = forecast(times, 1, 4, ahead_row_steps=12, max_batch=4, within=0.5)
     assert fc.expected == pytest.approx(8 * 0.12)
-
-
-def test_a_full_batch_is_cut_to_what_keeps_deadlines():
-    clock, engine, core = make(max_batch=4)
-    warm(core, clock)  # 0.11 s at 1 row, 0.14 s at 4
-    core.submit(Request("tight", params(steps=4, timeout=0.5), clock.now))
-    for i in range(3):
-        core.submit(Request(f"loose{i}", params(steps=4), clock.now))
-    before = len(engine.batches)
-    events = run(core)
-    assert any(isinstance(e, Completed) and e.request_id == "tight" for e in events)
-    # 4 steps at 4 rows (0.56 s) would miss 0.5 s: the tight one ran in smaller batches
-    assert max(engine.batches[before:before + 4]) < 4
 
 
 def test_earliest_deadline_first_within_a_priority_class():

@@ -231,24 +231,7 @@ class SchedulerCore:
     def _pick(self, now: float) -> list[Request]:
         if self.config.batching == "request":
             return list(self.running)
-        batch = self.policy.pick(self.running, now)
-        return self._within_deadlines(batch, now) if self.config.deadlines else batch
-
-    def _within_deadlines(self, batch: list[Request], now: float) -> list[Request]:
-        """A full batch makes each forward slower; keep only as many rows (in policy
-        order) as let every picked request with a deadline still finish in time, if it
-        took part in every forward of that size from now."""
-        if not self.step_times.known:
-            return batch
-        for size in range(len(batch), 0, -1):
-            head = batch[:size]
-            rows = sum(r.samples for r in head)
-            step_s = self.step_times.at(rows)
-            assert step_s is not None
-            if all(r.deadline is None or now + (r.params.steps - r.step) * step_s
-                   <= r.deadline for r in head):
-                return head
-        return batch[:1]
+        return self.policy.pick(self.running, now)
 
     def _latency_request(self) -> Request | None:
         """Latency mode runs only while its request is alone: then the idle batch slots go

@@ -22,39 +22,51 @@ class StepTimes:
 
     alpha: float = 0.2
     _ema: dict[int, float] = field(default_factory=dict)
+    _fastest: dict[int, float] = field(default_factory=dict)
 
     def observe(self, rows: int, seconds: float) -> None:
         if rows < 1 or seconds <= 0:
             return
         old = self._ema.get(rows)
         self._ema[rows] = seconds if old is None else (1 - self.alpha) * old + self.alpha * seconds
+        self._fastest[rows] = min(seconds, self._fastest.get(rows, seconds))
 
     @property
     def known(self) -> bool:
         return bool(self._ema)
 
     def at(self, rows: int) -> float | None:
-        if not self._ema:
-            return None
-        rows = max(1, rows)
-        if rows in self._ema:
-            return self._ema[rows]
-        sizes = sorted(self._ema)
-        below = [s for s in sizes if s < rows]
-        above = [s for s in sizes if s > rows]
-        if below and above:
-            lo, hi = below[-1], above[0]
-            w = (rows - lo) / (hi - lo)
-            return (1 - w) * self._ema[lo] + w * self._ema[hi]
-        near = below[-1] if below else above[0]
-        # a forward costs at least the nearest one's time per row beyond it (conservative
-        # above, since a bigger batch is never faster per forward; floor below)
-        return self._ema[near] * (rows / near if rows > near else 1.0)
+        """The expected time of a forward of `rows` (recent average)."""
+        return _interpolate(self._ema, rows)
+
+    def fastest(self, rows: int) -> float | None:
+        """The fastest such forward seen: a lower bound, for deciding that a deadline
+        cannot be met (a slow spell must not condemn a request)."""
+        return _interpolate(self._fastest, rows)
+
+
+def _interpolate(table: dict[int, float], rows: int) -> float | None:
+    if not table:
+        return None
+    rows = max(1, rows)
+    if rows in table:
+        return table[rows]
+    sizes = sorted(table)
+    below = [s for s in sizes if s < rows]
+    above = [s for s in sizes if s > rows]
+    if below and above:
+        lo, hi = below[-1], above[0]
+        w = (rows - lo) / (hi - lo)
+        return (1 - w) * table[lo] + w * table[hi]
+    near = below[-1] if below else above[0]
+    # beyond the largest size seen: its time per row (a bigger batch is never faster per
+    # forward); below the smallest: the smallest's time
+    return table[near] * (rows / near if rows > near else 1.0)
 
 
 @dataclass(frozen=True)
 class Forecast:
-    earliest: float  # seconds from now if it ran alone in every forward from now
+    earliest: float  # seconds from now alone in every forward, at the fastest seen
     expected: float  # seconds from now, the work ordered before it included
 
 
@@ -66,7 +78,7 @@ def forecast(times: StepTimes, own_rows: int, own_steps: int, ahead_row_steps: f
     have been measured."""
     if not times.known or own_steps < 1:
         return None
-    alone = times.at(own_rows)
+    alone = times.fastest(own_rows)
     assert alone is not None
     earliest = own_steps * alone
     work = ahead_row_steps + own_rows * own_steps
