@@ -63,7 +63,7 @@ def warm(core, clock):
 
 def test_step_times_are_measured_and_interpolated():
     times = StepTimes()
-    assert forecast(times, 1, 4, 0, 8) is None  # nothing measured: no forecast
+    assert forecast(times, 1, 4, 0, 0, 8) is None  # nothing measured: no forecast
     times.observe(1, 0.11)
     times.observe(4, 0.14)
     assert times.at(1) == pytest.approx(0.11) and times.at(4) == pytest.approx(0.14)
@@ -74,14 +74,13 @@ def test_step_times_are_measured_and_interpolated():
     times = StepTimes()
     times.observe(1, 0.11)
     times.observe(4, 0.14)
-    fc = forecast(times, 1, 4, ahead_row_steps=12, max_batch=4)
+    fc = forecast(times, 1, 4, ahead_row_steps=12, rows_in_flight=3, max_batch=4)
     assert fc.earliest == pytest.approx(4 * 0.11)  # its 4 steps alone
     assert fc.expected == pytest.approx(4 * 0.14)  # 16 row-steps in 4 forwards of 4
-    fc = forecast(times, 1, 4, ahead_row_steps=40, max_batch=4)
+    fc = forecast(times, 1, 4, ahead_row_steps=40, rows_in_flight=10, max_batch=4)
     assert fc.expected == pytest.approx(11 * 0.14)  # ceil(44 / 4) full forwards
-    # within 0.5 s its own steps must run in batches of at most 2 (4 x 0.12 s)
-    fc = forecast(times, 1, 4, ahead_row_steps=12, max_batch=4, within=0.5)
-    assert fc.expected == pytest.approx(8 * 0.12)
+    fc = forecast(times, 1, 4, ahead_row_steps=0, rows_in_flight=1, max_batch=4)
+    assert fc.expected == pytest.approx(4 * 0.12)  # it shares each forward with one
 
 
 def test_earliest_deadline_first_within_a_priority_class():

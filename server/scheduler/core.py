@@ -154,18 +154,22 @@ class SchedulerCore:
             if self.policy.key(req, now) <= key:
                 ahead += req.samples * (req.params.steps - req.step)
         return forecast(self.step_times, params.n, params.steps, ahead,
-                        self.config.max_batch_size, params.timeout_s)
+                        self.rows_in_flight(), self.config.max_batch_size)
 
     def _drop_unreachable(self, now: float, stats: StepStats) -> list[Event]:
-        """Rows that can no longer finish before their deadline, even if they took part
-        in every forward from now, leave before they cost another forward."""
+        """Rows that can no longer finish before their deadline, even in every forward
+        from now at the fastest seen for the batch the load makes, leave before they cost
+        another forward."""
         events: list[Event] = []
+        if not self.step_times.known:
+            return events
+        batch = max(1, min(self.config.max_batch_size, self.rows_in_flight()))
         for req in [r for r in self.waiting + self.running if r.deadline is not None]:
             assert req.deadline is not None
-            left = req.params.steps - req.step
-            fc = forecast(self.step_times, req.samples, left, 0.0,
-                          self.config.max_batch_size)
-            if fc is None or now + fc.earliest <= req.deadline:
+            step_s = self.step_times.fastest(max(req.samples, batch))
+            assert step_s is not None
+            need = (req.params.steps - req.step) * step_s
+            if now + need <= req.deadline:
                 continue
             self._retire(req, Status.TIMED_OUT)
             stats.finished.append(req)
@@ -173,7 +177,7 @@ class SchedulerCore:
             events.append(Failed(req.id, FinishReason.TIMEOUT,
                                  f"dropped at step {req.step}/{req.params.steps}: it can no "
                                  f"longer finish within its timeout of "
-                                 f"{req.params.timeout_s:g} s (needs about {fc.earliest:.2f} s "
+                                 f"{req.params.timeout_s:g} s (needs about {need:.2f} s "
                                  f"more, {max(0.0, req.deadline - now):.2f} s left)",
                                  "deadline_unreachable"))
         return events

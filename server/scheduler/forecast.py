@@ -71,21 +71,15 @@ class Forecast:
 
 
 def forecast(times: StepTimes, own_rows: int, own_steps: int, ahead_row_steps: float,
-             max_batch: int, within: float | None = None) -> Forecast | None:
-    """The best the scheduler can do, over batch sizes: bigger batches drain the work
-    ahead sooner but make each of the request's own steps slower. `within` (its
-    timeout): prefer the sizes that keep its own steps inside it. None until forwards
-    have been measured."""
+             rows_in_flight: int, max_batch: int) -> Forecast | None:
+    """None until forwards have been measured. The batch it will run in is set by the
+    load (every row in flight, up to the largest batch), not chosen for it."""
     if not times.known or own_steps < 1:
         return None
     alone = times.fastest(own_rows)
     assert alone is not None
-    earliest = own_steps * alone
-    work = ahead_row_steps + own_rows * own_steps
-    options = []
-    for batch in range(own_rows, max(own_rows, max_batch) + 1):
-        step_s = times.at(batch)
-        assert step_s is not None
-        options.append((own_steps * step_s, max(own_steps, math.ceil(work / batch)) * step_s))
-    fitting = [o for o in options if within is None or o[0] <= within]
-    return Forecast(earliest, min(e for _, e in (fitting or options)))
+    batch = max(own_rows, min(max_batch, rows_in_flight + own_rows))
+    step_s = times.at(batch)
+    assert step_s is not None
+    forwards = max(own_steps, math.ceil((ahead_row_steps + own_rows * own_steps) / batch))
+    return Forecast(own_steps * alone, forwards * step_s)
