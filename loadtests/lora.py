@@ -1,9 +1,10 @@
 """LoRA adapters mixed in one batch: speed against no adapters and against batches
 split by adapter (the peers' way), overhead by rank, and the built-in adapters' quality.
 
-A saturating load runs through the scheduler core in-process (every request queued at
-once, so batches are as full as the policy allows); variants alternate round by
-round in one process and the table reports medians and ratios.
+A saturating load runs through the scheduler core in-process: a closed loop keeps
+`--in-flight` requests (default two batches' worth) queued or running, so batches
+are as full as the policy allows; variants alternate round by round in one process
+and the table reports medians and ratios.
 
     stepserve bench lora --requests 256 --adapters 1,2,4,8 --ranks 4,16,64 --quality 100
 """
@@ -35,19 +36,30 @@ Plan = list[tuple[LoraChoice, ...]]
 
 
 def images_per_s(engine: TorchEngine, plan: Plan, steps: int, max_batch: int,
-                 lora_batching: str) -> float:
+                 lora_batching: str, in_flight: int) -> float:
+    """A closed loop: `in_flight` requests always queued or running (a new one as each
+    finishes, as when that many clients wait), until the plan is done."""
     core = SchedulerCore(engine, SchedulerConfig(
         max_batch_size=max_batch, max_queue=len(plan) + 1,
         queue_cost=float((len(plan) + 1) * steps), lora_batching=lora_batching))
-    for i, adapters in enumerate(plan):
+
+    def submit(i: int) -> None:
         core.submit(Request(str(i), GenerationParams(PROMPTS[i % len(PROMPTS)], steps, i,
-                                                     1.0, lora=adapters), float(i)))
+                                                     1.0, lora=plan[i]), float(i)))
+
+    sent = min(in_flight, len(plan))
+    for i in range(sent):
+        submit(i)
     start, done = time.perf_counter(), 0
     while core.has_work:
         for e in core.step():
             if isinstance(e, Failed):
                 raise RuntimeError(e.message)
-            done += isinstance(e, Completed)
+            if isinstance(e, Completed):
+                done += 1
+                if sent < len(plan):
+                    submit(sent)
+                    sent += 1
     return done / (time.perf_counter() - start)
 
 
@@ -73,7 +85,8 @@ def speed_rows(engine: TorchEngine, args: argparse.Namespace) -> list[dict]:
     runs: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(args.rounds):
         for name, (plan, mode) in variants.items():
-            runs[name].append(images_per_s(engine, plan, args.steps, args.max_batch, mode))
+            runs[name].append(images_per_s(engine, plan, args.steps, args.max_batch, mode,
+                                           args.in_flight))
     med = {k: statistics.median(v) for k, v in runs.items()}
     rows = []
     for k in args.adapters:
@@ -96,7 +109,8 @@ def rank_rows(engine: TorchEngine, args: argparse.Namespace) -> list[dict]:
     runs: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(args.rounds):
         for name, plan in variants.items():
-            runs[name].append(images_per_s(engine, plan, args.steps, args.max_batch, "mixed"))
+            runs[name].append(images_per_s(engine, plan, args.steps, args.max_batch, "mixed",
+                                           args.in_flight))
     base = statistics.median(runs["none"])
     return [{"rows": name, "img_s": statistics.median(v),
              "vs_none": statistics.median(v) / base} for name, v in runs.items()]
@@ -127,6 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--requests", type=int, default=256)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--in-flight", type=int, default=64,
+                   help="requests queued or running at once (a closed loop)")
     p.add_argument("--rank", type=int, default=8, help="rank of the mixed-load adapters")
     p.add_argument("--adapters", default="1,2,4,8", help="distinct adapters in the load")
     p.add_argument("--ranks", default="4,16,64", help="ranks for the overhead table")

@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="each request's timeout, in idle latencies")
     p.add_argument("--policies", default="off,forecast", help="--deadlines values to compare")
     p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--saturation-s", type=float, default=15.0,
+                   help="seconds of the closed loop that measures saturation")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--precision", default="bf16")
     p.add_argument("--json", type=Path)
@@ -121,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
         with server(*common, "--deadlines", policy) as url:
             if not meta:  # measured once, on the first server: the same load for both
                 idle = asyncio.run(idle_latency(url, args.steps))
-                sat = asyncio.run(saturation(url, args.steps, 2 * args.max_batch_size, 15.0))
+                sat = asyncio.run(saturation(url, args.steps, 2 * args.max_batch_size,
+                                             args.saturation_s))
                 meta = {"idle_latency_s": idle, "saturation_rps": sat,
                         "timeout_s": args.timeout_x * idle, "steps": args.steps}
                 print(json.dumps(meta))

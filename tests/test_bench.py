@@ -33,3 +33,25 @@ def test_bench_rejects_unknown_benchmark():
     r = subprocess.run([sys.executable, "-m", "stepserve.cli", "bench", "nope"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_lora_and_slo_benches_print_their_tables(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "lora.json"
+    subprocess.run([sys.executable, "-m", "stepserve.cli", "bench", "lora", "--requests", "8",
+                    "--adapters", "2", "--ranks", "4", "--rounds", "1", "--in-flight", "4",
+                    "--json", str(out)], check=True, capture_output=True, timeout=600)
+    rows = json.loads(out.read_text())
+    assert rows["speed"][0]["adapters"] == 2 and rows["speed"][0]["mixed_img_s"] > 0
+    assert {r["rows"] for r in rows["rank"]} == {"none", "rank 4", "2 distinct"}
+    out = tmp_path / "slo.json"
+    subprocess.run([sys.executable, "-m", "stepserve.cli", "bench", "slo", "--loads", "2",
+                    "--duration", "3", "--steps", "2", "--saturation-s", "3", "--threads", "1",
+                    "--max-batch-size", "4", "--json", str(out)],
+                   check=True, capture_output=True, timeout=600)
+    result = json.loads(out.read_text())
+    assert [r["deadlines"] for r in result["rows"]] == ["off", "forecast"]
+    assert all(r["offered"] > 0 and 0 <= r["goodput"] <= 1 for r in result["rows"])
