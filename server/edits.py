@@ -120,7 +120,8 @@ async def edit(request: Request) -> Response:
 
 
 @router.post("/v1/jobs/edits", status_code=202, openapi_extra=form_schema(), responses={
-    **error_responses(400, 404, 413, 429, 503, e404="The model is not served here")})
+    **error_responses(400, 404, 413, 429, 503, 504, e404="The model is not served here",
+                      e504="The job's `timeout` cannot be met (refused at once)")})
 async def edit_job(request: Request) -> Response:
     rt = runtime_of(request)
     served, params, spec, req = await resolve_edit(request, rt)

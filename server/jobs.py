@@ -121,8 +121,9 @@ def view(rt: Runtime, job: Job, with_result: bool = True) -> dict[str, Any]:
 
 @router.post("/v1/jobs", status_code=202, responses={
     202: {"model": ImageJob, "description": "The job, queued", "links": JOB_LINKS},
-    **error_responses(400, 404, 413, 429, 503, e404="The model is not served here",
-                      e429="Queue full, the jobs store full, or a rate limit")})
+    **error_responses(400, 404, 413, 429, 503, 504, e404="The model is not served here",
+                      e429="Queue full, the jobs store full, or a rate limit",
+                      e504="The job's `timeout` cannot be met (refused at once)")})
 async def create_job(body: ImageGenerationRequest, request: Request) -> JSONResponse:
     rt = runtime_of(request)
     require_ready(rt)

@@ -76,9 +76,9 @@ def test_step_times_are_measured_and_interpolated():
     times.observe(4, 0.14)
     fc = forecast(times, 1, 4, ahead_row_steps=12, rows_in_flight=3, max_batch=4)
     assert fc.earliest == pytest.approx(4 * 0.11)  # its 4 steps alone
-    assert fc.expected == pytest.approx(4 * 0.14)  # 16 row-steps in 4 forwards of 4
+    assert fc.expected == pytest.approx(5 * 0.14)  # 12 / 4 forwards, then half its own
     fc = forecast(times, 1, 4, ahead_row_steps=40, rows_in_flight=10, max_batch=4)
-    assert fc.expected == pytest.approx(11 * 0.14)  # ceil(44 / 4) full forwards
+    assert fc.expected == pytest.approx(12 * 0.14)  # 40 / 4 + 4 / 2 full forwards
     fc = forecast(times, 1, 4, ahead_row_steps=0, rows_in_flight=1, max_batch=4)
     assert fc.expected == pytest.approx(4 * 0.12)  # it shares each forward with one
 

@@ -3,9 +3,10 @@ dropping: measured seconds per batched forward by batch size, and the denoiser r
 of the work ordered before the request.
 
 Step-level batching keeps the batch full while work is queued, so a request that
-has `ahead` row-steps ordered before it and needs `own` row-steps of its own
-finishes after about (ahead + own) / B forwards of B rows, and never sooner than
-its own steps back to back.
+has `ahead` row-steps ordered before it joins the batch once those have drained to
+the rows that will run beside it (on average half-way through theirs), and then
+needs its own S steps: about ahead / B + S / 2 forwards of B rows, never fewer
+than S.
 """
 
 from __future__ import annotations
@@ -81,5 +82,7 @@ def forecast(times: StepTimes, own_rows: int, own_steps: int, ahead_row_steps: f
     batch = max(own_rows, min(max_batch, rows_in_flight + own_rows))
     step_s = times.at(batch)
     assert step_s is not None
-    forwards = max(own_steps, math.ceil((ahead_row_steps + own_rows * own_steps) / batch))
+    # it joins the batch once the work ahead has drained to the rows still running with
+    # it, on average half-way through theirs: then its own steps run
+    forwards = max(own_steps, math.ceil(ahead_row_steps / batch + own_steps / 2))
     return Forecast(own_steps * alone, forwards * step_s)

@@ -101,8 +101,8 @@ class EngineLoop:
             return
         if fc.earliest > params.timeout_s:
             raise DeadlineUnreachable(
-                f"the request needs about {fc.earliest:.2f} s even in every forward from "
-                f"now, over its timeout of {params.timeout_s:g} s")
+                f"the request needs about {fc.earliest:.3g} s even in every forward from "
+                f"now, over its timeout of {params.timeout_s:.3g} s")
         if fc.expected > params.timeout_s:
             raise QueueFull(f"the work queued ahead would make this request finish in about "
                             f"{fc.expected:.2f} s, over its timeout of "
