@@ -27,6 +27,10 @@ class Metrics:
         self.deadline_dropped = Counter(
             "stepserve_deadline_dropped", "Requests dropped once their deadline became "
             "unreachable (before costing more forwards)", registry=r)
+        self.deadline_requests = Counter(
+            "stepserve_deadline_requests", "Admitted requests with a deadline (a timeout or "
+            "slo_s), by outcome: met (finished in time) or missed (timed out or dropped)",
+            ["outcome"], registry=r)
         self.deadline_refused = Counter(
             "stepserve_deadline_refused", "Requests refused at admission because they would "
             "miss their deadline: late (429, the work ahead) or unreachable (504)",

@@ -30,6 +30,7 @@ from .scheduler.backend import JobBackend
 from .scheduler.core import SchedulerConfig, SchedulerCore, StepStats
 from .scheduler.loop import EngineLoop
 from .scheduler.loop_group import LoopGroup
+from .scheduler.request import Status
 from .settings import Settings
 
 log = logging.getLogger("stepserve")
@@ -234,6 +235,9 @@ class Runtime:
         m = self.metrics
         m.observe_step(stats)
         for req in stats.finished:
+            if req.deadline is not None and req.status in (Status.FINISHED, Status.TIMED_OUT):
+                m.deadline_requests.labels(
+                    "met" if req.status is Status.FINISHED else "missed").inc()
             if req.first_step_at is not None:
                 m.queue_wait.observe(req.first_step_at - req.arrival)
             if req.first_preview_at is not None:

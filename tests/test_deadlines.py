@@ -192,3 +192,4 @@ def test_the_api_answers_unreachable_deadlines_at_once_and_slo_s_is_the_default(
     assert far.json()["error"]["code"] == "deadline_unreachable"
     assert given.status_code == 200  # its own timeout overrides slo_s
     assert 'stepserve_deadline_refused_total{reason="unreachable"} 1.0' in metrics
+    assert 'stepserve_deadline_requests_total{outcome="met"} 2.0' in metrics  # ok, given

@@ -180,15 +180,27 @@ def test_alert_rules_pass_promtool_and_fire_when_they_should(tmp_path):
             {"series": 'stepserve_queue_depth{pod="a"}', "values": "150x30"},
             {"series": 'stepserve_requests_total{status="ok"}', "values": "0+100x30"},
             {"series": 'stepserve_requests_total{status="error"}', "values": "0+10x30"},
-            {"series": 'stepserve_ready{pod="a"}', "values": "0x30"}, *slow],
+            {"series": 'stepserve_ready{pod="a"}', "values": "0x30"},
+            {"series": 'stepserve_deadline_requests_total{outcome="met"}',
+             "values": "0+30x30"},
+            {"series": 'stepserve_deadline_requests_total{outcome="missed"}',
+             "values": "0+10x30"},
+            {"series": 'stepserve_deadline_refused_total{reason="late"}',
+             "values": "0+20x30"}, *slow],
          "alert_rule_test": [quiet("StepserveBacklog", "3m"), fires("StepserveBacklog", "10m"),
                              fires("StepserveErrorRate", "10m"),
                              fires("StepserveLatencyP95", "20m"),
-                             fires("StepserveNotReady", "15m")]},
+                             fires("StepserveNotReady", "15m"),
+                             quiet("StepserveGoodputLow", "5m"),  # not yet for 10m
+                             fires("StepserveGoodputLow", "20m")]},  # 30 / 60 = 0.5
         {"interval": "1m", "input_series": [  # a healthy service raises nothing
             {"series": 'stepserve_queue_depth{pod="a"}', "values": "3x30"},
             {"series": 'stepserve_requests_total{status="ok"}', "values": "0+100x30"},
-            {"series": 'stepserve_ready{pod="a"}', "values": "1x30"}],
+            {"series": 'stepserve_ready{pod="a"}', "values": "1x30"},
+            {"series": 'stepserve_deadline_requests_total{outcome="met"}',
+             "values": "0+99x30"},
+            {"series": 'stepserve_deadline_requests_total{outcome="missed"}',
+             "values": "0+1x30"}],
          "alert_rule_test": [quiet(n, "20m") for n in by_name]}]}
     (tmp_path / "tests.yml").write_text(yaml.safe_dump(tests))
     tested = promtool("test", "rules", str(tmp_path / "tests.yml"))
