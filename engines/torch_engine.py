@@ -12,7 +12,6 @@ import torch
 from stepserve.models.builtin.text import TextBatch
 from stepserve.models.caches.block_cache import RowCache, cached_forward
 from stepserve.models.caches.lazydit import load_gates_for
-from stepserve.models.lora.library import LoraTarget
 
 from .builtin_base import BuiltinEngine
 
@@ -63,10 +62,6 @@ class TorchEngine(BuiltinEngine):
         with self._autocast():
             return self.dit(x.to(self.device), t.to(self.device), d.to(self.device),
                             text.to(self.device)).float()
-
-    @property
-    def lora_target(self) -> LoraTarget | None:
-        return LoraTarget(self.info.model, self.dit)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype is None:

@@ -74,6 +74,17 @@ def mixed_plan(n: int, names: list[str], seed: int = 0) -> Plan:
     return plan
 
 
+def medians(engine: TorchEngine, variants: dict[str, tuple[Plan, str]],
+            args: argparse.Namespace) -> dict[str, float]:
+    """images/s of each (plan, lora_batching) variant, alternated round by round."""
+    runs: dict[str, list[float]] = {v: [] for v in variants}
+    for _ in range(args.rounds):
+        for name, (plan, mode) in variants.items():
+            runs[name].append(images_per_s(engine, plan, args.steps, args.max_batch, mode,
+                                           args.in_flight))
+    return {k: statistics.median(v) for k, v in runs.items()}
+
+
 def speed_rows(engine: TorchEngine, args: argparse.Namespace) -> list[dict]:
     """images/s: no adapters, mixed, split by adapter; per number of distinct adapters."""
     variants: dict[str, tuple[Plan, str]] = {"none": ([()] * args.requests, "mixed")}
@@ -82,12 +93,7 @@ def speed_rows(engine: TorchEngine, args: argparse.Namespace) -> list[dict]:
         plan = mixed_plan(args.requests, names)
         variants[f"mixed/{k}"] = (plan, "mixed")
         variants[f"split/{k}"] = (plan, "split")
-    runs: dict[str, list[float]] = {v: [] for v in variants}
-    for _ in range(args.rounds):
-        for name, (plan, mode) in variants.items():
-            runs[name].append(images_per_s(engine, plan, args.steps, args.max_batch, mode,
-                                           args.in_flight))
-    med = {k: statistics.median(v) for k, v in runs.items()}
+    med = medians(engine, variants, args)
     rows = []
     for k in args.adapters:
         mixed, split = med[f"mixed/{k}"], med[f"split/{k}"]
@@ -100,20 +106,15 @@ def speed_rows(engine: TorchEngine, args: argparse.Namespace) -> list[dict]:
 def rank_rows(engine: TorchEngine, args: argparse.Namespace) -> list[dict]:
     """Every row with one adapter of rank r, and with r distinct adapters of rank 8,
     against no adapters: the cost of the low-rank path itself."""
-    variants: dict[str, Plan] = {"none": [()] * args.requests}
+    variants: dict[str, tuple[Plan, str]] = {"none": ([()] * args.requests, "mixed")}
     for r in args.ranks:
-        variants[f"rank {r}"] = [(LoraChoice(f"r{r}-0"),)] * args.requests
+        variants[f"rank {r}"] = ([(LoraChoice(f"r{r}-0"),)] * args.requests, "mixed")
     for k in args.adapters:
         names = [f"r{args.rank}-{i}" for i in range(k)]
-        variants[f"{k} distinct"] = [(LoraChoice(names[i % k]),) for i in range(args.requests)]
-    runs: dict[str, list[float]] = {v: [] for v in variants}
-    for _ in range(args.rounds):
-        for name, plan in variants.items():
-            runs[name].append(images_per_s(engine, plan, args.steps, args.max_batch, "mixed",
-                                           args.in_flight))
-    base = statistics.median(runs["none"])
-    return [{"rows": name, "img_s": statistics.median(v),
-             "vs_none": statistics.median(v) / base} for name, v in runs.items()]
+        variants[f"{k} distinct"] = ([(LoraChoice(names[i % k]),)
+                                      for i in range(args.requests)], "mixed")
+    med = medians(engine, variants, args)
+    return [{"rows": name, "img_s": v, "vs_none": v / med["none"]} for name, v in med.items()]
 
 
 def quality_rows(engine: TorchEngine, args: argparse.Namespace) -> list[dict]:

@@ -31,6 +31,10 @@ class LoraCatalog(Protocol):
 
     def reload(self) -> None: ...
 
+    @property
+    def source(self) -> object:
+        """What reload() rescans (models sharing one library rescan it once)."""
+
 
 @dataclass
 class LocalLoras:
@@ -51,6 +55,10 @@ class LocalLoras:
 
     def reload(self) -> None:
         self.library.reload()
+
+    @property
+    def source(self) -> object:
+        return self.library
 
 
 @dataclass
@@ -73,12 +81,21 @@ class AnnouncedLoras:
         if items is not None:
             self.infos = AnnouncedLoras.from_json(items).infos
 
+    @property
+    def source(self) -> object:
+        return self
+
     def to_json(self) -> list[dict]:
-        return [dataclasses.asdict(i) for i in self.all()]
+        return catalog_json(self)
 
     @staticmethod
     def from_json(items: list[dict]) -> AnnouncedLoras:
         return AnnouncedLoras({d["name"]: LoraInfo(**d) for d in items})
+
+
+def catalog_json(catalog: LoraCatalog) -> list[dict]:
+    """The adapters as a worker announces them in Redis."""
+    return [dataclasses.asdict(i) for i in catalog.all()]
 
 
 def choose(specs: Sequence[LoraSpec] | None, catalog: LoraCatalog | None, model: str,
@@ -132,8 +149,8 @@ def listing(rt) -> dict:  # rt: server.runtime.Runtime (no import: it imports th
 def reload_all(rt) -> None:
     seen = set()
     for served in rt.models.values():
-        if served.loras is not None and id(served.loras) not in seen:
-            seen.add(id(served.loras))
+        if served.loras is not None and id(served.loras.source) not in seen:
+            seen.add(id(served.loras.source))
             served.loras.reload()
 
 

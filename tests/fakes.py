@@ -82,3 +82,31 @@ class GatedEngine(FakeEngine):
             elif not self._open:
                 self._permits -= 1
         return super().denoise(x, t, d, text)
+
+
+class Clock:
+    """A fake clock for the scheduler core: time moves only when a test moves it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def drain(core, limit: int = 100) -> list:
+    """Step the core until it has no work (at most `limit` steps); all its events."""
+    events: list = []
+    for _ in range(limit):
+        if not core.has_work:
+            break
+        events += core.step()
+    return events
+
+
+def finish(core) -> dict[str, np.ndarray]:
+    """Step the core to the end: each completed request's first image by id."""
+    from stepserve.server.scheduler.events import Completed
+
+    return {e.request_id: e.images[0] for e in drain(core, 10**6)
+            if isinstance(e, Completed)}

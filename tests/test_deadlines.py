@@ -4,21 +4,13 @@ deadline became unreachable, without starving requests that have none."""
 
 import pytest
 
-from fakes import FakeEngine
+from fakes import Clock, FakeEngine, drain
 from stepserve.server.scheduler.backend import DeadlineUnreachable, QueueFull
 from stepserve.server.scheduler.core import SchedulerConfig, SchedulerCore
 from stepserve.server.scheduler.events import Completed, Failed, FinishReason
 from stepserve.server.scheduler.forecast import StepTimes, forecast
 from stepserve.server.scheduler.loop import EngineLoop
 from stepserve.server.scheduler.request import GenerationParams, Request
-
-
-class Clock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self):
-        return self.now
 
 
 class TimedEngine(FakeEngine):
@@ -45,13 +37,8 @@ def params(steps=4, timeout=None, priority=0, n=1):
     return GenerationParams("p", steps, 1, 1.0, n=n, timeout_s=timeout, priority=priority)
 
 
-def run(core, limit=500):
-    events = []
-    for _ in range(limit):
-        if not core.has_work:
-            break
-        events += core.step()
-    return events
+def run(core):
+    return drain(core, 500)
 
 
 def warm(core, clock):
@@ -152,41 +139,28 @@ def test_requests_without_a_deadline_are_not_starved_by_ones_with():
 
 
 def test_the_api_answers_unreachable_deadlines_at_once_and_slo_s_is_the_default():
-    import asyncio
     import time
 
-    import httpx
-
-    from stepserve.server.app import create_app
-    from stepserve.server.settings import Settings
+    from inprocess import make_app
+    from inprocess import run as run_app
 
     class SlowEngine(FakeEngine):
         def denoise(self, x, t, d, text):
             time.sleep(0.02)
             return super().denoise(x, t, d, text)
 
-    app = create_app(Settings(warmup_batch_sizes=[1], slo_s=0.5, result_cache_mb=0),
-                     builder=lambda s: SlowEngine())
-    rt = app.state.runtime
-    rt.start(background=False)
+    app = make_app(SlowEngine(), slo_s=0.5, result_cache_mb=0)
 
-    async def go():
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://x") as h:
-            ok = await h.post("/v1/images/generations",
-                              json={"prompt": "p", "num_inference_steps": 2})
-            far = await h.post("/v1/images/generations",
-                               json={"prompt": "p", "num_inference_steps": 60})
-            given = await h.post("/v1/images/generations",
-                                 json={"prompt": "p", "num_inference_steps": 60,
-                                       "timeout": 30})
-            metrics = (await h.get("/metrics")).text
-            return ok, far, given, metrics
+    async def go(client, h):
+        ok = await h.post("/v1/images/generations",
+                          json={"prompt": "p", "num_inference_steps": 2})
+        far = await h.post("/v1/images/generations",
+                           json={"prompt": "p", "num_inference_steps": 60})
+        given = await h.post("/v1/images/generations",
+                             json={"prompt": "p", "num_inference_steps": 60, "timeout": 30})
+        return ok, far, given, (await h.get("/metrics")).text
 
-    try:
-        ok, far, given, metrics = asyncio.run(go())
-    finally:
-        rt.shutdown()
+    ok, far, given, metrics = run_app(app, go)
     assert ok.status_code == 200
     assert far.status_code == 504  # 60 x >= 20 ms > slo_s 0.5 s: refused at once
     assert far.json()["error"]["code"] == "deadline_unreachable"

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from fakes import finish
 from stepserve.models.builtin.shapes import to_uint8
 from stepserve.models.sampling.edit import Edit, composite, start_step
 from stepserve.models.sampling.state import init_state, run_to_completion, step_batch
@@ -109,7 +110,6 @@ def test_diffusers_img2img_equals_the_pipeline_also_batched(family, tmp_path_fac
     from stepserve.engines.diffusers_engine import DiffusersEngine
     from stepserve.models.families.tiny import tiny_sd, tiny_sdxl
     from stepserve.server.scheduler.core import SchedulerConfig, SchedulerCore
-    from stepserve.server.scheduler.events import Completed
     from stepserve.server.scheduler.request import GenerationParams, Request
 
     folder = (tiny_sd if family == "sd" else tiny_sdxl)(tmp_path_factory.mktemp(family) / "m")
@@ -134,11 +134,7 @@ def test_diffusers_img2img_equals_the_pipeline_also_batched(family, tmp_path_fac
     for rid, (prompt, seed, steps, strength, g) in jobs.items():
         core.submit(Request(rid, GenerationParams(prompt, steps, seed, g,
                                                   edit=Edit(src, strength)), 1.0))
-    images = {}
-    while core.has_work:
-        for e in core.step():
-            if isinstance(e, Completed):
-                images[e.request_id] = e.images[0]
+    images = finish(core)
     for rid, args in jobs.items():
         ref = reference(*args)
         assert np.abs(images[rid].astype(int) - ref.astype(int)).max() <= 1, rid
@@ -170,7 +166,6 @@ def test_inpainting_checkpoints_equal_the_inpaint_pipeline(strength, tmp_path_fa
     from stepserve.engines.diffusers_engine import DiffusersEngine
     from stepserve.models.families.tiny import tiny_sd
     from stepserve.server.scheduler.core import SchedulerConfig, SchedulerCore
-    from stepserve.server.scheduler.events import Completed
     from stepserve.server.scheduler.request import GenerationParams, Request
 
     folder = tiny_sd(tmp_path_factory.mktemp("inpaint") / "m", inpaint=True)
@@ -186,11 +181,7 @@ def test_inpainting_checkpoints_equal_the_inpaint_pipeline(strength, tmp_path_fa
     for rid, (seed, g) in {"a": (5, 3.0), "b": (6, 1.0)}.items():
         core.submit(Request(rid, GenerationParams("a red circle", 4, seed, g,
                                                   edit=Edit(src, strength, editable)), 0.0))
-    images = {}
-    while core.has_work:
-        for e in core.step():
-            if isinstance(e, Completed):
-                images[e.request_id] = e.images[0]
+    images = finish(core)
     for rid, (seed, g) in {"a": (5, 3.0), "b": (6, 1.0)}.items():
         ref = pipe("a red circle", image=Image.fromarray(src),
                    mask_image=Image.fromarray((editable * 255).astype(np.uint8)),
@@ -212,7 +203,6 @@ def test_flow_matching_img2img_equals_the_pipeline(family, tmp_path_factory):
     from stepserve.engines.diffusers_engine import DiffusersEngine
     from stepserve.models.families.tiny import tiny_flux, tiny_sd3
     from stepserve.server.scheduler.core import SchedulerConfig, SchedulerCore
-    from stepserve.server.scheduler.events import Completed
     from stepserve.server.scheduler.request import GenerationParams, Request
 
     folder = (tiny_sd3 if family == "sd3" else tiny_flux)(tmp_path_factory.mktemp(family) / "m")
@@ -228,11 +218,7 @@ def test_flow_matching_img2img_equals_the_pipeline(family, tmp_path_factory):
     for rid, (prompt, seed, steps, strength, g) in jobs.items():
         core.submit(Request(rid, GenerationParams(prompt, steps, seed, g,
                                                   edit=Edit(src, strength)), 0.0))
-    images = {}
-    while core.has_work:
-        for e in core.step():
-            if isinstance(e, Completed):
-                images[e.request_id] = e.images[0]
+    images = finish(core)
     for rid, (prompt, seed, steps, strength, g) in jobs.items():
         extra = {"height": size, "width": size}
         ref = img2img(prompt, image=Image.fromarray(src), strength=strength,

@@ -2,13 +2,11 @@
 model: plain, streamed, masked, as a job, and every bad input as a 4xx naming it."""
 
 import asyncio
-import base64
 import io
 
-import httpx
 import numpy as np
-import openai
 import pytest
+from inprocess import decode, make_app, run
 from PIL import Image
 
 from stepserve.server.app import create_app
@@ -30,30 +28,6 @@ def png(array: np.ndarray, mode: str | None = None) -> bytes:
     out = io.BytesIO()
     Image.fromarray(array, mode).save(out, "PNG")
     return out.getvalue()
-
-
-def make_app(engine, **settings):
-    app = create_app(Settings(warmup_batch_sizes=[1], **settings), builder=lambda s: engine)
-    app.state.runtime.start(background=False)
-    return app
-
-
-def run(app, fn):
-    async def go():
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as h:
-            client = openai.AsyncOpenAI(base_url="http://localhost/v1", api_key="unused",
-                                        http_client=h)
-            return await fn(client, h)
-
-    try:
-        return asyncio.run(go())
-    finally:
-        app.state.runtime.shutdown()
-
-
-def decode(b64: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
 
 
 def test_openai_client_edits_plain_streamed_and_masked(engine, source):

@@ -3,22 +3,18 @@ listed adapters, generations, edits and jobs with adapters, the result cache key
 them, reloading, and every bad value as a 4xx naming the field."""
 
 import asyncio
-import base64
 import io
 
-import httpx
 import numpy as np
-import openai
 import pytest
 import torch
+from inprocess import decode, make_app, run
 from PIL import Image
 from safetensors.torch import save_file
 
 from stepserve.models.lora.testing import random_builtin_adapter
-from stepserve.server.app import create_app
 from stepserve.server.scheduler.offline import generate_offline
 from stepserve.server.scheduler.request import LoraChoice
-from stepserve.server.settings import Settings
 
 PROMPT = "a large red circle in the center on a white background"
 
@@ -37,24 +33,7 @@ def folder(engine, tmp_path):
 
 
 def serve(engine, fn, **settings):
-    app = create_app(Settings(warmup_batch_sizes=[1], **settings), builder=lambda s: engine)
-    app.state.runtime.start(background=False)
-
-    async def go():
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as h:
-            client = openai.AsyncOpenAI(base_url="http://localhost/v1", api_key="unused",
-                                        http_client=h)
-            return await fn(client, h)
-
-    try:
-        return asyncio.run(go())
-    finally:
-        app.state.runtime.shutdown()
-
-
-def decode(b64: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+    return run(make_app(engine, **settings), fn)
 
 
 def test_listing_generation_cache_key_and_jobs(engine, folder):

@@ -335,18 +335,20 @@ def test_job_scripts_enqueue_once_and_give_up_on_a_job_that_kills_workers(redis_
     assert r.xpending(stream, keys.GROUP)["pending"] == 0  # acknowledged: not retried
 
 
+def finished(url: str, job: str) -> dict:
+    """Poll a job through an API replica until it ends."""
+    for _ in range(600):
+        view = httpx.get(f"{url}/v1/jobs/{job}").json()
+        if view["status"] in ("completed", "failed"):
+            return view
+        time.sleep(0.05)
+    raise AssertionError("job did not end")
+
+
 def test_results_are_the_same_from_any_api_replica(redis_url, cluster):
     api, _ = cluster
     other = ServerProcess("--redis-url", redis_url, role="api")
     other.wait_ready()
-
-    def finished(url: str, job: str) -> dict:
-        for _ in range(600):
-            view = httpx.get(f"{url}/v1/jobs/{job}").json()
-            if view["status"] in ("completed", "failed"):
-                return view
-            time.sleep(0.1)
-        raise AssertionError("job did not end")
 
     try:
         # a url result made through one replica is served by the other
@@ -379,32 +381,24 @@ def test_api_role_keeps_no_results_locally_and_copies_nothing_per_cache_hit(redi
     small.wait_ready()
     client = redis.Redis.from_url(redis_url)
 
-    def finished(job: str) -> dict:
-        for _ in range(600):
-            view = httpx.get(f"{small.url}/v1/jobs/{job}").json()
-            if view["status"] in ("completed", "failed"):
-                return view
-            time.sleep(0.05)
-        raise AssertionError("job did not end")
-
     try:
         for i in range(6):  # read each to its end: the store makes room, never a 429
             r = httpx.post(f"{small.url}/v1/jobs", json={"prompt": PROMPT, "seed": 900 + i,
                                                          "num_inference_steps": 2})
             assert r.status_code == 202, r.text
-            assert finished(r.json()["id"])["status"] == "completed"
+            assert finished(small.url, r.json()["id"])["status"] == "completed"
         results = len(client.keys("stepserve:result:*"))
         for _ in range(4):  # cache hits point at the shared cache: no copy of the images
             r = httpx.post(f"{small.url}/v1/jobs", json={"prompt": PROMPT, "seed": 900,
                                                          "num_inference_steps": 2})
-            assert finished(r.json()["id"])["status"] == "completed"
+            assert finished(small.url, r.json()["id"])["status"] == "completed"
         assert len(client.keys("stepserve:result:*")) == results
         files = len(client.keys("stepserve:files:file:*"))
         r = httpx.post(f"{small.url}/v1/jobs", json={"prompt": PROMPT, "seed": 950, "n": 2,
                                                      "num_inference_steps": 2,
                                                      "response_format": "url"})
-        first = finished(r.json()["id"])
-        assert finished(r.json()["id"])["result"]["data"] == first["result"]["data"]
+        first = finished(small.url, r.json()["id"])
+        assert finished(small.url, r.json()["id"])["result"]["data"] == first["result"]["data"]
         assert len(client.keys("stepserve:files:file:*")) - files == 2  # minted once
     finally:
         small.stop()

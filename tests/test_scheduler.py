@@ -2,18 +2,10 @@
 
 import pytest
 
-from fakes import BOOM, FakeEngine
+from fakes import BOOM, Clock, FakeEngine, drain
 from stepserve.server.scheduler.core import QueueFull, SchedulerConfig, SchedulerCore
 from stepserve.server.scheduler.events import Completed, Failed, FinishReason, Preview
 from stepserve.server.scheduler.request import GenerationParams, Request, Status, preview_steps
-
-
-class Clock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self):
-        return self.now
 
 
 def make(config=None, clock=None):
@@ -29,13 +21,7 @@ def req(rid, steps=4, n=1, priority=0, arrival=0.0, prompt="p", partial=0, timeo
                                          timeout_s=timeout), arrival)
 
 
-def run(core, limit=100):
-    events = []
-    for _ in range(limit):
-        if not core.has_work:
-            break
-        events += core.step()
-    return events
+run = drain
 
 
 def test_requests_join_and_leave_between_steps():

@@ -28,7 +28,8 @@ BG, POS, COLOUR = (ATTRIBUTES.index(a) for a in ("background", "position", "colo
 
 
 def lora_rows(generate: GenerateLora, stick: Yardstick, n: int, steps_list: list[int],
-              guidance: float | None = None, choose: Callable = tuple) -> list[dict]:
+              choose: Callable[[str, float], object], guidance: float | None = None
+              ) -> list[dict]:
     """`choose(name, scale)` makes one request's adapter choice (the caller's type)."""
     ps = prompt_set("seen", n)
     labels = ps.labels

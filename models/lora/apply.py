@@ -42,20 +42,18 @@ class _Plan:
 
     rows: list[Adapters | None]
     index: list[int] | None = None  # the subset now running (None: all rows)
-    prepared: dict[Any, Any] = field(default_factory=dict)  # per (module, subset), ...)
+    prepared: dict[tuple, Any] = field(default_factory=dict)  # per layer / adapter set
+    distinct: list[LoraWeights] = field(init=False)  # every row's adapters, each once
+
+    def __post_init__(self) -> None:
+        seen: dict[int, LoraWeights] = {}
+        for sel in self.rows:
+            for adapter, _ in sel or ():
+                seen.setdefault(id(adapter), adapter)
+        self.distinct = list(seen.values())
 
     def current(self) -> list[Adapters | None]:
         return self.rows if self.index is None else [self.rows[i] for i in self.index]
-
-    def distinct(self) -> list[LoraWeights]:
-        """The adapters of all rows, each once, in first-seen order."""
-        if "distinct" not in self.prepared:
-            seen: dict[int, LoraWeights] = {}
-            for sel in self.rows:
-                for adapter, _ in sel or ():
-                    seen.setdefault(id(adapter), adapter)
-            self.prepared["distinct"] = list(seen.values())
-        return self.prepared["distinct"]
 
 
 _ACTIVE: ContextVar[_Plan | None] = ContextVar("stepserve_lora_rows", default=None)
@@ -148,7 +146,7 @@ class LoraHooks:
                                "must say so with lora.apply.subset")
         # the rows and masks depend only on which of the batch's adapters adapt this
         # layer: usually every layer alike, so they are built once per forward
-        present = tuple(a for a in plan.distinct() if path in a.modules)
+        present = tuple(a for a in plan.distinct if path in a.modules)
         shared = (tuple(id(a) for a in present), subset)
         if shared not in plan.prepared:
             plan.prepared[shared] = _layout(current, present, batch)

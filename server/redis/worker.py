@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
+from ..loras import catalog_json
 from ..scheduler.backend import Handle, QueueFull
 from ..scheduler.events import Completed, Failed, FinishReason, Preview
 from . import keys, scripts
@@ -90,7 +90,7 @@ class RedisWorker:
                 if "BUSYGROUP" not in str(exc):
                     raise
             meta = {"info": _info_dict(served.info), "caps": served.caps.to_json(),
-                    "loras": [dataclasses.asdict(i) for i in served.loras.all()]
+                    "loras": catalog_json(served.loras)
                     if served.loras is not None else None}
             await self.r.hset(keys.MODELS, name, json.dumps(meta))
 
