@@ -38,6 +38,7 @@ from .protocol import (
     ImagesResponse,
     usage_for,
 )
+from .quality import apply_quality, ran
 from .result_cache import result_key
 from .runtime import Runtime, Served
 from .scheduler.backend import (
@@ -121,6 +122,7 @@ def resolve(body: ImageGenerationRequest, rt: Runtime
         cache=cache if cache.enabled else None, schedule=schedule,
         mode=body.mode or "throughput",
         lora=choose(body.lora, served.loras, s.model_name, s.max_loras_per_request))
+    params = apply_quality(body, params, caps, s.model_name, info.engine)
     spec = OutputSpec(body.response_format or "b64_json", body.output_format or "png",
                       body.output_compression, f"{w * upscale}x{h * upscale}", upscale)
     return served, params, spec
@@ -165,7 +167,9 @@ def submit(rt: Runtime, served: Served, params: GenerationParams,
            seeded: bool = False) -> Submission:
     """Queue the request, or answer it from the exact result cache (seeded requests)."""
     require_ready(rt)
-    key = result_key(served.info, params) if seeded and rt.results.max_bytes else None
+    # auto's images depend on the plan the load picks: never answered from the cache
+    cacheable = seeded and rt.results.max_bytes and not params.ladder
+    key = result_key(served.info, params) if cacheable else None
     _, h, w = served.info.image_shape
     tokens = h * w // 16  # usage: one output token per 4x4 pixels
     if key is not None:
@@ -282,7 +286,8 @@ async def answer(rt: Runtime, request: Request, served: Served, params: Generati
     out = ImagesResponse(created=int(time.time()), data=data, background="opaque",
                          output_format=spec.output_format, quality=body.quality or "auto",
                          size=spec.size,
-                         usage=usage_for(params.prompt, params.n, sub.image_tokens))
+                         usage=usage_for(params.prompt, params.n, sub.image_tokens),
+                         stepserve=ran(params, event))
     return JSONResponse(out.model_dump(exclude_none=True))
 
 
@@ -318,7 +323,7 @@ async def stream(rt: Runtime, request: Request, sub: Submission, spec: OutputSpe
         for i, data in enumerate(await encode_all(final.images, spec)):
             payload = {"type": f"{kind}.completed", "b64_json": b64(data),
                        "created_at": int(time.time()), "image_index": i, "usage": usage,
-                       **common}
+                       "stepserve": ran(handle.params, final), **common}
             yield {"event": payload["type"], "data": json.dumps(payload)}
     finally:
         if final is None:  # client disconnected mid-stream

@@ -30,6 +30,7 @@ from .generation import (
 )
 from .job_store import Job
 from .protocol import ImageGenerationRequest, ImageJob, ImageJobList, ImagesResponse, usage_for
+from .quality import ran
 from .runtime import Runtime, Served
 from .scheduler.events import Completed, Failed, FinishReason, Preview
 from .scheduler.request import GenerationParams
@@ -77,8 +78,8 @@ async def follow(rt: Runtime, request: Request, job: Job, params: GenerationPara
             job.result = ImagesResponse(
                 created=int(time.time()), data=[], background="opaque",
                 output_format=job.spec.output_format, size=job.spec.size,
-                usage=usage_for(params.prompt, params.n, job.sub.image_tokens)
-            ).model_dump(exclude_none=True)
+                usage=usage_for(params.prompt, params.n, job.sub.image_tokens),
+                stepserve=ran(job.sub.handle.params, event)).model_dump(exclude_none=True)
             job.status = "completed"
         elif isinstance(event, Failed) and event.reason is FinishReason.CANCELLED:
             job.status, event = "cancelled", None

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .scheduler.core import StepStats
+from .scheduler.request import Request, Status
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -35,6 +36,18 @@ class Metrics:
             "stepserve_deadline_refused", "Requests refused at admission because they would "
             "miss their deadline: late (429, the work ahead) or unreachable (504)",
             ["reason"], registry=r)
+        self.quality_requests = Counter(
+            "stepserve_quality_requests", "Finished requests that named a `quality`, by the "
+            "level asked and the plan run (auto: asked, high, medium or low)",
+            ["quality", "level"], registry=r)
+        self.quality_degraded = Counter(
+            "stepserve_quality_degraded", "Finished auto requests run below what they asked, "
+            "by plan level and reason: load (chosen at admission) or behind (safe cache "
+            "switched on part-way)", ["level", "reason"], registry=r)
+        self.forecast_ratio = Histogram(
+            "stepserve_finish_forecast_ratio", "Actual / predicted time to finish of requests "
+            "admitted with a forecast (1 = exact; above 1: later than predicted)",
+            buckets=(0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2, 4), registry=r)
         self.requests = Counter("stepserve_requests", "Finished image requests by status",
                                 ["status"], registry=r)
         self.latency = Histogram("stepserve_request_latency_seconds",
@@ -94,10 +107,23 @@ class Metrics:
             self.cache_skipped_blocks.labels(policy=policy).inc(n)
         if stats.dropped:
             self.deadline_dropped.inc(stats.dropped)
+        for req in stats.finished:
+            self.observe_finished(req)
         if stats.batch_samples:
             self.batch_size.observe(stats.batch_samples)
             self.forward_s.observe(stats.forward_s)
             self.steps.inc(stats.batch_samples)
+
+    def observe_finished(self, req: Request) -> None:
+        if req.status is not Status.FINISHED:
+            return
+        p = req.params
+        if p.quality is not None:
+            self.quality_requests.labels(quality=p.quality, level=p.level or p.quality).inc()
+        if req.degraded is not None:
+            self.quality_degraded.labels(level=p.level or "", reason=req.degraded).inc()
+        if req.predicted_s:
+            self.forecast_ratio.observe((req.last_served - req.arrival) / req.predicted_s)
 
     def watch(self, waiting: Callable[[], float], running: Callable[[], float]) -> None:
         """Gauges read at scrape time, so they are right even while the core is idle."""

@@ -10,7 +10,7 @@ rule) and `guidance_scale: 2` the number 2.0. NaN and infinities are refused.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -125,6 +125,7 @@ class ImagesResponse(BaseModel):
     quality: str | None = None
     size: str | None = None
     usage: Usage | None = None
+    stepserve: dict[str, Any] | None = None  # what ran: quality, level, steps, cache
 
 
 def usage_for(prompt: str, n: int, image_tokens: int) -> Usage:

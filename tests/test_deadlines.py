@@ -4,25 +4,13 @@ deadline became unreachable, without starving requests that have none."""
 
 import pytest
 
-from fakes import Clock, FakeEngine, drain
+from fakes import Clock, FakeEngine, TimedEngine, drain
 from stepserve.server.scheduler.backend import DeadlineUnreachable, QueueFull
 from stepserve.server.scheduler.core import SchedulerConfig, SchedulerCore
 from stepserve.server.scheduler.events import Completed, Failed, FinishReason
 from stepserve.server.scheduler.forecast import StepTimes, forecast
 from stepserve.server.scheduler.loop import EngineLoop
 from stepserve.server.scheduler.request import GenerationParams, Request
-
-
-class TimedEngine(FakeEngine):
-    """Each forward takes 0.1 s + 0.01 s per row of fake time."""
-
-    def __init__(self, clock):
-        super().__init__()
-        self.clock = clock
-
-    def denoise(self, x, t, d, text):
-        self.clock.now += 0.1 + 0.01 * x.shape[0]
-        return super().denoise(x, t, d, text)
 
 
 def make(max_batch=4, aging_s=5.0):

@@ -77,6 +77,24 @@ def test_openai_client_through_api_and_worker(cluster):
     assert "stepserve_denoising_steps_total" in worker_metrics
 
 
+def test_quality_runs_on_the_worker_and_the_response_says_what_ran(cluster):
+    api, _ = cluster
+    client = openai.OpenAI(base_url=f"{api.url}/v1", api_key="unused", max_retries=0)
+    r = client.images.generate(prompt=PROMPT, quality="medium", extra_body={"seed": 2})
+    assert r.stepserve == {"quality": "medium", "level": None, "steps": 8,
+                           "cache": "ab-cache"}
+    r = client.images.generate(prompt=PROMPT, quality="auto", extra_body={"timeout": 60.0})
+    assert r.stepserve["level"] == "asked"  # the worker planned it: an idle server
+    job = httpx.post(f"{api.url}/v1/jobs", json={"prompt": PROMPT, "quality": "low"}).json()
+    for _ in range(300):
+        view = httpx.get(f"{api.url}/v1/jobs/{job['id']}").json()
+        if view["status"] in ("completed", "failed"):
+            break
+        time.sleep(0.05)
+    assert view["result"]["stepserve"] == {"quality": "low", "level": None, "steps": 2,
+                                           "cache": None}
+
+
 def test_killed_worker_job_is_rerun_by_another(redis_url, cluster):
     import socket
 

@@ -53,6 +53,19 @@ class ABCacheConfig(StepCache):
     def skipped(self, state: ABState) -> ABState:
         return skipped(state)
 
+    def forwards(self, steps: int) -> int:
+        """The fixed-interval pattern, counted; an adaptive threshold may compute every
+        step, so it counts all of them."""
+        if self.threshold is not None:
+            return steps
+        run, in_row = 0, 0
+        for step in range(steps):
+            if step in (0, steps - 1) or in_row >= min(self.max_skips, self.interval - 1):
+                run, in_row = run + 1, 0
+            else:
+                in_row += 1
+        return run
+
 
 @dataclass(frozen=True)
 class ABState:

@@ -71,6 +71,11 @@ class CacheConfig(metaclass=_ByPolicy):
     def enabled(self) -> bool:
         return self.policy != "none"
 
+    def forwards(self, steps: int) -> int:
+        """Denoiser forwards a request of `steps` steps is expected to run (admission's
+        cost model); policies that skip whole steps on a fixed pattern say fewer."""
+        return steps
+
     @staticmethod
     def parse(value: str | dict[str, Any] | None, default: CacheConfig | None = None
               ) -> CacheConfig:

@@ -124,6 +124,14 @@ def cache_states(cache: CacheConfig | None) -> tuple[Any, tuple[Any, Any] | None
     return None, None
 
 
+def with_cache(state: S, cache: CacheConfig) -> S:
+    """The state with a fresh cache from its next step on (`quality: auto` switching a
+    request that has fallen behind to the model's safe cache)."""
+    cache_state, rows = cache_states(cache)
+    return replace(state, cache=cache, cache_state=cache_state,  # type: ignore[type-var]
+                   row_caches=rows)
+
+
 def skipped_blocks(state: RowState) -> float:
     """Blocks a forward cache has reused for this state so far."""
     caches = state.row_caches

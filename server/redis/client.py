@@ -173,8 +173,9 @@ class RedisLoop:
                     "message": "the job was lost when Redis restarted without persistence; "
                                "submit it again"}
         status = meta.get(b"status", b"").decode()
-        if status == "completed":
-            return {"type": "completed", "steps": int(meta.get(b"steps", 1))}
+        if status == "completed":  # what ran (older workers stored no outcome)
+            return {"type": "completed", "steps": int(meta.get(b"steps", 1)),
+                    **json.loads(meta.get(b"outcome", b"{}") or b"{}")}
         if status == "failed":
             return {"type": "failed", **json.loads(meta.get(b"error", b"{}") or b"{}")}
         cancelled = status == "cancelled" or meta.get(b"cancelled") == b"1"
@@ -190,7 +191,8 @@ class RedisLoop:
                                                RESULT_MISSING))
                 return
             await handle.events.put(Completed(job_id, images_from_bytes(blob),
-                                              event["steps"]))
+                                              event["steps"], event.get("cache"),
+                                              event.get("level")))
         elif event["type"] == "failed":
             await handle.events.put(failure_from_json(job_id, event))
         else:  # cancelled, perhaps through another API replica: end this side's wait too

@@ -4,7 +4,6 @@ raw bytes with a shape header (never pickled)."""
 from __future__ import annotations
 
 import base64
-import dataclasses
 import json
 
 import numpy as np
@@ -13,13 +12,16 @@ from stepserve.models.caches.config import CacheConfig
 from stepserve.models.sampling.edit import Edit
 
 from ..scheduler.events import Failed, FinishReason
+from ..scheduler.plan import Plan, cache_json
 from ..scheduler.request import GenerationParams, LoraChoice
 
 
 def params_to_json(p: GenerationParams) -> str:
     d = dict(vars(p))  # shallow: the edit's pixels are encoded below, not copied
-    d["cache"] = {"policy": p.cache.policy, **dataclasses.asdict(p.cache)} if p.cache else None
+    d["cache"] = cache_json(p.cache)
     d["edit"] = edit_to_json(p.edit) if p.edit else None
+    d["ladder"] = [plan.to_json() for plan in p.ladder]
+    d["safe_cache"] = cache_json(p.safe_cache)
     return json.dumps(d)
 
 
@@ -51,6 +53,8 @@ def params_from_json(text: str) -> GenerationParams:
     if d.get("schedule"):
         d["schedule"] = tuple((k, tuple(v)) for k, v in d["schedule"])
     d["lora"] = tuple(LoraChoice(*c) for c in d.get("lora") or ())
+    d["ladder"] = tuple(Plan.from_json(plan) for plan in d.get("ladder") or ())
+    d["safe_cache"] = CacheConfig.parse(d["safe_cache"]) if d.get("safe_cache") else None
     return GenerationParams(**d)
 
 

@@ -69,7 +69,7 @@ if st == 'completed' or st == 'failed' or st == 'cancelled' then
   return 0
 end
 if ARGV[8] ~= '' then redis.call('SET', KEYS[2], ARGV[8], 'EX', ARGV[7]) end
-redis.call('HSET', KEYS[1], 'status', ARGV[3], 'ended_at', ARGV[4])
+redis.call('HSET', KEYS[1], 'status', ARGV[3], 'ended_at', ARGV[4], 'outcome', ARGV[6])
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[5]) end
 redis.call('EXPIRE', KEYS[1], ARGV[7])
 redis.call('PUBLISH', KEYS[4], ARGV[6])

@@ -193,7 +193,9 @@ class RedisWorker:
                     continue
                 if isinstance(event, Completed):
                     await self._finish(act.model, act.entry, job_id, "completed",
-                                       {"type": "completed", "steps": event.steps},
+                                       {"type": "completed", "steps": event.steps,
+                                        "cache": event.cache, "level": event.level,
+                                        "quality": act.handle.params.quality},
                                        images_to_bytes(event.images))
                 elif isinstance(event, Failed):
                     await self._finish(act.model, act.entry, job_id, "failed",

@@ -19,9 +19,11 @@ from stepserve.engines.base import Engine
 from stepserve.models.sampling.edit import composite
 
 from .backend import QueueFull
+from .deadlines import Deadlines
 from .events import Completed, Event, Failed, FinishReason, Preview
-from .forecast import Forecast, StepTimes, forecast
+from .forecast import Forecast, StepTimes
 from .policy import BatchPolicy
+from .quality import choose
 from .request import GenerationParams, Request, Status
 
 log = logging.getLogger("stepserve.scheduler")
@@ -66,6 +68,7 @@ class StepStats:
     skipped: dict[str, int] = field(default_factory=dict)  # cache policy -> skipped image-steps
     skipped_blocks: dict[str, float] = field(default_factory=dict)  # policy -> skipped blocks
     dropped: int = 0  # requests dropped: their deadline became unreachable
+    revised: int = 0  # auto requests that took their safe cache part-way
 
 
 class SchedulerCore:
@@ -81,6 +84,7 @@ class SchedulerCore:
         self.last_stats = StepStats()
         self.default_sampler = engine.capabilities.default_sampler
         self.step_times = StepTimes()  # measured on `clock`, so a fake clock can drive it
+        self.deadlines = Deadlines(self.policy, config.max_batch_size, self.step_times)
 
     # -- intake ---------------------------------------------------------------------------
     def submit(self, req: Request) -> None:
@@ -89,6 +93,7 @@ class SchedulerCore:
         if req.samples > self.config.max_batch_size:
             raise ValueError(f"n={req.samples} exceeds max batch size "
                              f"{self.config.max_batch_size}")
+        self.plan(req, self.clock())  # auto requests their backend has not planned
         self.waiting.append(req)
 
     def cancel(self, request_id: str) -> Request | None:
@@ -115,6 +120,7 @@ class SchedulerCore:
         stats = StepStats()
         events: list[Event] = self._expire(now, stats)
         if self.config.deadlines:
+            self._revise(now, stats)
             events += self._drop_unreachable(now, stats)
         events += self._admit(now, stats)
         events += self._skip_ahead(stats)
@@ -142,35 +148,43 @@ class SchedulerCore:
 
     # -- deadlines ------------------------------------------------------------------------
     def rows_in_flight(self) -> int:
-        return sum(r.samples for r in list(self.waiting) + list(self.running))
+        return Deadlines.rows(list(self.waiting) + list(self.running))
 
     def forecast(self, params: GenerationParams, now: float) -> Forecast | None:
         """When a new request would finish, from the work ordered before it (read from
         another thread: list copies, no lock)."""
-        new = Request("", params, now)
-        key = self.policy.key(new, now)
-        ahead = 0.0
-        for req in list(self.waiting) + list(self.running):
-            if self.policy.key(req, now) <= key:
-                ahead += req.samples * (req.params.steps - req.step)
-        return forecast(self.step_times, params.n, params.steps, ahead,
-                        self.rows_in_flight(), self.config.max_batch_size)
+        return self.deadlines.forecast(list(self.waiting) + list(self.running), params, now)
+
+    def plan(self, req: Request, now: float) -> None:
+        """`quality: auto`: the best plan whose forecast meets the deadline (else the
+        cheapest), chosen once; a plan below the request as asked is degraded by load."""
+        params = req.params
+        if not params.ladder:
+            return
+        deadline = params.timeout_s
+
+        def fits(p: GenerationParams) -> bool:
+            if deadline is None or not self.config.deadlines:
+                return True
+            fc = self.forecast(p, now)
+            return fc is None or fc.expected <= deadline
+
+        req.params = choose(params, fits)
+        if req.params.level != params.ladder[0].level:
+            req.degraded = "load"
+        fc = self.forecast(req.params, now)
+        req.predicted_s = None if fc is None else fc.expected
+
+    def _revise(self, now: float, stats: StepStats) -> None:
+        """Auto requests that have fallen behind take their model's safe cache (once)."""
+        stats.revised += len(self.deadlines.behind(self.waiting + self.running, now))
 
     def _drop_unreachable(self, now: float, stats: StepStats) -> list[Event]:
-        """Rows that can no longer finish before their deadline, even in every forward
-        from now at the fastest seen for the batch the load makes, leave before they cost
-        another forward."""
+        """Rows that can no longer finish before their deadline leave before they cost
+        another forward (deadlines.py)."""
         events: list[Event] = []
-        if not self.step_times.known:
-            return events
-        batch = max(1, min(self.config.max_batch_size, self.rows_in_flight()))
-        for req in [r for r in self.waiting + self.running if r.deadline is not None]:
+        for req, need in self.deadlines.unreachable(self.waiting + self.running, now):
             assert req.deadline is not None
-            step_s = self.step_times.fastest(max(req.samples, batch))
-            assert step_s is not None
-            need = (req.params.steps - req.step) * step_s
-            if now + need <= req.deadline:
-                continue
             self._retire(req, Status.TIMED_OUT)
             stats.finished.append(req)
             stats.dropped += 1
@@ -341,7 +355,9 @@ class SchedulerCore:
                 images = composite(images, req.params.edit)  # outside the mask, exactly
             self._retire(req, Status.FINISHED)
             stats.finished.append(req)
-            return [Completed(req.id, images, req.params.steps)]
+            return [Completed(req.id, images, req.params.steps,
+                              None if req.params.cache is None else req.params.cache.policy,
+                              req.params.level)]
         if req.step in req.due_previews:
             x0 = torch.stack([s.x0 if s.x0 is not None else s.x for s in req.states])
             req.previews_sent += 1

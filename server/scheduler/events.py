@@ -36,7 +36,9 @@ class Preview:
 class Completed:
     request_id: str
     images: np.ndarray  # uint8 (n, H, W, 3)
-    steps: int
+    steps: int  # the steps it ran
+    cache: str | None = None  # the step-cache policy it ran with
+    level: str | None = None  # `quality: auto`'s plan ("asked", "high", ...)
 
 
 @dataclass(frozen=True)

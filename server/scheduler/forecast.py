@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from .request import GenerationParams
+
 
 @dataclass
 class StepTimes:
@@ -71,11 +73,19 @@ class Forecast:
     expected: float  # seconds from now, the work ordered before it included
 
 
-def forecast(times: StepTimes, own_rows: int, own_steps: int, ahead_row_steps: float,
+def forwards_left(params: GenerationParams, step: int) -> float:
+    """Forwards a request still needs from `step`: its steps, fewer where its step cache
+    skips whole steps on a fixed pattern (spread evenly over the schedule)."""
+    total = params.steps if params.cache is None else params.cache.forwards(params.steps)
+    return total * max(0, params.steps - step) / params.steps
+
+
+def forecast(times: StepTimes, own_rows: int, own_steps: float, ahead_row_steps: float,
              rows_in_flight: int, max_batch: int) -> Forecast | None:
-    """None until forwards have been measured. The batch it will run in is set by the
-    load (every row in flight, up to the largest batch), not chosen for it."""
-    if not times.known or own_steps < 1:
+    """None until forwards have been measured. `own_steps` and `ahead_row_steps` count
+    forwards (a step cache's skipped steps take none). The batch it will run in is set
+    by the load (every row in flight, up to the largest batch), not chosen for it."""
+    if not times.known or own_steps <= 0:
         return None
     alone = times.fastest(own_rows)
     assert alone is not None

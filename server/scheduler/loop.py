@@ -78,27 +78,30 @@ class EngineLoop:
         if params.n > self.core.config.max_batch_size:
             raise ValueError(f"n={params.n} exceeds the server's max batch size "
                              f"{self.core.config.max_batch_size}")
-        self._check_deadline(params)
-        handle = Handle(new_request_id(), params, backend=self)
+        req = Request(new_request_id(), params, self.core.clock())
+        self.core.plan(req, req.arrival)  # quality: auto picks its plan here, once
+        req.predicted_s = self._check_deadline(req.params) or req.predicted_s
+        handle = Handle(req.id, req.params, backend=self)
         with self._lock:
             if len(self._handles) >= self.core.config.max_queue:
                 raise QueueFull(f"queue is full ({self.core.config.max_queue} requests)",
                                 self.admission.full_retry_after(len(self._handles)))
-            self.admission.admit(handle.id, params)
+            self.admission.admit(handle.id, req.params)
             self._handles[handle.id] = (handle, asyncio.get_running_loop())
-        self._inbox.put(("submit", Request(handle.id, params, self.core.clock())))
+        self._inbox.put(("submit", req))
         self._wake.set()
         return handle
 
-    def _check_deadline(self, params: GenerationParams) -> None:
+    def _check_deadline(self, params: GenerationParams) -> float | None:
         """Refuse now what cannot finish in time: DeadlineUnreachable when even running in
         every forward from now is too slow; QueueFull with the wait until it would fit
-        when the work ahead of it is (an honest Retry-After: the forecast's excess)."""
+        when the work ahead of it is (an honest Retry-After: the forecast's excess).
+        Returns the forecast seconds to finish, when there is one."""
         if params.timeout_s is None or not self.core.config.deadlines:
-            return
+            return None
         fc = self.core.forecast(params, self.core.clock())
         if fc is None:  # nothing measured yet: admit
-            return
+            return None
         if fc.earliest > params.timeout_s:
             raise DeadlineUnreachable(
                 f"the request needs about {fc.earliest:.3g} s even in every forward from "
@@ -108,6 +111,7 @@ class EngineLoop:
                             f"{fc.expected:.2f} s, over its timeout of "
                             f"{params.timeout_s:g} s", fc.expected - params.timeout_s,
                             deadline=True)
+        return fc.expected
 
     def progress(self, request_id: str) -> Progress:
         """Read without stopping the core: "queued" (position 0 = next to be admitted)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from stepserve.models.caches.config import CacheConfig
 from stepserve.models.sampling.edit import Edit
 from stepserve.models.sampling.state import SamplerState
+
+if TYPE_CHECKING:
+    from .plan import Plan
 
 
 class Status(enum.IntEnum):
@@ -53,6 +56,10 @@ class GenerationParams:
     tenant: str = ""  # whose share of the queue it uses (an API key's id, or an address)
     edit: Edit | None = None  # img2img / inpainting source (models/sampling/edit.py)
     lora: tuple[LoraChoice, ...] = ()  # LoRA adapters applied to this request's rows
+    quality: str | None = None  # the level asked: "low" / "medium" / "high" / "auto"
+    level: str | None = None  # auto's chosen plan (quality.py); None until chosen
+    ladder: tuple[Plan, ...] = ()  # auto's plans, best first, until one is chosen
+    safe_cache: CacheConfig | None = None  # auto may switch it on part-way (once)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.n < 1 or self.partial_images < 0:
@@ -82,6 +89,8 @@ class Request:
     first_preview_at: float | None = None
     first_step_at: float | None = None
     picard: Any = None  # a PicardState while running in latency mode
+    predicted_s: float | None = None  # admission's forecast of its time to finish
+    degraded: str | None = None  # why auto runs it below what it asked: "load" / "behind"
 
     def __post_init__(self) -> None:
         self.last_served = self.arrival

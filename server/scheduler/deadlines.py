@@ -1,0 +1,77 @@
+"""Deadline decisions over the core's requests: when a new one would finish, which can no
+longer finish in time (dropped), and which `quality: auto` requests have fallen behind
+(their safe cache switched on). The core retires and reports; this module only decides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from stepserve.models.sampling.batch import with_cache
+
+from .forecast import Forecast, StepTimes, forecast, forwards_left
+from .policy import BatchPolicy
+from .request import GenerationParams, Request
+
+
+@dataclass
+class Deadlines:
+    policy: BatchPolicy
+    max_batch: int
+    times: StepTimes
+
+    @staticmethod
+    def rows(reqs: Sequence[Request]) -> int:
+        return sum(r.samples for r in reqs)
+
+    def forecast(self, reqs: Sequence[Request], params: GenerationParams, now: float,
+                 req: Request | None = None) -> Forecast | None:
+        """When a request finishes (a new one with `params`, or `req` of `reqs` from its
+        current step), behind the work in `reqs` ordered before it."""
+        own = req if req is not None else Request("", params, now)
+        key = self.policy.key(own, now)
+        ahead = sum(r.samples * forwards_left(r.params, r.step) for r in reqs
+                    if r is not own and self.policy.key(r, now) <= key)
+        rows = self.rows(reqs) - (own.samples if req is not None else 0)
+        return forecast(self.times, params.n, forwards_left(params, own.step), ahead,
+                        rows, self.max_batch)
+
+    def unreachable(self, reqs: Sequence[Request], now: float) -> list[tuple[Request, float]]:
+        """Requests that cannot finish before their deadline even in every forward from
+        now at the fastest seen for the batch the load makes (a lower bound, so a slow
+        spell condemns nothing), with the seconds they still need."""
+        if not self.times.known:
+            return []
+        batch = max(1, min(self.max_batch, self.rows(reqs)))
+        out = []
+        for req in reqs:
+            if req.deadline is None:
+                continue
+            step_s = self.times.fastest(max(req.samples, batch))
+            assert step_s is not None
+            need = forwards_left(req.params, req.step) * step_s
+            if now + need > req.deadline:
+                out.append((req, need))
+        return out
+
+    def behind(self, reqs: Sequence[Request], now: float) -> list[Request]:
+        """Auto requests not yet revised whose forecast now misses their deadline: their
+        model's safe cache is switched on from the next step (once)."""
+        revised = []
+        for req in reqs:
+            p = req.params
+            if (p.level is None or p.safe_cache is None or p.cache is not None
+                    or req.deadline is None or req.picard is not None or req.degraded):
+                continue
+            fc = self.forecast(reqs, p, now, req)
+            if fc is None or now + fc.expected <= req.deadline:
+                continue
+            cheaper = replace(p, cache=p.safe_cache)
+            if forwards_left(cheaper, req.step) >= forwards_left(p, req.step):
+                continue
+            req.params = cheaper
+            req.states = [with_cache(s, p.safe_cache) for s in req.states]
+            req.degraded = "behind"
+            revised.append(req)
+        return revised

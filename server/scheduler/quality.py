@@ -1,0 +1,28 @@
+"""`quality: auto`: the choice among a request's plans (plan.py).
+
+The backend picks the best plan whose forecast meets the deadline when it admits the
+request; the core may switch the model's safe cache on once, at a step boundary, for
+a request that has fallen behind (deadlines.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+from .plan import Plan
+from .request import GenerationParams
+
+
+def choose(params: GenerationParams, fits: Callable[[GenerationParams], bool]
+           ) -> GenerationParams:
+    """An auto request's plan: the best that `fits` (meets its deadline), else the
+    cheapest; the result carries no ladder (chosen once)."""
+    if not params.ladder:
+        return params
+    options = [with_plan(params, plan) for plan in params.ladder]
+    return next((p for p in options if fits(p)), options[-1])
+
+
+def with_plan(params: GenerationParams, plan: Plan) -> GenerationParams:
+    return replace(params, steps=plan.steps, cache=plan.cache, level=plan.level, ladder=())
