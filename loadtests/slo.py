@@ -1,11 +1,15 @@
 """Goodput under overload: open-loop Poisson load at multiples of the saturation rate,
-every request with a timeout of `--timeout-x` times its idle latency, against a
-server with deadline-aware scheduling (`--deadlines forecast`) and without it
-(`--deadlines off`: everything admitted, only the timeout ends a request).
+every request with a timeout of `--timeout-x` times its idle latency, for three
+policies: `off` (today's admission: everything admitted, only the timeout ends a
+request), `forecast` (deadline-aware admission, ordering and dropping, fixed
+quality) and `auto` (the same server, requests sent with `quality: auto`, their
+steps a ceiling).
 
 Goodput is the share of offered requests answered with an image within their
 timeout. Saturation is measured first: the completions per second of a closed loop
-that keeps the server's batch full.
+that keeps the server's batch full. The prompts are the yardstick's seen set, so the
+images delivered in time are scored too: all-five accuracy and FD (the built-in
+model's yardstick), with the steps and caches they actually ran.
 
     stepserve bench slo --loads 0.5,1,1.5,2 --duration 30 --steps 16
 """
@@ -14,40 +18,62 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import io
 import json
 import random
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import numpy as np
+from PIL import Image
+
+from stepserve.models.builtin.yardstick import Yardstick, prompt_set
 
 from .launch import server
 
-PROMPTS = ["a small red circle in the top left on a white background",
-           "a large blue square at the bottom right on a yellow background",
-           "a green triangle, small, in the centre on a black background"]
+PROMPTS = prompt_set("seen", 500)
 
 
-async def one(client: httpx.AsyncClient, url: str, steps: int, seed: int,
-              timeout: float | None) -> tuple[int, float, str]:
-    body: dict = {"prompt": PROMPTS[seed % len(PROMPTS)], "num_inference_steps": steps,
-                  "seed": seed}
+@dataclass
+class Sample:
+    status: int
+    latency_s: float
+    code: str = ""  # the error code of a request not served
+    index: int = 0  # into PROMPTS
+    ran: dict | None = None  # the response's stepserve block
+    png: bytes = b""
+
+
+async def one(client: httpx.AsyncClient, url: str, steps: int, index: int,
+              timeout: float | None, quality: str | None = None) -> Sample:
+    i = index % len(PROMPTS.prompts)
+    body: dict = {"prompt": PROMPTS.prompts[i], "num_inference_steps": steps,
+                  "seed": PROMPTS.seeds[i] + index // len(PROMPTS.prompts)}
     if timeout is not None:
         body["timeout"] = round(timeout, 3)
+    if quality is not None:
+        body["quality"] = quality
     start = time.perf_counter()
     try:
         r = await client.post(f"{url}/v1/images/generations", json=body)
-        code = r.json().get("error", {}).get("code", "") if r.status_code != 200 else ""
-        return r.status_code, time.perf_counter() - start, code or ""
     except httpx.HTTPError:
-        return 599, time.perf_counter() - start, "transport"
+        return Sample(599, time.perf_counter() - start, "transport", i)
+    latency = time.perf_counter() - start
+    d = r.json()
+    if r.status_code != 200:
+        return Sample(r.status_code, latency, d.get("error", {}).get("code") or "", i)
+    return Sample(200, latency, "", i, d.get("stepserve"),
+                  base64.b64decode(d["data"][0]["b64_json"]))
 
 
 async def idle_latency(url: str, steps: int, n: int = 5) -> float:
     async with httpx.AsyncClient(timeout=300) as c:
-        return statistics.median([(await one(c, url, steps, i, None))[1] for i in range(n)])
+        return statistics.median([(await one(c, url, steps, i, None)).latency_s
+                                  for i in range(n)])
 
 
 async def saturation(url: str, steps: int, concurrency: int, seconds: float) -> float:
@@ -60,8 +86,8 @@ async def saturation(url: str, steps: int, concurrency: int, seconds: float) -> 
         async with httpx.AsyncClient(timeout=300) as c:
             i = 0
             while time.perf_counter() < stop:
-                status, _, _ = await one(c, url, steps, 1000 * k + i, None)
-                done += status == 200
+                ok = (await one(c, url, steps, 1000 * k + i, None)).status == 200
+                done += ok  # after the await: `done += await ...` would read it before
                 i += 1
 
     start = time.perf_counter()
@@ -70,7 +96,7 @@ async def saturation(url: str, steps: int, concurrency: int, seconds: float) -> 
 
 
 async def open_loop(url: str, rate: float, seconds: float, steps: int, timeout: float,
-                    seed: int) -> list[tuple[int, float, str]]:
+                    seed: int, quality: str | None = None) -> list[Sample]:
     rng = random.Random(seed)
     limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200)
     async with httpx.AsyncClient(timeout=timeout + 60, limits=limits) as client:
@@ -80,22 +106,37 @@ async def open_loop(url: str, rate: float, seconds: float, steps: int, timeout: 
         while t < seconds:
             await asyncio.sleep(max(0.0, start + t - time.perf_counter()))
             tasks.append(asyncio.create_task(one(client, url, steps, rng.randrange(10**6),
-                                                 timeout)))
+                                                 timeout, quality)))
             t += rng.expovariate(rate)
         return list(await asyncio.gather(*tasks))
 
 
-def summarise(samples: list[tuple[int, float, str]], timeout: float) -> dict:
-    ok = [lat for status, lat, _ in samples if status == 200 and lat <= timeout]
-    lat = np.array([lat for status, lat, _ in samples if status == 200] or [np.nan])
+def summarise(samples: list[Sample], timeout: float, stick: Yardstick | None) -> dict:
+    good = [x for x in samples if x.status == 200 and x.latency_s <= timeout]
+    lat = np.array([x.latency_s for x in samples if x.status == 200] or [np.nan])
     codes: dict[str, int] = {}
-    for status, _, code in samples:
-        if status != 200:
-            key = f"{status} {code}".strip()
+    for x in samples:
+        if x.status != 200:
+            key = f"{x.status} {x.code}".strip()
             codes[key] = codes.get(key, 0) + 1
-    return {"offered": len(samples), "goodput": len(ok) / max(1, len(samples)),
-            "p50_s": float(np.percentile(lat, 50)), "p95_s": float(np.percentile(lat, 95)),
-            "p99_s": float(np.percentile(lat, 99)), "refused_or_failed": codes}
+    plans: dict[str, int] = {}
+    for x in good:
+        ran = x.ran or {}
+        key = f"{ran.get('steps')}{'+' + ran['cache'] if ran.get('cache') else ''}"
+        plans[key] = plans.get(key, 0) + 1
+    row = {"offered": len(samples), "goodput": len(good) / max(1, len(samples)),
+           "p50_s": float(np.percentile(lat, 50)), "p95_s": float(np.percentile(lat, 95)),
+           "p99_s": float(np.percentile(lat, 99)), "refused_or_failed": codes,
+           "mean_steps": float(np.mean([(x.ran or {}).get("steps", 0) for x in good]))
+           if good else float("nan"), "plans": plans}
+    if stick is not None and good:
+        images = np.stack([np.asarray(Image.open(io.BytesIO(x.png)).convert("RGB"))
+                           for x in good])
+        labels = PROMPTS.labels[[x.index for x in good]]
+        scenes = tuple(PROMPTS.scenes[x.index] for x in good)
+        row["all_five"] = stick.accuracy(images, labels)["all_five"]
+        row["fd"] = stick.fd(images, scenes)
+    return row
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -106,7 +147,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--timeout-x", type=float, default=4.0,
                    help="each request's timeout, in idle latencies")
-    p.add_argument("--policies", default="off,forecast", help="--deadlines values to compare")
+    p.add_argument("--policies", default="off,forecast,auto",
+                   help="off / forecast (fixed quality) / auto (quality: auto)")
+    p.add_argument("--no-yardstick", action="store_true",
+                   help="skip scoring the delivered images")
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--saturation-s", type=float, default=15.0,
                    help="seconds of the closed loop that measures saturation")
@@ -118,10 +162,13 @@ def main(argv: list[str] | None = None) -> None:
     common = ["--threads", str(args.threads), "--precision", args.precision,
               "--max-batch-size", str(args.max_batch_size), "--result-cache-mb", "0",
               "--max-queue", "4096", "--warmup-batch-sizes", "1", str(args.max_batch_size)]
+    stick = None if args.no_yardstick else Yardstick()
     rows, meta = [], {}
     for policy in args.policies.split(","):
-        with server(*common, "--deadlines", policy) as url:
-            if not meta:  # measured once, on the first server: the same load for both
+        deadlines = "off" if policy == "off" else "forecast"
+        quality = "auto" if policy == "auto" else None
+        with server(*common, "--deadlines", deadlines) as url:
+            if not meta:  # measured once, on the first server: the same load for all
                 idle = asyncio.run(idle_latency(url, args.steps))
                 sat = asyncio.run(saturation(url, args.steps, 2 * args.max_batch_size,
                                              args.saturation_s))
@@ -132,20 +179,30 @@ def main(argv: list[str] | None = None) -> None:
             for i, load in enumerate(loads):
                 samples = asyncio.run(open_loop(url, load * meta["saturation_rps"],
                                                 args.duration, args.steps,
-                                                meta["timeout_s"], seed=i))
-                row = {"deadlines": policy, "load_x": load, **summarise(samples,
-                                                                         meta["timeout_s"])}
+                                                meta["timeout_s"], seed=i, quality=quality))
+                row = {"policy": policy, "load_x": load,
+                       **summarise(samples, meta["timeout_s"], stick)}
                 rows.append(row)
                 print(json.dumps(row))
                 time.sleep(2 * meta["timeout_s"])  # let the previous load's work end
-    print("\n| deadlines | load x | offered | goodput | p50 s | p95 s | p99 s | not served |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['deadlines']} | {r['load_x']:g} | {r['offered']} | {r['goodput']:.2f} | "
-              f"{r['p50_s']:.2f} | {r['p95_s']:.2f} | {r['p99_s']:.2f} | "
-              f"{', '.join(f'{k}: {v}' for k, v in sorted(r['refused_or_failed'].items()))} |")
+    print(table(rows))
     if args.json:
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+
+
+def table(rows: list[dict]) -> str:
+    out = ["", "| policy | load x | offered | goodput | p50 s | p95 s | p99 s | mean steps "
+           "| plans (steps+cache: images) | all-five | FD | not served |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        plans = ", ".join(f"{k}: {v}" for k, v in sorted(r["plans"].items()))
+        failed = ", ".join(f"{k}: {v}" for k, v in sorted(r["refused_or_failed"].items()))
+        five = f"{r['all_five']:.1f}" if "all_five" in r else ""
+        fd = f"{r['fd']:.1f}" if "fd" in r else ""
+        out.append(f"| {r['policy']} | {r['load_x']:g} | {r['offered']} | {r['goodput']:.2f} "
+                   f"| {r['p50_s']:.2f} | {r['p95_s']:.2f} | {r['p99_s']:.2f} | "
+                   f"{r['mean_steps']:.1f} | {plans} | {five} | {fd} | {failed} |")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,22 @@ class Metrics:
             "stepserve_finish_forecast_ratio", "Actual / predicted time to finish of requests "
             "admitted with a forecast (1 = exact; above 1: later than predicted)",
             buckets=(0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2, 4), registry=r)
+        self.preemptions = Counter(
+            "stepserve_preemptions", "Requests left out of a forward after running in the "
+            "last one (higher-ranked work took the batch)", registry=r)
+        self.paused_rows = Gauge("stepserve_paused_rows", "Rows of running requests left "
+                                 "out of the last forward", registry=r)
+        self.paused_s = Histogram("stepserve_paused_seconds", "How long a preempted request "
+                                  "stayed paused before its next forward",
+                                  buckets=LATENCY_BUCKETS, registry=r)
+        self.offloaded_rows = Counter(
+            "stepserve_state_offload_rows", "Rows whose paused state moved to host memory "
+            "(out) or back before their forward (in)", ["direction"], registry=r)
+        self.state_waits = Counter(
+            "stepserve_live_state_waits", "Admission steps a request waited because the "
+            "live-state budget (live_state_mb) was full", registry=r)
+        self.live_bytes = Gauge("stepserve_live_state_bytes", "Live request state on the "
+                                "device after the last step", registry=r)
         self.requests = Counter("stepserve_requests", "Finished image requests by status",
                                 ["status"], registry=r)
         self.latency = Histogram("stepserve_request_latency_seconds",
@@ -109,6 +125,15 @@ class Metrics:
             self.deadline_dropped.inc(stats.dropped)
         for req in stats.finished:
             self.observe_finished(req)
+        self.preemptions.inc(stats.preempted)
+        for seconds in stats.paused_s:
+            self.paused_s.observe(seconds)
+        if stats.batch_requests:
+            self.paused_rows.set(stats.paused_rows)
+        self.offloaded_rows.labels(direction="out").inc(stats.offloaded_rows)
+        self.offloaded_rows.labels(direction="in").inc(stats.restored_rows)
+        self.state_waits.inc(stats.state_waits)
+        self.live_bytes.set(stats.live_bytes)
         if stats.batch_samples:
             self.batch_size.observe(stats.batch_samples)
             self.forward_s.observe(stats.forward_s)

@@ -201,7 +201,10 @@ class Runtime:
                                  queue_cost=float(settings.max_queue * settings.default_steps),
                                  queue_share=settings.queue_share,
                                  lora_batching=settings.lora_batching,
-                                 deadlines=settings.deadlines == "forecast")
+                                 deadlines=settings.deadlines == "forecast",
+                                 live_state_bytes=int(settings.live_state_mb * 2**20),
+                                 offload={"auto": None, "on": True, "off": False}[
+                                     settings.offload])
         engines, loops = [], []
         for device in devices:
             engine = self.builder(settings.model_copy(update={"device": device}))

@@ -97,6 +97,13 @@ class Settings(BaseSettings):
         "forecast", description="forecast: refuse what would miss its deadline, drop rows "
         "that can no longer meet it, earliest deadline first; off: admit everything (only "
         "the timeout ends a request; for comparison)")
+    live_state_mb: float = Field(
+        1024, gt=0, description="most live request state (latents, prompt encodings, cache "
+        "history) kept on the device; past it paused requests' state moves to host memory "
+        "(GPU engines, --offload) or new requests wait for admission")
+    offload: Literal["auto", "on", "off"] = Field(
+        "auto", description="move paused requests' state to host memory past live_state_mb "
+        "(auto: on GPU engines; off: new requests wait instead)")
     default_steps: int = Field(4, ge=1, le=100, description="steps when a request names none")
     max_steps: int = Field(64, ge=1, le=100, description="most steps a request may ask for")
     url_ttl_s: float = Field(3600.0, gt=0, description="how long url results stay fetchable")

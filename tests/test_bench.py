@@ -53,5 +53,7 @@ def test_lora_and_slo_benches_print_their_tables(tmp_path):
                     "--max-batch-size", "4", "--json", str(out)],
                    check=True, capture_output=True, timeout=600)
     result = json.loads(out.read_text())
-    assert [r["deadlines"] for r in result["rows"]] == ["off", "forecast"]
+    assert [r["policy"] for r in result["rows"]] == ["off", "forecast", "auto"]
     assert all(r["offered"] > 0 and 0 <= r["goodput"] <= 1 for r in result["rows"])
+    served = [r for r in result["rows"] if r["goodput"] > 0]
+    assert served and all(0 <= r["all_five"] <= 100 and r["mean_steps"] >= 1 for r in served)

@@ -19,11 +19,12 @@ from stepserve.engines.base import Engine
 from stepserve.models.sampling.edit import composite
 
 from .backend import QueueFull
-from .deadlines import Deadlines
+from .deadlines import Deadlines, dropped
 from .events import Completed, Event, Failed, FinishReason, Preview
 from .forecast import Forecast, StepTimes
+from .live_state import LiveState
 from .policy import BatchPolicy
-from .quality import choose
+from .quality import plan
 from .request import GenerationParams, Request, Status
 
 log = logging.getLogger("stepserve.scheduler")
@@ -42,6 +43,8 @@ class SchedulerConfig:
     lora_batching: str = "mixed"  # policy.py
     deadlines: bool = True  # forecast admission, dropping and EDF (False: admit all, FIFO
     # within a class; the behaviour before them, kept to measure the difference)
+    live_state_bytes: int | None = None  # budget on live request state (live_state.py)
+    offload: bool | None = None  # paused state to host past it (None: on GPU engines)
 
     def __post_init__(self) -> None:
         if self.batching not in ("step", "request"):
@@ -69,6 +72,13 @@ class StepStats:
     skipped_blocks: dict[str, float] = field(default_factory=dict)  # policy -> skipped blocks
     dropped: int = 0  # requests dropped: their deadline became unreachable
     revised: int = 0  # auto requests that took their safe cache part-way
+    preempted: int = 0  # requests left out of this forward after running in the last
+    paused_s: list[float] = field(default_factory=list)  # pauses that ended this step
+    paused_rows: int = 0  # rows of running requests not in this forward
+    offloaded_rows: int = 0  # rows whose state moved to the host / back this step
+    restored_rows: int = 0
+    state_waits: int = 0  # requests left waiting: the live-state budget was full
+    live_bytes: int = 0  # live request state on the device after this step
 
 
 class SchedulerCore:
@@ -85,6 +95,9 @@ class SchedulerCore:
         self.default_sampler = engine.capabilities.default_sampler
         self.step_times = StepTimes()  # measured on `clock`, so a fake clock can drive it
         self.deadlines = Deadlines(self.policy, config.max_batch_size, self.step_times)
+        device = torch.device(engine.info.device)
+        offload = config.offload if config.offload is not None else device.type == "cuda"
+        self.live = LiveState(config.live_state_bytes, device, offload)
 
     # -- intake ---------------------------------------------------------------------------
     def submit(self, req: Request) -> None:
@@ -130,8 +143,10 @@ class SchedulerCore:
         else:
             batch = self._pick(now)
             if batch:
+                self._pause_and_resume(batch, now, stats)
                 events += self._forward(batch, stats)
         stats.waiting, stats.running = len(self.waiting), len(self.running)
+        stats.live_bytes = self.live.on_device(self.running)
         self.last_stats = stats
         return events
 
@@ -156,24 +171,8 @@ class SchedulerCore:
         return self.deadlines.forecast(list(self.waiting) + list(self.running), params, now)
 
     def plan(self, req: Request, now: float) -> None:
-        """`quality: auto`: the best plan whose forecast meets the deadline (else the
-        cheapest), chosen once; a plan below the request as asked is degraded by load."""
-        params = req.params
-        if not params.ladder:
-            return
-        deadline = params.timeout_s
-
-        def fits(p: GenerationParams) -> bool:
-            if deadline is None or not self.config.deadlines:
-                return True
-            fc = self.forecast(p, now)
-            return fc is None or fc.expected <= deadline
-
-        req.params = choose(params, fits)
-        if req.params.level != params.ladder[0].level:
-            req.degraded = "load"
-        fc = self.forecast(req.params, now)
-        req.predicted_s = None if fc is None else fc.expected
+        """`quality: auto`: its plan, chosen once (quality.py)."""
+        plan(req, lambda p: self.forecast(p, now), self.config.deadlines)
 
     def _revise(self, now: float, stats: StepStats) -> None:
         """Auto requests that have fallen behind take their model's safe cache (once)."""
@@ -184,16 +183,10 @@ class SchedulerCore:
         another forward (deadlines.py)."""
         events: list[Event] = []
         for req, need in self.deadlines.unreachable(self.waiting + self.running, now):
-            assert req.deadline is not None
             self._retire(req, Status.TIMED_OUT)
             stats.finished.append(req)
             stats.dropped += 1
-            events.append(Failed(req.id, FinishReason.TIMEOUT,
-                                 f"dropped at step {req.step}/{req.params.steps}: it can no "
-                                 f"longer finish within its timeout of "
-                                 f"{req.params.timeout_s:g} s (needs about {need:.2f} s "
-                                 f"more, {max(0.0, req.deadline - now):.2f} s left)",
-                                 "deadline_unreachable"))
+            events.append(dropped(req, need, now))
         return events
 
     def _admit(self, now: float, stats: StepStats) -> list[Event]:
@@ -202,11 +195,17 @@ class SchedulerCore:
             return []
         room = self.config.max_batch_size * (1 if self.config.batching == "request" else 4)
         room -= sum(r.samples for r in self.running)
-        chosen = []
+        chosen: list[Request] = []
+        rows = 0
         for req in self.policy.order(self.waiting, now):
-            if req.samples <= room:
-                chosen.append(req)
-                room -= req.samples
+            if req.samples > room:
+                continue
+            if not self.live.room_for(req.samples, self.running, rows):
+                stats.state_waits += 1  # it waits, unbuilt, until state is freed
+                continue
+            chosen.append(req)
+            room -= req.samples
+            rows += req.samples
         if not chosen:
             return []
         start = time.perf_counter()
@@ -230,6 +229,7 @@ class SchedulerCore:
                 log.exception("building the sampler state failed for %s", req.id)
                 events += self._fail([req], stats, exc)
                 continue
+            self.live.measure(req)
             req.status = Status.RUNNING
             self.waiting.remove(req)
             self.running.append(req)
@@ -250,6 +250,16 @@ class SchedulerCore:
         if self.config.batching == "request":
             return list(self.running)
         return self.policy.pick(self.running, now)
+
+    def _pause_and_resume(self, batch: list[Request], now: float, stats: StepStats) -> None:
+        """Record preemptions; past the live-state budget paused state leaves the
+        device; state of this batch's requests comes back first."""
+        ranked = self.policy.order(self.running, now)
+        stats.preempted, stats.paused_s = self.live.paused(batch, ranked, now)
+        stats.paused_rows = sum(r.samples for r in self.running) - sum(r.samples
+                                                                        for r in batch)
+        stats.restored_rows = self.live.restore(batch)
+        stats.offloaded_rows = self.live.offload_paused(batch, ranked)
 
     def _latency_request(self) -> Request | None:
         """Latency mode runs only while its request is alone: then the idle batch slots go
@@ -345,6 +355,8 @@ class SchedulerCore:
                   ) -> list[Event]:
         """Take a request's new states; emit its completion or a due preview."""
         req.states = states
+        if req.step <= 4 or req.step % 8 == 0:  # its size settles in the first steps (x0,
+            self.live.measure(req)  # cache history); 12 us a measure, so not every step
         req.last_served = now
         if req.first_step_at is None:
             req.first_step_at = now

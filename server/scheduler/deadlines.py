@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 
 from stepserve.models.sampling.batch import with_cache
 
+from .events import Failed, FinishReason
 from .forecast import Forecast, StepTimes, forecast, forwards_left
 from .policy import BatchPolicy
 from .request import GenerationParams, Request
@@ -75,3 +76,13 @@ class Deadlines:
             req.degraded = "behind"
             revised.append(req)
         return revised
+
+
+def dropped(req: Request, need: float, now: float) -> Failed:
+    """The event of a request dropped because its deadline became unreachable."""
+    assert req.deadline is not None
+    return Failed(req.id, FinishReason.TIMEOUT,
+                  f"dropped at step {req.step}/{req.params.steps}: it can no longer finish "
+                  f"within its timeout of {req.params.timeout_s:g} s (needs about "
+                  f"{need:.2f} s more, {max(0.0, req.deadline - now):.2f} s left)",
+                  "deadline_unreachable")

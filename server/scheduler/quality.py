@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 
+from .forecast import Forecast
 from .plan import Plan
-from .request import GenerationParams
+from .request import GenerationParams, Request
 
 
 def choose(params: GenerationParams, fits: Callable[[GenerationParams], bool]
@@ -26,3 +27,26 @@ def choose(params: GenerationParams, fits: Callable[[GenerationParams], bool]
 
 def with_plan(params: GenerationParams, plan: Plan) -> GenerationParams:
     return replace(params, steps=plan.steps, cache=plan.cache, level=plan.level, ladder=())
+
+
+def plan(req: Request, forecast: Callable[[GenerationParams], Forecast | None],
+         enforce: bool) -> None:
+    """An auto request's plan: the best whose forecast meets its deadline (any plan
+    fits without one, or when deadlines are not enforced); a plan below the request
+    as asked is degraded by load. Sets the forecast it was admitted with."""
+    params = req.params
+    if not params.ladder:
+        return
+    deadline = params.timeout_s
+
+    def fits(p: GenerationParams) -> bool:
+        if deadline is None or not enforce:
+            return True
+        fc = forecast(p)
+        return fc is None or fc.expected <= deadline
+
+    req.params = choose(params, fits)
+    if req.params.level != params.ladder[0].level:
+        req.degraded = "load"
+    fc = forecast(req.params)
+    req.predicted_s = None if fc is None else fc.expected

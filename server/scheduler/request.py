@@ -91,6 +91,10 @@ class Request:
     picard: Any = None  # a PicardState while running in latency mode
     predicted_s: float | None = None  # admission's forecast of its time to finish
     degraded: str | None = None  # why auto runs it below what it asked: "load" / "behind"
+    state_bytes: int = 0  # its live state (live_state.py), measured after each forward
+    offloaded: bool = False  # its paused state is in host memory
+    paused_at: float | None = None  # when it was left out of a forward it had been in
+    preemptions: int = 0
 
     def __post_init__(self) -> None:
         self.last_served = self.arrival
