@@ -33,6 +33,7 @@ from PIL import Image
 
 from stepserve.models.builtin.yardstick import Yardstick, prompt_set
 
+from . import slo_priority
 from .launch import server
 
 PROMPTS = prompt_set("seen", 500)
@@ -147,10 +148,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--timeout-x", type=float, default=4.0,
                    help="each request's timeout, in idle latencies")
+    p.add_argument("--timeout-s", type=float,
+                   help="each request's timeout in seconds (instead of --timeout-x: the "
+                   "idle latency of a shared machine varies between runs)")
     p.add_argument("--policies", default="off,forecast,auto",
                    help="off / forecast (fixed quality) / auto (quality: auto)")
     p.add_argument("--no-yardstick", action="store_true",
                    help="skip scoring the delivered images")
+    p.add_argument("--scenarios", default="goodput,priority",
+                   help="goodput: the load curve; priority: an urgent request that needs "
+                   "the whole batch (slo_priority.py)")
+    p.add_argument("--budgets", default="1024,1,1:on",
+                   help="--live-state-mb values for the priority scenario, each with an "
+                   "optional :--offload value (a small budget makes new requests wait on "
+                   "CPU and offloads paused state on GPU; 1:on forces offloading)")
+    p.add_argument("--low-steps", type=int, default=32,
+                   help="steps of the low-priority requests in the priority scenario")
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--saturation-s", type=float, default=15.0,
                    help="seconds of the closed loop that measures saturation")
@@ -163,8 +176,10 @@ def main(argv: list[str] | None = None) -> None:
               "--max-batch-size", str(args.max_batch_size), "--result-cache-mb", "0",
               "--max-queue", "4096", "--warmup-batch-sizes", "1", str(args.max_batch_size)]
     stick = None if args.no_yardstick else Yardstick()
-    rows, meta = [], {}
-    for policy in args.policies.split(","):
+    rows: list[dict] = []
+    meta: dict = {}
+    scenarios = args.scenarios.split(",")
+    for policy in args.policies.split(",") if "goodput" in scenarios else []:
         deadlines = "off" if policy == "off" else "forecast"
         quality = "auto" if policy == "auto" else None
         with server(*common, "--deadlines", deadlines) as url:
@@ -173,7 +188,8 @@ def main(argv: list[str] | None = None) -> None:
                 sat = asyncio.run(saturation(url, args.steps, 2 * args.max_batch_size,
                                              args.saturation_s))
                 meta = {"idle_latency_s": idle, "saturation_rps": sat,
-                        "timeout_s": args.timeout_x * idle, "steps": args.steps}
+                        "timeout_s": args.timeout_s or args.timeout_x * idle,
+                        "steps": args.steps}
                 print(json.dumps(meta))
             asyncio.run(idle_latency(url, args.steps, 3))  # forward times measured
             for i, load in enumerate(loads):
@@ -185,9 +201,19 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append(row)
                 print(json.dumps(row))
                 time.sleep(2 * meta["timeout_s"])  # let the previous load's work end
-    print(table(rows))
-    if args.json:
+    if args.json:  # the load curve is kept even if the next scenario fails
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    priority = []
+    if "priority" in scenarios:
+        priority = slo_priority.run(
+            ["--threads", str(args.threads), "--max-batch-size", str(min(10, args.max_batch_size)),
+             "--result-cache-mb", "0", "--max-queue", "4096", "--warmup-batch-sizes", "1"],
+            args.budgets.split(","), min(10, args.max_batch_size), args.low_steps)
+    print(table(rows) if rows else "")
+    print(slo_priority.table(priority) if priority else "")
+    if args.json:
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows, "priority": priority},
+                                        indent=2))
 
 
 def table(rows: list[dict]) -> str:

@@ -122,7 +122,7 @@ def resolve(body: ImageGenerationRequest, rt: Runtime
         cache=cache if cache.enabled else None, schedule=schedule,
         mode=body.mode or "throughput",
         lora=choose(body.lora, served.loras, s.model_name, s.max_loras_per_request))
-    params = apply_quality(body, params, caps, s.model_name, info.engine)
+    params = apply_quality(body, params, caps, s.model_name, info.engine, s.max_steps)
     spec = OutputSpec(body.response_format or "b64_json", body.output_format or "png",
                       body.output_compression, f"{w * upscale}x{h * upscale}", upscale)
     return served, params, spec

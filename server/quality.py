@@ -22,7 +22,8 @@ from .scheduler.request import GenerationParams
 
 
 def apply_quality(body: ImageGenerationRequest, params: GenerationParams,
-                  caps: Capabilities, model: str, engine: str) -> GenerationParams:
+                  caps: Capabilities, model: str, engine: str, max_steps: int = 100
+                  ) -> GenerationParams:
     asked = {"hd": "high", "standard": None}.get(body.quality or "", body.quality)
     if asked is None:
         return params
@@ -34,7 +35,8 @@ def apply_quality(body: ImageGenerationRequest, params: GenerationParams,
     def plan(level: str) -> Plan:
         preset = caps.quality[level]
         cache = _supported(preset.get("cache"), caps, model, engine)
-        return Plan(level, min(int(preset["steps"]), body.num_inference_steps or 10**6), cache)
+        ceiling = body.num_inference_steps or max_steps  # never past the server's max_steps
+        return Plan(level, min(int(preset["steps"]), ceiling), cache)
 
     if asked in QUALITY_LEVELS:
         fixed = plan(asked)

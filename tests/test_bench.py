@@ -50,10 +50,12 @@ def test_lora_and_slo_benches_print_their_tables(tmp_path):
     out = tmp_path / "slo.json"
     subprocess.run([sys.executable, "-m", "stepserve.cli", "bench", "slo", "--loads", "2",
                     "--duration", "3", "--steps", "2", "--saturation-s", "3", "--threads", "1",
-                    "--max-batch-size", "4", "--json", str(out)],
-                   check=True, capture_output=True, timeout=600)
+                    "--max-batch-size", "4", "--budgets", "1024", "--low-steps", "4",
+                    "--json", str(out)], check=True, capture_output=True, timeout=600)
     result = json.loads(out.read_text())
     assert [r["policy"] for r in result["rows"]] == ["off", "forecast", "auto"]
+    urgent = result["priority"][0]
+    assert urgent["busy_s"] > 0 and urgent["max_grey_diff_resumed"] <= 2
     assert all(r["offered"] > 0 and 0 <= r["goodput"] <= 1 for r in result["rows"])
     served = [r for r in result["rows"] if r["goodput"] > 0]
     assert served and all(0 <= r["all_five"] <= 100 and r["mean_steps"] >= 1 for r in served)

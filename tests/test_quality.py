@@ -71,6 +71,9 @@ def test_levels_map_to_the_models_presets():
     assert (medium.steps, medium.cache) == (8, SAFE)
     low = resolved(quality="low", num_inference_steps=1)  # an explicit count is a ceiling
     assert (low.steps, low.quality) == (1, "low")
+    capped = apply_quality(body(quality="high"), GenerationParams("p", 4, 1, 1.0),
+                           TimedEngine(Clock()).capabilities, "m", "e", max_steps=6)
+    assert capped.steps == 6  # and so is the server's max_steps
     kept = resolved(quality="medium", cache="none")  # an explicit cache wins
     assert kept.cache is None
     auto = resolved(quality="auto")
@@ -109,9 +112,10 @@ def test_auto_degrades_at_admission_to_the_best_plan_that_fits():
     for i in range(2):  # 2 x 4 rows x 10 steps ahead, earlier deadlines
         core.submit(Request(f"bulk{i}", GenerationParams("p", 10, 1, 1.0, n=4, timeout_s=3.0),
                             clock.now))
-    req = Request("a", resolved(timeout=3.5, quality="auto"), clock.now)
+    req = Request("a", resolved(timeout=4.3, quality="auto"), clock.now)
     core.submit(req)
-    # asked: 20 + 8 forwards x 0.14 s = 3.9 s, high: 24 x 0.14 = 3.4 s fits
+    # asked: 20 + 8 forwards x 0.14 s = 3.9 s, high: 24 x 0.14 = 3.4 s fits within the
+    # headroom (0.8 x 4.3 s = 3.44 s)
     assert (req.params.level, req.params.steps, req.degraded) == ("high", 8, "load")
     tight = Request("b", resolved(timeout=3.0, quality="auto"), clock.now)
     core.submit(tight)

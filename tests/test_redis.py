@@ -75,6 +75,8 @@ def test_openai_client_through_api_and_worker(cluster):
     worker_metrics = httpx.get(steady.metrics_url).text  # the worker's own /metrics
     assert "stepserve_ready 1.0" in worker_metrics
     assert "stepserve_denoising_steps_total" in worker_metrics
+    assert "stepserve_preemptions_total" in worker_metrics  # the worker's core: the same
+    assert "stepserve_live_state_bytes" in worker_metrics
 
 
 def test_quality_runs_on_the_worker_and_the_response_says_what_ran(cluster):

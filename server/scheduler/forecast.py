@@ -67,6 +67,12 @@ def _interpolate(table: dict[int, float], rows: int) -> float | None:
     return table[near] * (rows / near if rows > near else 1.0)
 
 
+# admission (and auto's plan) wants the forecast to finish within this share of the
+# deadline: the forecast is an average, and a request admitted right at its deadline
+# misses about half the time, after costing forwards (then it is dropped)
+HEADROOM = 0.8
+
+
 @dataclass(frozen=True)
 class Forecast:
     earliest: float  # seconds from now alone in every forward, at the fastest seen

@@ -26,6 +26,7 @@ from .backend import (
 )
 from .core import SchedulerCore, StepStats
 from .events import Completed, Event, Failed, FinishReason
+from .forecast import HEADROOM
 from .request import GenerationParams, Request
 
 log = logging.getLogger("stepserve.loop")
@@ -106,11 +107,12 @@ class EngineLoop:
             raise DeadlineUnreachable(
                 f"the request needs about {fc.earliest:.3g} s even in every forward from "
                 f"now, over its timeout of {params.timeout_s:.3g} s")
-        if fc.expected > params.timeout_s:
+        bound = HEADROOM * params.timeout_s
+        if fc.expected > bound:
             raise QueueFull(f"the work queued ahead would make this request finish in about "
-                            f"{fc.expected:.2f} s, over its timeout of "
-                            f"{params.timeout_s:g} s", fc.expected - params.timeout_s,
-                            deadline=True)
+                            f"{fc.expected:.2f} s, too close to its timeout of "
+                            f"{params.timeout_s:g} s (admitted within {HEADROOM:g} of it)",
+                            fc.expected - bound, deadline=True)
         return fc.expected
 
     def progress(self, request_id: str) -> Progress:

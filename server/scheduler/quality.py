@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 
-from .forecast import Forecast
+from .forecast import HEADROOM, Forecast
 from .plan import Plan
 from .request import GenerationParams, Request
 
@@ -31,9 +31,9 @@ def with_plan(params: GenerationParams, plan: Plan) -> GenerationParams:
 
 def plan(req: Request, forecast: Callable[[GenerationParams], Forecast | None],
          enforce: bool) -> None:
-    """An auto request's plan: the best whose forecast meets its deadline (any plan
-    fits without one, or when deadlines are not enforced); a plan below the request
-    as asked is degraded by load. Sets the forecast it was admitted with."""
+    """An auto request's plan: the best whose forecast meets its deadline with headroom
+    (any plan fits without one, or when deadlines are not enforced); a plan below the
+    request as asked is degraded by load. Sets the forecast it was admitted with."""
     params = req.params
     if not params.ladder:
         return
@@ -43,7 +43,7 @@ def plan(req: Request, forecast: Callable[[GenerationParams], Forecast | None],
         if deadline is None or not enforce:
             return True
         fc = forecast(p)
-        return fc is None or fc.expected <= deadline
+        return fc is None or fc.expected <= HEADROOM * deadline
 
     req.params = choose(params, fits)
     if req.params.level != params.ladder[0].level:
