@@ -155,3 +155,25 @@ def test_the_api_answers_unreachable_deadlines_at_once_and_slo_s_is_the_default(
     assert given.status_code == 200  # its own timeout overrides slo_s
     assert 'stepserve_deadline_refused_total{reason="unreachable"} 1.0' in metrics
     assert 'stepserve_deadline_requests_total{outcome="met"} 2.0' in metrics  # ok, given
+
+
+def test_load_reports_let_a_process_without_the_model_forecast():
+    from stepserve.server.scheduler.load_report import combined_forecast, report
+
+    clock, engine, core = make(max_batch=4)
+    warm(core, clock)
+    for i in range(4):  # 4 x 4 rows x 20 steps waiting
+        core.submit(Request(f"bulk{i}", params(steps=20, n=4), clock.now))
+    mine = report(core)
+    assert mine["backlog"] == 320 and mine["rows"] == 16 and mine["deadlines"]
+    one = combined_forecast([mine], params(steps=4), 0, now=mine["at"])
+    assert one.expected == pytest.approx(core.forecast(params(steps=4), clock.now).expected)
+    two = combined_forecast([mine, dict(mine, backlog=0, rows=0)], params(steps=4), 0,
+                            now=mine["at"])
+    assert two.expected < one.expected  # the work spread over two workers
+    queued = combined_forecast([mine], params(steps=4), 10, now=mine["at"])
+    assert queued.expected > one.expected  # jobs no worker has taken yet count too
+    stale = combined_forecast([mine], params(steps=4), 0, now=mine["at"] + 60)
+    assert stale is None  # a worker gone quiet is not counted
+    assert combined_forecast([dict(mine, deadlines=False)], params(steps=4), 0,
+                             now=mine["at"]) is None

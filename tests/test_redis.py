@@ -97,6 +97,26 @@ def test_quality_runs_on_the_worker_and_the_response_says_what_ran(cluster):
                                            "cache": None}
 
 
+def test_the_api_refuses_what_the_workers_cannot_finish_in_time(redis_url, cluster):
+    api, _ = cluster
+    body = {"prompt": PROMPT, "num_inference_steps": 8}
+    assert httpx.post(f"{api.url}/v1/images/generations", json=body,
+                      timeout=60).status_code == 200  # the worker has measured forwards
+    r = redis.Redis.from_url(redis_url)
+    for _ in range(40):  # its load report (every 0.25 s) carries them
+        if any(b'"ema": {"' in v for v in r.hvals("stepserve:load:builtin")):
+            break
+        time.sleep(0.25)
+    before = r.xlen("stepserve:queue:builtin")
+    late = httpx.post(f"{api.url}/v1/images/generations", json={**body, "timeout": 0.01},
+                      timeout=60)
+    assert late.status_code == 504 and late.json()["error"]["code"] == "deadline_unreachable"
+    assert r.xlen("stepserve:queue:builtin") == before  # refused before it was queued
+    ok = httpx.post(f"{api.url}/v1/images/generations", json={**body, "timeout": 30.0},
+                    timeout=60)
+    assert ok.status_code == 200
+
+
 def test_killed_worker_job_is_rerun_by_another(redis_url, cluster):
     import socket
 

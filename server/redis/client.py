@@ -22,7 +22,9 @@ from ..scheduler.backend import (
     ShuttingDown,
     new_request_id,
 )
+from ..scheduler.deadlines import refuse_late
 from ..scheduler.events import Completed, Failed, FinishReason, Preview
+from ..scheduler.load_report import combined_forecast
 from ..scheduler.request import GenerationParams
 from . import keys, scripts
 from .codec import failure_from_json, images_from_bytes, params_to_json
@@ -70,23 +72,35 @@ class RedisLoop:
 
     def backlog(self) -> int:
         """Jobs on the stream not yet taken by a worker, plus those being run."""
+        return sum(self._group())
+
+    def _group(self) -> tuple[int, int]:
+        """(jobs not yet taken by a worker, jobs taken and not finished)."""
         try:
             group = next(g for g in self.sync.xinfo_groups(keys.queue(self.model))
                          if g["name"].decode() == keys.GROUP)
         except (StopIteration, redis.ResponseError):
-            return 0
-        return int(group.get("lag") or 0) + int(group.get("pending") or 0)
+            return 0, 0
+        return int(group.get("lag") or 0), int(group.get("pending") or 0)
+
+    def _check_deadline(self, params: GenerationParams, queued: int) -> None:
+        """Refuse now what the workers' load reports say would miss its deadline."""
+        if params.timeout_s is None:
+            return
+        reports = [json.loads(v) for v in self.sync.hvals(keys.load(self.model))]
+        refuse_late(combined_forecast(reports, params, queued), params.timeout_s)
 
     def submit(self, params: GenerationParams) -> Handle:
         if not self._accepting:
             raise ShuttingDown("this API replica is shutting down")
         try:
-            backlog = self.backlog()
+            queued, taken = self._group()
+            if queued + taken >= self.max_queue:
+                raise QueueFull(f"queue is full ({self.max_queue} jobs for {self.model!r})")
+            self._check_deadline(params, queued)
         except UNAVAILABLE as exc:
             log.warning("Redis unavailable: %s", exc)  # its address stays in the log
             raise BackendUnavailable(REDIS_DOWN) from exc
-        if backlog >= self.max_queue:
-            raise QueueFull(f"queue is full ({self.max_queue} jobs for {self.model!r})")
         job_id = new_request_id()
         handle = Handle(job_id, params, backend=self)
         self._loop = asyncio.get_running_loop()

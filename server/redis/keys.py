@@ -30,5 +30,11 @@ def result(job_id: str) -> str:
     return f"{PREFIX}:result:{job_id}"
 
 
+def load(model: str) -> str:
+    """Hash: worker (consumer) name -> its core's load report (JSON, scheduler/
+    load_report.py), refreshed every 0.25 s; the API forecasts deadlines from it."""
+    return f"{PREFIX}:load:{model}"
+
+
 CANCEL = f"{PREFIX}:cancel"  # pub/sub: job ids to cancel
 MODELS = f"{PREFIX}:models"  # hash: model name -> metadata JSON published by workers

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from ..loras import catalog_json
+from ..scheduler import load_report
 from ..scheduler.backend import Handle, QueueFull
 from ..scheduler.events import Completed, Failed, FinishReason, Preview
 from . import keys, scripts
@@ -280,16 +281,22 @@ class RedisWorker:
         message was missed (e.g. sent while Redis was restarting)."""
         while not stop.is_set():
             running = list(self.active.items())
-            if running:
-                pipe = self.r.pipeline(transaction=False)
-                for job_id, act in running:
-                    pipe.hset(keys.job(job_id), "step", self._step(act))
-                    pipe.hget(keys.job(job_id), "cancelled")
-                replies = await pipe.execute()
-                for (job_id, _), flag in zip(running, replies[1::2]):
-                    if flag == b"1":
-                        await self._cancel_here(job_id)
+            pipe = self.r.pipeline(transaction=False)
+            for job_id, act in running:
+                pipe.hset(keys.job(job_id), "step", self._step(act))
+                pipe.hget(keys.job(job_id), "cancelled")
+            for name, served in self.models.items():  # for the API's deadline forecasts
+                pipe.hset(keys.load(name), self.consumer,
+                          json.dumps(load_report.report(served.loop.core)))
+                pipe.expire(keys.load(name), 60)
+            replies = await pipe.execute()
+            for (job_id, _), flag in zip(running, replies[1:2 * len(running):2]):
+                if flag == b"1":
+                    await self._cancel_here(job_id)
             await asyncio.sleep(0.25)
+        for name in self.models:  # stopped: its load no longer counts
+            with contextlib.suppress(Exception):
+                await self.r.hdel(keys.load(name), self.consumer)
 
 
 def _b64(data: bytes) -> str:

@@ -10,8 +10,9 @@ from dataclasses import dataclass, replace
 
 from stepserve.models.sampling.batch import with_cache
 
+from .backend import DeadlineUnreachable, QueueFull
 from .events import Failed, FinishReason
-from .forecast import Forecast, StepTimes, forecast, forwards_left
+from .forecast import HEADROOM, Forecast, StepTimes, forecast, forwards_left
 from .policy import BatchPolicy
 from .request import GenerationParams, Request
 
@@ -86,3 +87,24 @@ def dropped(req: Request, need: float, now: float) -> Failed:
                   f"within its timeout of {req.params.timeout_s:g} s (needs about "
                   f"{need:.2f} s more, {max(0.0, req.deadline - now):.2f} s left)",
                   "deadline_unreachable")
+
+
+def refuse_late(fc: Forecast | None, timeout: float) -> float | None:
+    """Refuse now what cannot finish in time: DeadlineUnreachable when even running in
+    every forward from now is too slow; QueueFull with the wait until it would fit when
+    the work ahead of it is (an honest Retry-After: the forecast's excess over the
+    admission bound, HEADROOM of the deadline). Returns the forecast seconds to finish
+    (None: nothing measured yet, so admitted)."""
+    if fc is None:
+        return None
+    if fc.earliest > timeout:
+        raise DeadlineUnreachable(
+            f"the request needs about {fc.earliest:.3g} s even in every forward from "
+            f"now, over its timeout of {timeout:.3g} s")
+    bound = HEADROOM * timeout
+    if fc.expected > bound:
+        raise QueueFull(f"the work queued ahead would make this request finish in about "
+                        f"{fc.expected:.2f} s, too close to its timeout of {timeout:g} s "
+                        f"(admitted within {HEADROOM:g} of it)", fc.expected - bound,
+                        deadline=True)
+    return fc.expected

@@ -47,6 +47,14 @@ class StepTimes:
         cannot be met (a slow spell must not condemn a request)."""
         return _interpolate(self._fastest, rows)
 
+    def to_json(self) -> dict:
+        return {"ema": self._ema, "fastest": self._fastest}
+
+    @staticmethod
+    def from_json(d: dict) -> StepTimes:
+        return StepTimes(_ema={int(k): float(v) for k, v in d["ema"].items()},
+                         _fastest={int(k): float(v) for k, v in d["fastest"].items()})
+
 
 def _interpolate(table: dict[int, float], rows: int) -> float | None:
     if not table:

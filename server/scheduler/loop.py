@@ -17,7 +17,6 @@ from typing import Any
 
 from .admission import Admission
 from .backend import (
-    DeadlineUnreachable,
     Handle,
     Progress,
     QueueFull,
@@ -25,8 +24,8 @@ from .backend import (
     new_request_id,
 )
 from .core import SchedulerCore, StepStats
+from .deadlines import refuse_late
 from .events import Completed, Event, Failed, FinishReason
-from .forecast import HEADROOM
 from .request import GenerationParams, Request
 
 log = logging.getLogger("stepserve.loop")
@@ -94,26 +93,11 @@ class EngineLoop:
         return handle
 
     def _check_deadline(self, params: GenerationParams) -> float | None:
-        """Refuse now what cannot finish in time: DeadlineUnreachable when even running in
-        every forward from now is too slow; QueueFull with the wait until it would fit
-        when the work ahead of it is (an honest Retry-After: the forecast's excess).
-        Returns the forecast seconds to finish, when there is one."""
+        """Refuse now what cannot finish in time (deadlines.refuse_late); the forecast
+        seconds to finish, when there is one."""
         if params.timeout_s is None or not self.core.config.deadlines:
             return None
-        fc = self.core.forecast(params, self.core.clock())
-        if fc is None:  # nothing measured yet: admit
-            return None
-        if fc.earliest > params.timeout_s:
-            raise DeadlineUnreachable(
-                f"the request needs about {fc.earliest:.3g} s even in every forward from "
-                f"now, over its timeout of {params.timeout_s:.3g} s")
-        bound = HEADROOM * params.timeout_s
-        if fc.expected > bound:
-            raise QueueFull(f"the work queued ahead would make this request finish in about "
-                            f"{fc.expected:.2f} s, too close to its timeout of "
-                            f"{params.timeout_s:g} s (admitted within {HEADROOM:g} of it)",
-                            fc.expected - bound, deadline=True)
-        return fc.expected
+        return refuse_late(self.core.forecast(params, self.core.clock()), params.timeout_s)
 
     def progress(self, request_id: str) -> Progress:
         """Read without stopping the core: "queued" (position 0 = next to be admitted)
