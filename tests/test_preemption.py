@@ -4,17 +4,19 @@ on live request state makes new requests wait, or moves paused state to the host
 resumed requests give the images unpaused ones give."""
 
 import numpy as np
+import pytest
 import torch
 
 from fakes import Clock, TimedEngine, drain
+from stepserve.models.caches.config import CacheConfig
 from stepserve.server.scheduler.core import SchedulerConfig, SchedulerCore
 from stepserve.server.scheduler.events import Completed, Failed
 from stepserve.server.scheduler.live_state import move_states, state_bytes, tensor_bytes
 from stepserve.server.scheduler.request import GenerationParams, Request
 
 
-def params(steps=8, n=1, priority=0, seed=1):
-    return GenerationParams("p", steps, seed, 1.0, n=n, priority=priority)
+def params(steps=8, n=1, priority=0, seed=1, cache=None):
+    return GenerationParams("p", steps, seed, 1.0, n=n, priority=priority, cache=cache)
 
 
 def core_for(engine, clock, max_batch=4, budget=None, offload=False):
@@ -57,11 +59,12 @@ def test_state_bytes_count_each_per_request_tensor_once():
     assert torch.equal(moved[0].x, s.x) and moved[0].lora is s.lora
 
 
-def low_and_urgent(core, clock):
+def low_and_urgent(core, clock, cache=None):
     """Four low-priority requests fill the batch; after two forwards an urgent request
     that needs every row arrives. Returns its events and the stats of each step."""
     for i in range(4):
-        core.submit(Request(f"low{i}", params(priority=5, seed=10 + i), clock.now))
+        core.submit(Request(f"low{i}", params(priority=5, seed=10 + i, cache=cache),
+                            clock.now))
     events, stats = [], []
     for _ in range(2):
         events += core.step()
@@ -112,7 +115,9 @@ def test_past_the_budget_new_requests_wait_for_admission():
     assert all(np.array_equal(done[k], want[k]) for k in want)
 
 
-def test_past_the_budget_paused_state_moves_to_the_host_and_back():
+@pytest.mark.parametrize("cache", [None, CacheConfig("ab-cache", interval=3)])
+def test_past_the_budget_paused_state_moves_to_the_host_and_back(cache):
+    """Also with a step cache, whose predicted steps run without a forward."""
     clock = Clock()
     probe = core_for(TimedEngine(clock), clock, budget=1)
     probe.submit(Request("probe", params(), 0.0))
@@ -121,13 +126,14 @@ def test_past_the_budget_paused_state_moves_to_the_host_and_back():
     clock = Clock()
     # four low rows fill the budget; the urgent request's four rows share one prompt
     core = core_for(TimedEngine(clock), clock, budget=int(4.5 * row), offload=True)
-    events, stats = low_and_urgent(core, clock)
+    events, stats = low_and_urgent(core, clock, cache)
     out = sum(s.offloaded_rows for s in stats)
     back = sum(s.restored_rows for s in stats)
     assert out >= 1 and back == out  # paused rows left the device and all came back
     assert max(s.live_bytes for s in stats) <= int(4.5 * row)
     done = images(events)
-    want = alone(TimedEngine, [(f"low{i}", params(priority=5, seed=10 + i)) for i in range(4)])
+    want = alone(TimedEngine, [(f"low{i}", params(priority=5, seed=10 + i, cache=cache))
+                               for i in range(4)])
     assert all(np.array_equal(done[k], want[k]) for k in want)
 
 

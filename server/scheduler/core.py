@@ -258,7 +258,7 @@ class SchedulerCore:
         stats.preempted, stats.paused_s = self.live.paused(batch, ranked, now)
         stats.paused_rows = sum(r.samples for r in self.running) - sum(r.samples
                                                                         for r in batch)
-        stats.restored_rows = self.live.restore(batch)
+        stats.restored_rows += self.live.restore(batch)
         stats.offloaded_rows = self.live.offload_paused(batch, ranked)
 
     def _latency_request(self) -> Request | None:
@@ -310,6 +310,8 @@ class SchedulerCore:
         events: list[Event] = []
         for req in list(self.running):
             try:
+                if req.offloaded and not any(map(self.engine.needs_forward, req.states)):
+                    stats.restored_rows += self.live.restore([req])  # predicted on device
                 while req in self.running and not any(map(self.engine.needs_forward,
                                                           req.states)):
                     self._count_skips(req.states, stats)
