@@ -205,3 +205,49 @@ def test_alert_rules_pass_promtool_and_fire_when_they_should(tmp_path):
     (tmp_path / "tests.yml").write_text(yaml.safe_dump(tests))
     tested = promtool("test", "rules", str(tmp_path / "tests.yml"))
     assert tested.returncode == 0, tested.stdout + tested.stderr
+
+
+def stepserve_containers():
+    """(file, pod spec, container) of every stepserve container in the manifests."""
+    for path in sorted((DEPLOY / "k8s").rglob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            spec = ((doc or {}).get("spec") or {}).get("template", {}).get("spec") or {}
+            for c in spec.get("containers", []):  # no image: an overlay's patch of one
+                if str(c.get("image", "stepserve")).startswith("stepserve"):
+                    yield path.name, spec, c
+
+
+def test_manifests_match_what_the_image_and_the_settings_provide():
+    """Every command, flag, environment variable, port, probe path and the user the
+    manifests name exists in the image, the CLI, the settings and the app."""
+    from stepserve.cli import build_parser
+    from stepserve.server.app import create_app
+    from stepserve.server.settings import Settings
+
+    dockerfile = (DEPLOY.parent / "Dockerfile").read_text()
+    exposed = {int(p) for line in re.findall(r"^EXPOSE (.+)$", dockerfile, re.M)
+               for p in line.split()}
+    uids = {int(u) for u in re.findall(r"useradd .*--uid (\d+)", dockerfile)}
+    env_names = {f"STEPSERVE_{name.upper()}" for name in Settings.model_fields}
+    routes = {r.path for r in create_app(Settings()).routes if hasattr(r, "path")}  # mounts: none
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.choices and "serve" in a.choices)
+    seen = 0
+    for name, spec, c in stepserve_containers():
+        seen += 1
+        command, args = (c.get("args") or ["worker"])[0], (c.get("args") or [])[1:]
+        cmd = subparsers.choices[command]  # a real sub-command
+        flags = {s for a in cmd._actions for s in a.option_strings}
+        assert {a for a in args if a.startswith("--")} <= flags, (name, args)
+        for e in c.get("env", []):
+            assert e["name"] in env_names, (name, e["name"])
+        ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
+        assert set(ports.values()) <= exposed, (name, ports)
+        for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
+            get = (c.get(kind) or {}).get("httpGet")
+            if get:  # the API's routes; a worker serves only /metrics on its own port
+                assert get["path"] in (routes if command != "worker" else {"/metrics"})
+                assert get["port"] in ports, (name, kind)
+        if "securityContext" in spec:  # the image's own user
+            assert spec["securityContext"]["runAsUser"] in uids
+    assert seen >= 3  # api, worker, the GPU worker

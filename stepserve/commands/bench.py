@@ -6,7 +6,7 @@ import argparse
 import importlib
 
 HELP = ("benchmarks that print tables: openloop, batching, overhead, soak, engines, caches, "
-        "parallel, faults, scaleout, flood, drain, edits, lora, slo")
+        "parallel, faults, scaleout, flood, drain, edits, lora, slo, image")
 
 # bench name -> module under stepserve.loadtests; each has main(argv)
 BENCHES = {
@@ -24,6 +24,7 @@ BENCHES = {
     "edits": "edits",
     "lora": "lora",
     "slo": "slo",
+    "image": "image",
 }
 
 
@@ -39,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "jobs and a huge body; drain: SIGTERM with work in flight; edits: recolour "
                         "and inpaint quality on the built-in model; lora: mixed-adapter "
                         "batches vs none and vs split by adapter, and adapter quality; slo: "
-                        "goodput under overload with and without deadline scheduling")
+                        "goodput under overload with and without deadline scheduling; image: the "
+                        "CPU image vs the same server outside it")
     p.add_argument("bench_args", nargs=argparse.REMAINDER,
                    help="the benchmark's own flags (`stepserve bench NAME --help`)")
 
