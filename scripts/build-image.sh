@@ -3,6 +3,7 @@
 #
 #   scripts/build-image.sh                  # the CPU image: localhost/stepserve:cpu
 #   TARGET=cuda scripts/build-image.sh      # the CUDA image (needs its base image)
+#   TARGET=redis scripts/build-image.sh     # Redis for deploy/compose.yaml (Debian's)
 #
 # Works with buildah/podman (no daemon) or docker. On machines that reach only the
 # package registries it makes what the public images would give:
@@ -15,6 +16,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TARGET=${TARGET:-cpu}
+DOCKERFILE=Dockerfile
+if [ "$TARGET" = redis ]; then
+    DOCKERFILE=deploy/redis.Dockerfile
+    TAG=${TAG:-localhost/stepserve-redis:latest}
+    BASE=${BASE:-debian:bookworm-slim}
+fi
 TAG=${TAG:-localhost/stepserve:$TARGET}
 BASE=${BASE:-python:3.11-slim}
 LOCAL_BASE=localhost/debian-base:bookworm
@@ -48,14 +55,15 @@ local_base() {
     rm -rf "$rootfs"
 }
 
-if [ "$TARGET" = cpu ]; then
+if [ "$TARGET" != cuda ]; then
     if ! have_image "$BASE" && ! timeout 60 "$IMAGES" pull -q "$BASE" >/dev/null 2>&1; then
         local_base
         BASE=$LOCAL_BASE
     fi
 fi
 
-ARGS=(--build-arg "BASE=$BASE" --target "$TARGET" -t "$TAG")
+ARGS=(--build-arg "BASE=$BASE" -t "$TAG")
+[ "$TARGET" = redis ] || ARGS+=(--target "$TARGET")
 # torch: prefer a wheel pip finds on this machine; PyTorch's index only if reachable
 rm -f deploy/image/wheels/*.whl deploy/image/certs/*.crt
 for dir in $(pip config list 2>/dev/null | sed -nE "s/.*find-links='([^']*)'.*/\1/p"); do
@@ -71,7 +79,7 @@ if [ -n "$cert" ] && [ -f "$cert" ]; then
 fi
 
 start=$(date +%s)
-"${BUILD[@]}" "${ARGS[@]}" -f Dockerfile .
+"${BUILD[@]}" "${ARGS[@]}" -f "$DOCKERFILE" .
 echo "build-image: built $TAG in $(( $(date +%s) - start )) s" >&2
 "$IMAGES" image inspect "$TAG" --format '{{.Size}}' | awk -v t="$TAG" \
     '{printf "%s: %.0f MB\n", t, $1 / 1e6}'

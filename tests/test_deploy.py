@@ -251,3 +251,13 @@ def test_manifests_match_what_the_image_and_the_settings_provide():
         if "securityContext" in spec:  # the image's own user
             assert spec["securityContext"]["runAsUser"] in uids
     assert seen >= 3  # api, worker, the GPU worker
+    services = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
+    for name, svc in services.items():  # compose: the same commands, flags and settings
+        if "STEPSERVE_IMAGE" not in svc["image"]:  # not Redis
+            continue
+        cmd = subparsers.choices[svc["command"][0]]
+        flags = {s for a in cmd._actions for s in a.option_strings}
+        assert {a for a in svc["command"] if a.startswith("--")} <= flags, name
+        assert set(svc["environment"]) <= env_names, name
+        mounted = svc["volumes"][0].split(":")[0]
+        assert (DEPLOY / mounted).resolve() == DEPLOY / "k8s" / "base" / "stepserve.toml"
