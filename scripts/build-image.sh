@@ -45,14 +45,22 @@ local_base() {
     command -v debootstrap >/dev/null || { echo "build-image: $BASE cannot be pulled and" \
         "debootstrap is missing (apt-get install -y debootstrap)" >&2; exit 2; }
     local mirror rootfs
-    mirror=$(grep -rhoE '^(URIs:|deb) *https?://[^ ]+' /etc/apt/sources.list \
-        /etc/apt/sources.list.d/ 2>/dev/null | grep -v security | head -1 | awk '{print $2}')
+    # the Debian archive apt uses (its active .list / .sources files only)
+    mirror=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list \
+        /etc/apt/sources.list.d/*.sources 2>/dev/null \
+        | grep -oE '^(URIs:|deb) *https?://[^ ]+' | awk '{print $2}' \
+        | grep -E '/debian/?$' | head -1 || true)
     rootfs=$(mktemp -d)
-    echo "build-image: making $LOCAL_BASE from $mirror" >&2
-    debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
-        bookworm "$rootfs" "${mirror:-http://deb.debian.org/debian}" >/dev/null
+    echo "build-image: making $LOCAL_BASE from ${mirror:-http://deb.debian.org/debian}" >&2
+    if ! debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
+            bookworm "$rootfs" "${mirror:-http://deb.debian.org/debian}" >"$rootfs.log" 2>&1
+    then
+        tail -20 "$rootfs.log" >&2
+        echo "build-image: debootstrap failed (log above)" >&2
+        exit 2
+    fi
     tar -C "$rootfs" -c . | "$IMAGES" import - "$LOCAL_BASE" >/dev/null
-    rm -rf "$rootfs"
+    rm -rf "$rootfs" "$rootfs.log"
 }
 
 if [ "$TARGET" != cuda ]; then
