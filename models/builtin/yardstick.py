@@ -16,6 +16,7 @@ from functools import cached_property
 import numpy as np
 import torch
 
+from . import geometry
 from .captions import train_caption, unseen_caption
 from .classifier import AttributeClassifier, load_classifier
 from .shapes import ATTRIBUTES, PALETTE, Scene, render, sample_scene, to_tensor
@@ -116,9 +117,10 @@ def palette_error(images: np.ndarray) -> float:
 class EvalRow:
     steps: int
     prompt_set: str
-    accuracy: dict[str, float]
+    accuracy: dict[str, float]  # the learned classifier's reading
     fd: float
     images_per_s: float
+    strict: dict[str, float] | None = None  # the geometric reading (geometry.py)
 
 
 # generate(prompts, seeds, steps=..., guidance=..., sampler=...) -> uint8 (N, H, W, 3)
@@ -140,17 +142,21 @@ def evaluate(generate: Generate, yardstick: Yardstick,
             seconds = time.perf_counter() - start
             fd = yardstick.fd(images, ps.scenes) if with_fd else float("nan")
             rows.append(EvalRow(steps, name, yardstick.accuracy(images, ps.labels), fd,
-                                len(images) / seconds))
+                                len(images) / seconds, geometry.accuracy(images, ps.labels)))
     return rows
 
 
 def format_table(rows: list[EvalRow]) -> str:
-    head = ["set", "steps", "shape", "colour", "bg", "size", "pos", "all-five", "FD", "img/s"]
+    """The strict (geometric) reading first: the headline; then the classifier's."""
+    head = ["set", "steps", "strict shape", "strict all-five", "shape", "colour", "bg",
+            "size", "pos", "all-five", "FD", "img/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        a = r.accuracy
-        cells = [r.prompt_set, str(r.steps), *(f"{a[k]:.1f}" for k in
-                 ("shape", "colour", "background", "size", "position", "all_five")),
+        a, st = r.accuracy, r.strict or {}
+        cells = [r.prompt_set, str(r.steps),
+                 *(f"{st[k]:.1f}" if k in st else "" for k in ("shape", "all_five")),
+                 *(f"{a[k]:.1f}" for k in
+                   ("shape", "colour", "background", "size", "position", "all_five")),
                  f"{r.fd:.2f}", f"{r.images_per_s:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
