@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 
 from stepserve.models.caches.config import CacheConfig, cache_policy
@@ -48,6 +49,14 @@ class Capabilities:
     # equal to none on this model: docs/caches.md)
     quality: dict[str, dict] = field(default_factory=lambda: dict(DEFAULT_QUALITY))
     safe_cache: dict | None = field(default_factory=lambda: dict(SAFE_CACHE))
+    # the words a prompt must use one of to be drawable (the built-in model's; None:
+    # any prompt); a prompt with none gets a warning, never a refusal
+    vocabulary: tuple[str, ...] | None = None
+
+    def out_of_vocabulary(self, prompt: str) -> bool:
+        if not self.vocabulary:
+            return False
+        return not set(re.findall(r"[a-z]+", prompt.lower())) & set(self.vocabulary)
 
     def cache_error(self, cache: CacheConfig, model: str, engine: str) -> str | None:
         """Why this model cannot run this cache policy, or None."""
@@ -77,4 +86,5 @@ class Capabilities:
         d["features"] = tuple(d.get("features", ()))
         d["ays"] = tuple(d["ays"]) if d.get("ays") else None
         d["schedule_kinds"] = {k: tuple(v) for k, v in d.get("schedule_kinds", {}).items()}
+        d["vocabulary"] = tuple(d["vocabulary"]) if d.get("vocabulary") else None
         return Capabilities(**d)

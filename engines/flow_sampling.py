@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from stepserve.models.builtin.captions import vocabulary
 from stepserve.models.builtin.text import TextBatch
 from stepserve.models.caches.config import CacheConfig
 from stepserve.models.lora.library import LoraLibrary, LoraTarget
@@ -57,7 +58,7 @@ class FlowSampling:
             ("lazydit-gates",) if self.gates is not None else ())
         return Capabilities(samplers=flow.SAMPLERS, default_sampler="euler",
                             features=features, latency_mode=True, edits=True,
-                            lora=self.lora_target is not None)
+                            lora=self.lora_target is not None, vocabulary=vocabulary())
 
     @property
     def lora_target(self) -> LoraTarget | None:

@@ -102,9 +102,14 @@ def create_app(settings: Settings | None = None, builder: EngineBuilder = build_
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list",
-                "data": [{"id": name, "object": "model", "created": started,
-                          "owned_by": "stepserve"} for name in runtime.names()]}
+        def entry(name: str) -> dict:
+            served = runtime.served(name)
+            vocab = served.caps.vocabulary if served is not None else None
+            # an extension: the words a prompt must use one of (the built-in model)
+            return {"id": name, "object": "model", "created": started,
+                    "owned_by": "stepserve", **({"vocabulary": list(vocab)} if vocab else {})}
+
+        return {"object": "list", "data": [entry(name) for name in runtime.names()]}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:

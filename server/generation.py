@@ -124,8 +124,21 @@ def resolve(body: ImageGenerationRequest, rt: Runtime
         lora=choose(body.lora, served.loras, s.model_name, s.max_loras_per_request))
     params = apply_quality(body, params, caps, s.model_name, info.engine, s.max_steps)
     spec = OutputSpec(body.response_format or "b64_json", body.output_format or "png",
-                      body.output_compression, f"{w * upscale}x{h * upscale}", upscale)
+                      body.output_compression, f"{w * upscale}x{h * upscale}", upscale,
+                      prompt_warnings(rt, caps, body.prompt))
     return served, params, spec
+
+
+def prompt_warnings(rt: Runtime, caps: Capabilities, prompt: str) -> tuple[str, ...]:
+    """A prompt that names nothing the model knows is served (never refused), with a
+    warning and a count."""
+    if not caps.out_of_vocabulary(prompt):
+        return ()
+    rt.metrics.out_of_vocabulary.inc()
+    return ("the prompt names nothing this model knows, so expect an image of noise: the "
+            "built-in model draws one circle, square or triangle in a colour, size and "
+            "position on a background (its vocabulary: GET /v1/models, docs/"
+            "shapes-dataset.md)",)
 
 
 def custom_schedule(body: ImageGenerationRequest, caps: Capabilities, sampler: str
@@ -287,7 +300,7 @@ async def answer(rt: Runtime, request: Request, served: Served, params: Generati
                          output_format=spec.output_format, quality=body.quality or "auto",
                          size=spec.size,
                          usage=usage_for(params.prompt, params.n, sub.image_tokens),
-                         stepserve=ran(params, event))
+                         stepserve=ran(params, event, spec.warnings))
     return JSONResponse(out.model_dump(exclude_none=True))
 
 
@@ -323,7 +336,7 @@ async def stream(rt: Runtime, request: Request, sub: Submission, spec: OutputSpe
         for i, data in enumerate(await encode_all(final.images, spec)):
             payload = {"type": f"{kind}.completed", "b64_json": b64(data),
                        "created_at": int(time.time()), "image_index": i, "usage": usage,
-                       "stepserve": ran(handle.params, final), **common}
+                       "stepserve": ran(handle.params, final, spec.warnings), **common}
             yield {"event": payload["type"], "data": json.dumps(payload)}
     finally:
         if final is None:  # client disconnected mid-stream

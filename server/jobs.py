@@ -79,7 +79,8 @@ async def follow(rt: Runtime, request: Request, job: Job, params: GenerationPara
                 created=int(time.time()), data=[], background="opaque",
                 output_format=job.spec.output_format, size=job.spec.size,
                 usage=usage_for(params.prompt, params.n, job.sub.image_tokens),
-                stepserve=ran(job.sub.handle.params, event)).model_dump(exclude_none=True)
+                stepserve=ran(job.sub.handle.params, event, job.spec.warnings)
+            ).model_dump(exclude_none=True)
             job.status = "completed"
         elif isinstance(event, Failed) and event.reason is FinishReason.CANCELLED:
             job.status, event = "cancelled", None

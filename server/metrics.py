@@ -48,6 +48,9 @@ class Metrics:
             "stepserve_finish_forecast_ratio", "Actual / predicted time to finish of requests "
             "admitted with a forecast (1 = exact; above 1: later than predicted)",
             buckets=(0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2, 4), registry=r)
+        self.out_of_vocabulary = Counter(
+            "stepserve_prompt_out_of_vocabulary", "Prompts that named nothing the model "
+            "knows (served, with a warning)", registry=r)
         self.preemptions = Counter(
             "stepserve_preemptions", "Requests left out of a forward after running in the "
             "last one (higher-ranked work took the batch)", registry=r)

@@ -56,8 +56,12 @@ def _supported(spec: Any, caps: Capabilities, model: str, engine: str) -> CacheC
     return None if caps.cache_error(cache, model, engine) else cache
 
 
-def ran(params: GenerationParams, done: Completed) -> dict[str, Any]:
+def ran(params: GenerationParams, done: Completed, warnings: tuple[str, ...] = ()
+        ) -> dict[str, Any]:
     """The `stepserve` block of a response: the quality asked and what actually ran (the
-    plan auto chose, its steps and step cache)."""
-    return {"quality": params.quality, "level": done.level, "steps": done.steps,
-            "cache": done.cache}
+    plan auto chose, its steps and step cache), and warnings about the request."""
+    out: dict[str, Any] = {"quality": params.quality, "level": done.level,
+                           "steps": done.steps, "cache": done.cache}
+    if warnings:
+        out["warnings"] = list(warnings)
+    return out

@@ -32,3 +32,4 @@ class OutputSpec:
     compression: int | None
     size: str
     upscale: int
+    warnings: tuple[str, ...] = ()  # said in the answer's `stepserve` block

@@ -48,6 +48,14 @@ def test_playground_streams_previews_then_final_image(live_server, browser, tmp_
     preview = browser.find_element(By.ID, "preview").get_attribute("src")
     assert final.startswith("data:image/png;base64,") and len(final) > 100
     assert preview.startswith("data:image/png;base64,") and preview != final
+    assert "Warning" not in status.text
+    assert "triangle" in browser.find_element(By.ID, "vocabulary").text  # the words it knows
+    prompt.clear()
+    prompt.send_keys("a cat on a sofa")  # outside them: served, with the warning shown
+    browser.execute_script("document.getElementById('status').dataset.state = ''")
+    browser.find_element(By.ID, "go").click()
+    WebDriverWait(browser, 60).until(lambda d: status.get_attribute("data-state") == "done")
+    assert "names nothing this model knows" in status.text
     caption = browser.find_element(By.ID, "preview-caption").text
     assert caption.startswith("preview 3") and "/12" in caption
     browser.save_screenshot(str(tmp_path / "playground.png"))

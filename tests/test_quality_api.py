@@ -51,3 +51,22 @@ def test_levels_run_their_presets_and_report_what_ran(engine):
         want = generate_offline(engine, [PROMPT], [5], steps, cache=cache)[0]
         assert np.abs(out[quality][1].astype(int) - want.astype(int)).max() <= 1, quality
     assert not np.array_equal(out["low"][1], out["high"][1])
+
+
+def test_a_prompt_outside_the_vocabulary_is_served_with_a_warning(engine):
+    async def go(client, h):
+        before = (await h.get("/metrics")).text
+        odd = await client.images.generate(prompt="a cat on a sofa", extra_body={"seed": 1})
+        fine = await client.images.generate(prompt=PROMPT, extra_body={"seed": 1})
+        after = (await h.get("/metrics")).text
+        models = (await h.get("/v1/models")).json()["data"]
+        return odd, fine, before, after, models
+
+    odd, fine, before, after, models = run(make_app(engine), go)
+    assert odd.data[0].b64_json  # served, never refused
+    assert "names nothing this model knows" in odd.stepserve["warnings"][0]
+    assert "warnings" not in fine.stepserve
+    count = "stepserve_prompt_out_of_vocabulary_total"
+    assert f"{count} 0.0" in before and f"{count} 1.0" in after
+    assert {"circle", "square", "triangle", "red", "top", "small"} <= set(
+        models[0]["vocabulary"])

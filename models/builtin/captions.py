@@ -167,3 +167,25 @@ def canonical_caption(scene: Scene) -> str:
     """The spec's first example phrasing; used as the default prompt form."""
     return (f"a {scene.size} {scene.colour} {scene.shape} in the {scene.position} "
             f"on a {scene.background} background")
+
+
+def vocabulary() -> tuple[str, ...]:
+    """The words that name an attribute the built-in model knows (shapes, colours,
+    sizes, positions, backgrounds and the synonyms of every phrasing it was trained or
+    measured on); a prompt with none of them is outside what it can draw."""
+    from .shapes import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES
+
+    phrases: list[str] = [*SHAPES, *COLOURS, *BACKGROUNDS, *SIZES, *POSITIONS]
+    for table in (*(g.size for g in GRAMMARS.values()),
+                  *(g.background for g in GRAMMARS.values()),
+                  *(g.position for g in GRAMMARS.values()), UNSEEN_SIZE, UNSEEN_POSITION):
+        for options in table.values():
+            phrases += options
+    words = {w for p in phrases for w in re.findall(r"[a-z]+", p.lower())}
+    return tuple(sorted(words - GENERIC))
+
+
+# words of position phrases ("dead center", "right-hand side", "top of the image") that
+# name nothing by themselves
+GENERIC = frozenset({"of", "the", "image", "part", "hand", "dead", "very", "edge", "side",
+                     "corner"})

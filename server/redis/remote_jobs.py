@@ -64,18 +64,20 @@ async def remote_view(rt: Any, request: Request, job_id: str, owner: str | None
             created=int(time.time()), data=data, background="opaque",
             output_format=spec.output_format, size=spec.size,
             usage=Usage(**json.loads(meta["usage"])),
-            stepserve=_ran(meta.get("outcome"), steps)).model_dump(exclude_none=True)
+            stepserve=_ran(meta.get("outcome"), steps, spec.warnings)
+        ).model_dump(exclude_none=True)
         out["progress"] = {"step": steps, "total_steps": steps, "fraction": 1.0}
     elif status == "failed" and meta.get("error"):
         out["error"] = failure_body(failure_from_json(job_id, json.loads(meta["error"])))["error"]
     return out
 
 
-def _ran(outcome: str | None, steps: int) -> dict[str, Any]:
+def _ran(outcome: str | None, steps: int, warnings: Any = ()) -> dict[str, Any]:
     """What the worker ran (quality.ran's block), from its stored outcome."""
     d = json.loads(outcome) if outcome else {}
-    return {"quality": d.get("quality"), "level": d.get("level"),
-            "steps": d.get("steps", steps), "cache": d.get("cache")}
+    out = {"quality": d.get("quality"), "level": d.get("level"),
+           "steps": d.get("steps", steps), "cache": d.get("cache")}
+    return {**out, "warnings": list(warnings)} if warnings else out
 
 
 async def encoded_once(rt: Any, request: Request, loop: RedisLoop, handle_id: str,
