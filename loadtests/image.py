@@ -19,24 +19,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
-
-from .launch import free_port, server_process
+from .launch import free_port, server_process, wait_ready
 from .slo import saturation
 
 # runc and explicit ulimits: crun, podman's default, cannot run on cgroup v1 hybrid hosts
 PODMAN_RUN = ["podman", "--runtime", "runc", "run", "--rm", "-d", "--network", "host",
               "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
-
-
-def wait_ready(url: str, timeout: float = 300) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return time.monotonic() - start
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} not ready")
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 
@@ -17,6 +17,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_ready(url: str, timeout: float = 300, alive: Callable[[], bool] | None = None
+               ) -> float:
+    """Seconds until `url`/ready answers 200; `alive` says whether the server is still
+    running (else it failed to start)."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if alive is not None and not alive():
+            raise RuntimeError("server exited during start-up")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return time.monotonic() - start
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not ready in {timeout:g} s")
 
 
 @contextlib.contextmanager
@@ -44,16 +59,7 @@ def server_process(*args: str, ready_timeout: float = 300, python: str | None = 
                              "127.0.0.1", "--port", str(port), "--log-level", "warning", *args],
                             env=os.environ.copy())
     try:
-        deadline = time.monotonic() + ready_timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError("server exited during start-up")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.5)
-        else:
-            raise TimeoutError("server not ready")
+        wait_ready(url, ready_timeout, lambda: proc.poll() is None)
         yield url, proc
     finally:
         proc.terminate()

@@ -8,6 +8,7 @@ ceiling), and an explicit `cache` wins over a fixed level's.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -56,12 +57,15 @@ def _supported(spec: Any, caps: Capabilities, model: str, engine: str) -> CacheC
     return None if caps.cache_error(cache, model, engine) else cache
 
 
-def ran(params: GenerationParams, done: Completed, warnings: tuple[str, ...] = ()
+def ran(params: GenerationParams, done: Completed, warnings: Sequence[str] = ()
         ) -> dict[str, Any]:
     """The `stepserve` block of a response: the quality asked and what actually ran (the
     plan auto chose, its steps and step cache), and warnings about the request."""
-    out: dict[str, Any] = {"quality": params.quality, "level": done.level,
-                           "steps": done.steps, "cache": done.cache}
-    if warnings:
-        out["warnings"] = list(warnings)
-    return out
+    return block(params.quality, done.level, done.steps, done.cache, warnings)
+
+
+def block(quality: str | None, level: str | None, steps: int, cache: str | None,
+          warnings: Sequence[str] = ()) -> dict[str, Any]:
+    out: dict[str, Any] = {"quality": quality, "level": level, "steps": steps,
+                           "cache": cache}
+    return {**out, "warnings": list(warnings)} if warnings else out

@@ -116,6 +116,16 @@ def drain(core, limit: int = 100) -> list:
     return events
 
 
+def drain_with_stats(core) -> tuple[list, list]:
+    """Step the core until it has no work: its events and each step's stats."""
+    events: list = []
+    stats: list = []
+    while core.has_work:
+        events += core.step()
+        stats.append(core.last_stats)
+    return events, stats
+
+
 def finish(core) -> dict[str, np.ndarray]:
     """Step the core to the end: each completed request's first image by id."""
     from stepserve.server.scheduler.events import Completed

@@ -39,3 +39,13 @@ def run(app, fn):
 
 def decode(b64: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+
+
+async def wait_job(h: httpx.AsyncClient, job_id: str, tries: int = 200) -> dict:
+    """GET /v1/jobs/{id} until it has ended (or `tries` polls): its last view."""
+    for _ in range(tries):
+        view = (await h.get(f"/v1/jobs/{job_id}")).json()
+        if view["status"] in ("completed", "failed", "cancelled"):
+            break
+        await asyncio.sleep(0.05)
+    return view

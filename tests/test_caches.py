@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from fakes import FakeEngine
+from fakes import drain_with_stats as drain
 from stepserve.models.caches import ab_cache
 from stepserve.models.caches.block_cache import RowCache, cached_forward
 from stepserve.models.caches.config import CacheConfig, CacheConfigError
@@ -67,14 +68,6 @@ def test_config_parsing_and_errors_name_the_knob():
 def cached_request(rid, steps, cache=None, partial=0):
     return Request(rid, GenerationParams("p", steps, seed=1, guidance=1.0, cache=cache,
                                          partial_images=partial), 0.0)
-
-
-def drain(core):
-    events, stats = [], []
-    while core.has_work:
-        events += core.step()
-        stats.append(core.last_stats)
-    return events, stats
 
 
 def test_skipping_requests_take_no_batch_slot_and_are_counted():

@@ -12,10 +12,11 @@ import time
 
 import httpx
 import pytest
-from test_container import ROOT, podman_works, wait_ready
+from test_container import ROOT, podman_works
 
 from server_process import free_port
 from stepserve.loadtests.faults import Completions
+from stepserve.loadtests.launch import wait_ready
 
 pytestmark = pytest.mark.slow  # builds images and runs five containers
 PROMPT = "a small red circle in the top left on a white background"

@@ -16,6 +16,7 @@ import openai
 import pytest
 
 from server_process import free_port
+from stepserve.loadtests.launch import wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = "localhost/stepserve:cpu"
@@ -48,18 +49,6 @@ def image():
 def grace_period() -> int:
     text = (ROOT / "deploy" / "k8s" / "base" / "api.yaml").read_text()
     return int(re.search(r"terminationGracePeriodSeconds: (\d+)", text).group(1))
-
-
-def wait_ready(url: str, timeout: float = 300) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return time.monotonic() - start
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} not ready in {timeout} s")
 
 
 def test_the_cpu_image_serves_and_drains_as_its_non_root_user(image):

@@ -2,13 +2,12 @@
 listed adapters, generations, edits and jobs with adapters, the result cache keyed by
 them, reloading, and every bad value as a 4xx naming the field."""
 
-import asyncio
 import io
 
 import numpy as np
 import pytest
 import torch
-from inprocess import decode, make_app, run
+from inprocess import decode, make_app, run, wait_job
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -50,11 +49,7 @@ def test_listing_generation_cache_key_and_jobs(engine, folder):
         job = (await h.post("/v1/jobs", json={"prompt": PROMPT, "seed": 8,
                                               "num_inference_steps": 4,
                                               "lora": [{"name": "warm"}]})).json()
-        for _ in range(200):
-            view = (await h.get(f"/v1/jobs/{job['id']}")).json()
-            if view["status"] in ("completed", "failed"):
-                break
-            await asyncio.sleep(0.05)
+        view = await wait_job(h, job["id"])
         return listed, made, view
 
     listed, made, job = serve(engine, go, lora_dirs=[folder])

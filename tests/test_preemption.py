@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fakes import Clock, TimedEngine, drain
+from fakes import Clock, TimedEngine, drain, drain_with_stats
 from stepserve.models.caches.config import CacheConfig
 from stepserve.server.scheduler.core import SchedulerConfig, SchedulerCore
 from stepserve.server.scheduler.events import Completed, Failed
@@ -70,10 +70,8 @@ def low_and_urgent(core, clock, cache=None):
         events += core.step()
         stats.append(core.last_stats)
     core.submit(Request("urgent", params(steps=4, n=4, seed=99), clock.now))
-    while core.has_work:
-        events += core.step()
-        stats.append(core.last_stats)
-    return events, stats
+    more, rest = drain_with_stats(core)
+    return events + more, stats + rest
 
 
 def test_paused_requests_are_counted_and_resume_with_the_same_images():
@@ -156,10 +154,8 @@ def test_builtin_model_resumes_within_two_grey_levels(engine):
         if budget is not None:
             core.submit(Request("urgent", GenerationParams("a large blue square", 4, 7, 1.0,
                                                            n=3), clock.now))
-        while core.has_work:
-            events += core.step()
-            stats.append(core.last_stats)
-        return images(events), stats, row
+        more, rest = drain_with_stats(core)
+        return images(events + more), stats + rest, row
 
     plain, _, row = run(None)
     paused, stats, _ = run(int(3.5 * row))

@@ -2,11 +2,10 @@
 runs the model's preset, the response says what ran, omitting it changes nothing, and
 auto on an idle server runs the request as asked."""
 
-import asyncio
 import json
 
 import numpy as np
-from inprocess import decode, make_app, run
+from inprocess import decode, make_app, run, wait_job
 
 from stepserve.models.caches.config import CacheConfig
 from stepserve.server.scheduler.offline import generate_offline
@@ -28,11 +27,7 @@ def test_levels_run_their_presets_and_report_what_ran(engine):
             lines = [ln async for ln in s.aiter_lines() if ln.startswith("data:")]
         streamed = json.loads(lines[-1][5:])
         job = (await h.post("/v1/jobs", json={"prompt": PROMPT, "quality": "low"})).json()
-        for _ in range(200):
-            view = (await h.get(f"/v1/jobs/{job['id']}")).json()
-            if view["status"] in ("completed", "failed"):
-                break
-            await asyncio.sleep(0.05)
+        view = await wait_job(h, job["id"])
         return out, streamed, view
 
     out, streamed, job = run(make_app(engine, result_cache_mb=0), go)

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import Request
 
 from ..errors import APIError, failure_body
+from ..quality import block
 from . import keys
 from .client import RedisLoop
 from .codec import failure_from_json, images_from_bytes
@@ -72,12 +74,11 @@ async def remote_view(rt: Any, request: Request, job_id: str, owner: str | None
     return out
 
 
-def _ran(outcome: str | None, steps: int, warnings: Any = ()) -> dict[str, Any]:
+def _ran(outcome: str | None, steps: int, warnings: Sequence[str] = ()) -> dict[str, Any]:
     """What the worker ran (quality.ran's block), from its stored outcome."""
     d = json.loads(outcome) if outcome else {}
-    out = {"quality": d.get("quality"), "level": d.get("level"),
-           "steps": d.get("steps", steps), "cache": d.get("cache")}
-    return {**out, "warnings": list(warnings)} if warnings else out
+    return block(d.get("quality"), d.get("level"), d.get("steps", steps), d.get("cache"),
+                 warnings)
 
 
 async def encoded_once(rt: Any, request: Request, loop: RedisLoop, handle_id: str,

@@ -59,25 +59,30 @@ class Deadlines:
 
     def behind(self, reqs: Sequence[Request], now: float) -> list[Request]:
         """Auto requests not yet revised whose forecast now misses their deadline: their
-        model's safe cache is switched on from the next step (once)."""
-        revised = []
-        for req in reqs:
+        model's safe cache is switched on from the next step (once). One pass in policy
+        order (the work ahead of each is the running sum), not one forecast each."""
+        revised: list[Request] = []
+        if not any(r.params.level is not None and not r.degraded for r in reqs):
+            return revised
+        rows, ahead = self.rows(reqs), 0.0
+        for req in self.policy.order(reqs, now):
             p = req.params
-            if (p.level is None or p.safe_cache is None or p.cache is not None
-                    or req.deadline is None or req.picard is not None or req.degraded):
-                continue
-            fc = self.forecast(reqs, p, now, req)
-            if fc is None or now + fc.expected <= req.deadline:
-                continue
-            cheaper = replace(p, cache=p.safe_cache)
-            if forwards_left(cheaper, req.step) >= forwards_left(p, req.step):
-                continue
-            req.params = cheaper
-            req.states = [with_cache(s, p.safe_cache) for s in req.states]
-            req.degraded = "behind"
-            revised.append(req)
+            own = forwards_left(p, req.step)
+            candidate = (p.level is not None and p.safe_cache is not None and p.cache is None
+                         and req.deadline is not None and req.picard is None
+                         and not req.degraded)
+            if candidate:
+                assert req.deadline is not None and p.safe_cache is not None
+                fc = forecast(self.times, p.n, own, ahead, rows - req.samples, self.max_batch)
+                cheaper = replace(p, cache=p.safe_cache)
+                if (fc is not None and now + fc.expected > req.deadline
+                        and forwards_left(cheaper, req.step) < own):
+                    req.params = cheaper
+                    req.states = [with_cache(s, p.safe_cache) for s in req.states]
+                    req.degraded = "behind"
+                    revised.append(req)
+            ahead += req.samples * forwards_left(req.params, req.step)
         return revised
-
 
 def dropped(req: Request, need: float, now: float) -> Failed:
     """The event of a request dropped because its deadline became unreachable."""
