@@ -107,11 +107,10 @@ class SequenceParallel:
                                                      modulate(blk.norm1(h), sh1, sc1), world)
             h = h + blk.cross(blk.norm_x(h), inp.ctx, inp.ctx_mask)
             h = h + g2[:, None] * blk.mlp(modulate(blk.norm2(h), sh2, sc2))
-        shift, scale = dit.ada_out(inp.c).chunk(2, dim=-1)
-        local = dit.patch_out(modulate(dit.norm_out(h), shift, scale)).contiguous()
+        local = dit.patch_head(h, inp).contiguous()
         parts = [torch.empty_like(local) for _ in range(world)]
         dist.all_gather(parts, local)
-        return dit.unpatchify(torch.cat(parts, dim=1))
+        return dit.finish(torch.cat(parts, dim=1), inp)
 
 
 def _entry(rank: int, world: int, port: int, threads: int, fn: Callable, args: tuple,

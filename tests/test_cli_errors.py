@@ -219,6 +219,11 @@ def test_train_builtin_bad_values(tmp_path, capsys, no_training):
     assert one_error_line(capsys) == f"error: --run-dir {afile}: exists and is not a folder"
     assert main([*base, "--lazydit-only"]) == 2
     assert "dit.safetensors does not exist" in one_error_line(capsys)
+    assert main([*base, "--init-from", str(tmp_path / "none.safetensors")]) == 2
+    assert one_error_line(capsys) == f"error: --init-from {tmp_path / 'none.safetensors'}: " \
+        "no such file"
+    assert main([*base, "--recipe", "v2", "--init-from", str(afile)]) == 2
+    assert "--recipe v2 trains from scratch" in one_error_line(capsys)
 
 
 # -- progress ------------------------------------------------------------------------------

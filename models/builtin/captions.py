@@ -10,7 +10,7 @@ wording.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -55,6 +55,10 @@ class Grammar:
     pos_frames: tuple[str, ...]
     bg_frames: tuple[str, ...]
     templates: tuple[str, ...]
+    colour: dict[str, tuple[str, ...]] = field(default_factory=dict)  # synonyms (v3)
+    shape: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    fillers: tuple[str, ...] = ()  # "{}" is the caption: "please draw {}" and the like
+    noise: float = 0.0  # chance of a typo, and separately of odd casing
 
 
 V1 = Grammar(TRAIN_SIZE, TRAIN_BACKGROUND, TRAIN_POSITION, TRAIN_POS_FRAMES, TRAIN_BG_FRAMES,
@@ -96,7 +100,59 @@ V2 = Grammar(
         "a single {obj} {pos} {bg}",
     ),
 )
-GRAMMARS = {"v1": V1, "v2": V2}
+
+# v3: synonyms for every attribute, more clause forms and word orders, filler words,
+# typos and casing; still disjoint from the unseen (held-out) families.
+V3 = Grammar(
+    size={"small": V2.size["small"] + ("mini", "smallish", "wee", "small-sized"),
+          "large": V2.size["large"] + ("giant", "enormous", "oversized", "large-sized")},
+    background={"gray": ("gray", "grey", "silver", "ash grey")},
+    position={**V2.position,
+              "top left": V2.position["top left"] + ("left top", "upper left part"),
+              "top right": V2.position["top right"] + ("right top", "upper right part"),
+              "bottom left": V2.position["bottom left"] + ("left bottom", "lower left part"),
+              "bottom right": V2.position["bottom right"] + ("right bottom",
+                                                             "lower right part"),
+              "center": V2.position["center"] + ("middle of the image", "central part"),
+              "left": V2.position["left"] + ("centre left", "left centre"),
+              "right": V2.position["right"] + ("centre right", "right centre"),
+              "top": V2.position["top"] + ("top centre", "upper centre"),
+              "bottom": V2.position["bottom"] + ("bottom centre", "lower centre")},
+    pos_frames=V2.pos_frames + ("on the {p}", "to the {p}", "in the {p} of the scene",
+                                "up in the {p}", "down in the {p}", "{p} of the image"),
+    bg_frames=V2.bg_frames + ("{b} bg", "on a {b} ground", "with {b} behind it",
+                              "in front of {b}", "{b} everywhere else", "{b} behind",
+                              "the scene around it is {b}", "on solid {b}"),
+    templates=V2.templates + (
+        "{obj} {pos} {bg}",
+        "the {shape} is {colour} and {size}, {pos}, {bg}",
+        "i see a {obj} {pos} {bg}",
+        "a {obj} which is {pos}, {bg}",
+        "{colour} {shape}, {size}. {pos}. {bg}.",
+        "show me a {obj} {pos} {bg}",
+        "generate a {obj} {pos}, {bg}",
+        "{size} {shape} in {colour} {pos} {bg}",
+        "a {shape} ({colour}, {size}) {pos}, {bg}",
+        "render a {obj} {pos} with the background {bg_word}",
+        "{bg}; {obj}; {pos}",
+        "{pos} is a {obj}, {bg}",
+        "a {colour} {shape} of {size} size {pos}, {bg}",
+        "{bg_word} background and a {obj} {pos}",
+    ),
+    colour={"red": ("red", "crimson", "scarlet"), "green": ("green", "emerald"),
+            "blue": ("blue", "azure", "cobalt"), "yellow": ("yellow", "golden", "lemon"),
+            "purple": ("purple", "violet", "lilac"), "orange": ("orange", "tangerine"),
+            "white": ("white", "snow-white", "ivory"), "black": ("black", "jet-black",
+                                                                 "ebony")},
+    shape={"circle": ("circle", "disc", "disk", "dot", "round shape"),
+           "square": ("square", "box", "block", "tile", "square shape"),
+           "triangle": ("triangle", "triangular shape", "three-sided shape")},
+    fillers=("please {}", "{}, please", "simple image: {}", "flat illustration of {}",
+             "an icon: {}", "{}, nothing else", "{}, no other objects", "minimal {}",
+             "{}, high quality", "hi, {}", "i would like {}", "{} thanks"),
+    noise=0.15,
+)
+GRAMMARS = {"v1": V1, "v2": V2, "v3": V3}
 
 UNSEEN_SIZE = {"small": ("small", "tiny"), "large": ("large", "huge")}
 UNSEEN_POSITION = {
@@ -137,21 +193,45 @@ def train_caption(scene: Scene, rng: np.random.Generator, omit_prob: float = 0.0
     """One training caption; with omit_prob, drop one attribute (valid per the spec)."""
     g = grammar
     size = _pick(rng, g.size[scene.size])
-    bg_word = _pick(rng, g.background.get(scene.background, (scene.background,)))
+    bg_word = _pick(rng, (g.background | g.colour).get(scene.background, (scene.background,)))
     pos = _pick(rng, g.pos_frames).format(p=_pick(rng, g.position[scene.position]))
     bg = _pick(rng, g.bg_frames).format(b=bg_word)
-    parts = {"size": size, "colour": scene.colour, "shape": scene.shape, "pos": pos, "bg": bg}
+    colour = _pick(rng, g.colour.get(scene.colour, (scene.colour,)))
+    shape = _pick(rng, g.shape.get(scene.shape, (scene.shape,)))
+    parts = {"size": size, "colour": colour, "shape": shape, "pos": pos, "bg": bg,
+             "bg_word": bg_word}
     if omit_prob and rng.random() < omit_prob:
         dropped = _pick(rng, ("size", "colour", "pos", "bg"))
         parts[dropped] = ""
-        if dropped in ("size", "colour"):
-            parts["shape"] = scene.shape
+        if dropped == "bg":
+            parts["bg_word"] = ""
     words = [parts["size"], parts["colour"]]
     if rng.random() < 0.3:
         words.reverse()
     obj = " ".join([*words, parts["shape"]])
     text = _pick(rng, g.templates).format(obj=obj, **parts)
-    return _tidy(text.replace("( ) ", "").replace("()", ""))
+    text = _tidy(text.replace("( ) ", "").replace("()", "").replace("(, )", "")
+                 .replace(" of  size", ""))
+    if g.fillers and rng.random() < 0.3:
+        text = _pick(rng, g.fillers).format(text)
+    return _noisy(text, rng, g.noise) if g.noise else text
+
+
+def _noisy(text: str, rng: np.random.Generator, p: float) -> str:
+    """A typo in one word (a letter dropped, doubled or swapped) with chance p, and odd
+    casing with chance p: what people type."""
+    words = text.split(" ")
+    long = [i for i, w in enumerate(words) if len(w) >= 4 and w.isalpha()]
+    if long and rng.random() < p:
+        i = long[rng.integers(len(long))]
+        w, k = words[i], int(rng.integers(1, len(words[i]) - 1))
+        kind = rng.integers(3)
+        words[i] = (w[:k] + w[k + 1:] if kind == 0 else w[:k] + w[k] + w[k:] if kind == 1
+                    else w[:k - 1] + w[k] + w[k - 1] + w[k + 1:])
+    text = " ".join(words)
+    if rng.random() < p:
+        text = (text.upper(), text.capitalize(), text.title())[rng.integers(3)]
+    return text
 
 
 def unseen_caption(scene: Scene, rng: np.random.Generator) -> str:
@@ -178,6 +258,8 @@ def vocabulary() -> tuple[str, ...]:
     phrases: list[str] = [*SHAPES, *COLOURS, *BACKGROUNDS, *SIZES, *POSITIONS]
     for table in (*(g.size for g in GRAMMARS.values()),
                   *(g.background for g in GRAMMARS.values()),
+                  *(g.colour for g in GRAMMARS.values()),
+                  *(g.shape for g in GRAMMARS.values()),
                   *(g.position for g in GRAMMARS.values()), UNSEEN_SIZE, UNSEEN_POSITION):
         for options in table.values():
             phrases += options
@@ -188,4 +270,5 @@ def vocabulary() -> tuple[str, ...]:
 # words of position phrases ("dead center", "right-hand side", "top of the image") that
 # name nothing by themselves
 GENERIC = frozenset({"of", "the", "image", "part", "hand", "dead", "very", "edge", "side",
-                     "corner"})
+                     "corner", "shape", "round", "sided", "three", "snow", "jet", "ash",
+                     "sized", "central"})

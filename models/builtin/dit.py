@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from .refine import PixelRefiner
 from .text import TEXT_DIM, TextBatch
 
 
@@ -31,6 +32,7 @@ class DiTConfig:
     mlp_ratio: float = 4.0
     text_dim: int = TEXT_DIM
     time_shift: float = 3.0  # t' = s*t / (1 + (s-1)*t), in training and sampling
+    refine: int = 0  # width of the full-resolution conv stage (refine.py); 0: none (v2)
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch or self.hidden % self.heads:
@@ -129,6 +131,8 @@ class DiTInputs:
     c: torch.Tensor
     ctx: torch.Tensor
     ctx_mask: torch.Tensor
+    x: torch.Tensor | None = None  # the model's input and time: the refine stage's inputs
+    t: torch.Tensor | None = None
 
 
 class DiT(nn.Module):
@@ -154,6 +158,7 @@ class DiT(nn.Module):
         for m in (self.ada_out[1], self.patch_out):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
+        self.refiner = PixelRefiner(cfg.channels, cfg.refine) if cfg.refine else None
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         b, c, hgt, wid = x.shape
@@ -174,11 +179,24 @@ class DiT(nn.Module):
         pooled = (text.pooled - self.pooled_mean) / self.pooled_std
         c = (self.t_mlp(timestep_embedding(t, h)) + self.d_mlp(timestep_embedding(d, h))
              + self.pooled_in(pooled))
-        return tokens, DiTInputs(c, self.text_in(text.tokens), text.mask)
+        return tokens, DiTInputs(c, self.text_in(text.tokens), text.mask, x, t)
+
+    def patch_head(self, x: torch.Tensor, inputs: DiTInputs) -> torch.Tensor:
+        """Per-token velocity patches (B, N, C*p*p)."""
+        shift, scale = self.ada_out(inputs.c).chunk(2, dim=-1)
+        return self.patch_out(modulate(self.norm_out(x), shift, scale))
+
+    def finish(self, patches: torch.Tensor, inputs: DiTInputs) -> torch.Tensor:
+        """The velocity image from all tokens' patches, through the refine stage if any."""
+        v = self.unpatchify(patches)
+        if self.refiner is None:
+            return v
+        if inputs.x is None or inputs.t is None:
+            raise ValueError("the refine stage needs the model's input x and time t")
+        return self.refiner(v, inputs.x, inputs.t)
 
     def head(self, x: torch.Tensor, inputs: DiTInputs) -> torch.Tensor:
-        shift, scale = self.ada_out(inputs.c).chunk(2, dim=-1)
-        return self.unpatchify(self.patch_out(modulate(self.norm_out(x), shift, scale)))
+        return self.finish(self.patch_head(x, inputs), inputs)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, d: torch.Tensor,
                 text: TextBatch) -> torch.Tensor:

@@ -12,29 +12,35 @@ shapes right more often than their geometry does; this reader does not.
 - shape: the fill ratio of the mask in its bounding box (square ~1.0, circle ~0.79,
   triangle ~0.5) and its vertical mass profile (a triangle, apex up, holds about a
   quarter of its mass in its top half; a circle or square half), checked against the
-  aspect (all three fill a square box).
+  aspect (all three fill a square box). Both are read from the coverage after a 3x3
+  median, which removes single ragged edge pixels (a person still sees a square) but
+  not blur (a blurred 8-pixel square is a blob to anyone), and compared with the same
+  reading of the three ideal shapes drawn at the measured size and place: the nearest
+  wins (at 8 pixels an ideal square's corners and a triangle's apex read differently
+  from the large ones').
 
 Anything that reads as none of them (no mask, a box far from square, a fill or profile
-between the kinds) is marked unreadable (-1) and counts as wrong.
+out of range) is marked unreadable (-1) and counts as wrong.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
-from .shapes import ATTRIBUTES, BACKGROUNDS, COLOURS, PALETTE, SHAPES, SIZES
+from .shapes import ATTRIBUTES, BACKGROUNDS, COLOURS, PALETTE, SHAPES, SIZES, Scene, coverage
 
 _BG = np.array([PALETTE[c] for c in BACKGROUNDS], np.float32)
 _FG = np.array([PALETTE[c] for c in COLOURS], np.float32)
 SIZE_SPLIT = 0.35  # bounding-box side / width between small (0.25) and large (0.45)
 MAX_ASPECT = 1.35  # longer / shorter side of the box
-# The kinds' prototypes: fill of the extent (square 1, circle pi/4, triangle 1/2) and
-# the mass centre's drop below the extent's centre, in heights (a triangle, apex up:
-# 1/6; circle and square: 0). A reading takes the nearest prototype, split half way
-# between them, within outer limits past which it is no shape of the three.
-DROP_SPLIT = 1 / 12  # triangle above, circle or square below
-FILL_SPLIT = (1 + np.pi / 4) / 2  # square above, circle below
-FILL_LIMITS = (0.3, 1.1)
+# The kinds' readings: fill of the extent (square 1, circle pi/4, triangle 1/2) and the
+# mass centre's drop below the extent's centre, in heights (a triangle, apex up: 1/6;
+# circle and square: 0). Distances between readings are in units of the gaps between
+# the ideal kinds (fill: square - circle; drop: triangle - circle), so both count alike.
+FILL_SCALE = 1 - np.pi / 4
+DROP_SCALE = 1 / 6
+FILL_LIMITS = (0.3, 1.1)  # outside these no shape of the three
 DROP_LIMITS = (-1 / 12, 0.3)
 
 
@@ -95,10 +101,42 @@ def read_one(image: np.ndarray) -> tuple[int, int, int, int, int]:
     return (shape, colour, bg_index, size, position)
 
 
+def _median3(c: np.ndarray) -> np.ndarray:
+    windows = sliding_window_view(np.pad(c, 1), (3, 3))
+    return np.median(windows.reshape(*c.shape, 9), axis=-1)
+
+
+def _reading(c: np.ndarray) -> tuple[float, float, float, float, float] | None:
+    """(fill, drop, side, centre x, centre y) of a coverage map (side and centre as
+    fractions of the width), after the median; None where there is no extent."""
+    c = _median3(c)
+    rows, cols = c.max(axis=1), c.max(axis=0)
+    height, width, area = rows.sum(), cols.sum(), c.sum()
+    if min(height, width) < 1:
+        return None
+    y = np.arange(c.shape[0], dtype=np.float32)
+    drop = ((y * c.sum(axis=1)).sum() / area - (y * rows).sum() / height) / height
+    n = c.shape[0]
+    cy = ((y + 0.5) * rows).sum() / height / n
+    cx = ((y[:c.shape[1]] + 0.5) * cols).sum() / width / c.shape[1]
+    return area / (height * width), drop, max(height, width) / n, cx, cy
+
+
+def _ideal_readings(side: float, cx: float, cy: float, n: int) -> list[tuple[float, float]]:
+    """(fill, drop) of the three ideal kinds drawn at this size and place."""
+    scenes = [Scene(k, "red", "blue", "small", "center", side, cx, cy) for k in SHAPES]
+    out = []
+    for cov in coverage(scenes, n):
+        r = _reading(cov)
+        out.append((r[0], r[1]) if r else (np.nan, np.nan))
+    return out
+
+
 def _shape(img: np.ndarray, bg: np.ndarray, fg: np.ndarray, mask: np.ndarray) -> int:
     """The kind from sub-pixel coverage (each pixel's share of the way from the
     background to the shape's colour), so that an 8-pixel shape still reads: its fill
-    of its extent, and how far its mass centre lies below its extent's centre."""
+    of its extent, and how far its mass centre lies below its extent's centre, against
+    the same of the ideal kinds."""
     near = mask.copy()  # the component and its edge pixels
     near[1:] |= mask[:-1]
     near[:-1] |= mask[1:]
@@ -107,17 +145,22 @@ def _shape(img: np.ndarray, bg: np.ndarray, fg: np.ndarray, mask: np.ndarray) ->
     d = fg - bg
     c = np.clip(((img - bg) @ d) / float(d @ d), 0, 1) * near
     rows, cols = c.max(axis=1), c.max(axis=0)
-    height, width, area = rows.sum(), cols.sum(), c.sum()
+    height, width = rows.sum(), cols.sum()
     if min(height, width) < 2 or max(height, width) / min(height, width) > MAX_ASPECT:
         return -1
-    y = np.arange(c.shape[0], dtype=np.float32)
-    drop = ((y * c.sum(axis=1)).sum() / area - (y * rows).sum() / height) / height
-    fill = area / (height * width)
+    reading = _reading(c)
+    if reading is None:
+        return -1
+    fill, drop, side, cx, cy = reading
     if not (FILL_LIMITS[0] <= fill <= FILL_LIMITS[1] and DROP_LIMITS[0] <= drop <= DROP_LIMITS[1]):
         return -1
-    if drop > DROP_SPLIT:
-        return SHAPES.index("triangle")
-    return SHAPES.index("square" if fill > FILL_SPLIT else "circle")
+    side = min(side, 0.95)
+    half = side / 2
+    ideals = _ideal_readings(side, float(np.clip(cx, half, 1 - half)),
+                             float(np.clip(cy, half, 1 - half)), c.shape[0])
+    dist = [((fill - f) / FILL_SCALE) ** 2 + ((drop - dr) / DROP_SCALE) ** 2
+            for f, dr in ideals]
+    return int(np.nanargmin(dist))
 
 
 def read(images: np.ndarray) -> np.ndarray:

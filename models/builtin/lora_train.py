@@ -147,8 +147,9 @@ def train_lora(cfg: LoraTrainConfig, dit: DiT, run_dir: Path, out: Path,
     while step < cfg.steps:
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step)
-        x0, text, gen = make_batch(base, pool, step, scene_map=style)
-        x_t, t, d, target = training_targets(model, base, x0, text, gen)
+        batch = make_batch(base, pool, step, scene_map=style)
+        x0, text = batch.x0, batch.text
+        x_t, t, d, target = training_targets(model, base, x0, text, batch.gen)
         with torch.autocast("cpu", torch.bfloat16, enabled=base.bf16):
             pred = model(x_t, t, d, text)
         loss = (pred.float() - target).pow(2).mean()

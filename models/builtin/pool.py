@@ -36,6 +36,14 @@ class CaptionPool:
         mask = torch.arange(length)[None] < self.lengths[idx][:, None]
         return TextBatch(self.tokens[idx, :length].float(), mask, self.pooled[idx])
 
+    def size_weights(self, small_share: float) -> np.ndarray:
+        """Draw probabilities that give small shapes `small_share` of the draws."""
+        small = (self.labels[:, ATTRIBUTES.index("size")] == VALUES["size"].index("small")
+                 ).numpy()
+        w = np.where(small, small_share / max(1, small.sum()),
+                     (1 - small_share) / max(1, (~small).sum()))
+        return w / w.sum()
+
     def scene_kwargs(self, i: int) -> dict[str, str]:
         return {a: VALUES[a][int(v)] for a, v in zip(ATTRIBUTES, self.labels[i])}
 

@@ -91,7 +91,7 @@ def sample_scene(rng: np.random.Generator, **fixed: str) -> Scene:
     return Scene(shape, colour, background, size, position, float(side), cx, cy)
 
 
-def _coverage(scenes: list[Scene], resolution: int) -> np.ndarray:
+def coverage(scenes: list[Scene], resolution: int) -> np.ndarray:
     """Fraction of each pixel covered by the shape, shape (N, H, W)."""
     n = resolution * SUPERSAMPLE
     grid = (np.arange(n, dtype=np.float32) + 0.5) / n
@@ -114,11 +114,18 @@ def _coverage(scenes: list[Scene], resolution: int) -> np.ndarray:
 
 def render(scenes: list[Scene], resolution: int = 32) -> np.ndarray:
     """Render scenes to uint8 RGB images, shape (N, H, W, 3)."""
-    cov = _coverage(scenes, resolution)[..., None]
+    return render_with_coverage(scenes, resolution)[0]
+
+
+def render_with_coverage(scenes: list[Scene], resolution: int = 32
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """The images and each pixel's shape coverage (N, H, W) in 0..1 (training weights
+    the shape and its edges by it)."""
+    cov = coverage(scenes, resolution)
     fg = np.array([PALETTE[s.colour] for s in scenes], np.float32)[:, None, None, :]
     bg = np.array([PALETTE[s.background] for s in scenes], np.float32)[:, None, None, :]
-    img = bg + (fg - bg) * cov
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    img = bg + (fg - bg) * cov[..., None]
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8), cov
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:

@@ -9,6 +9,9 @@
 - Caption dropout for classifier-free guidance; EMA weights are shipped.
 - Every step's data and noise derive from (seed, step), so a resumed run is
   the same run.
+- v3 (a second stage started from v2's weights, `init_from`): a full-resolution refine
+  stage (refine.py), a loss weighted toward the shape and its edges, more small
+  shapes, grammar v3 and noise on the prompt embedding.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from ..sampling.schedules import shift_time
 from .checkpoint import save_module
 from .dit import DiT, DiTConfig
 from .pool import CaptionPool, build_pool
-from .shapes import Scene, render, sample_scene, to_tensor
+from .shapes import Scene, render_with_coverage, sample_scene, to_tensor
 from .text import TextBatch, TextEncoder
 
 
@@ -55,7 +58,33 @@ class TrainConfig:
     eval_prompts: int = 64
     eval_guidance: float = 3.0  # the shipped run's quick evals; the model serves at 1.0
     checkpoint_every: int = 250
+    init_from: str = ""  # a dit.safetensors to start from (new layers start as identity)
+    small_share: float = 0.5  # share of small shapes among drawn captions
+    shape_weight: float = 0.0  # extra loss weight on pixels inside the shape
+    edge_weight: float = 0.0  # extra loss weight on the shape's edge pixels (+1 px)
+    text_noise: float = 0.0  # Gaussian noise on the prompt embedding, in its std units
     model: DiTConfig = field(default_factory=DiTConfig)
+
+
+@dataclass
+class Batch:
+    x0: torch.Tensor
+    text: TextBatch
+    gen: torch.Generator
+    coverage: torch.Tensor  # (B, H, W) shape coverage of each pixel
+
+
+def recipe(name: str, seed: int = 0, init_from: str = "") -> TrainConfig:
+    """A shipped checkpoint's training config: v2 from scratch; v3 the second stage,
+    started from v2's weights (`init_from`)."""
+    if name == "v2":
+        return TrainConfig(seed=seed)
+    if name == "v3":
+        return TrainConfig(seed=seed, steps=3500, lr=3e-4, warmup=100, captions="v3",
+                           init_from=init_from, small_share=0.65, shape_weight=1.0,
+                           edge_weight=3.0, text_noise=0.1, eval_every=500,
+                           eval_guidance=1.0, model=DiTConfig(refine=64))
+    raise ValueError(f"unknown recipe {name!r}: v2 or v3")
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -67,17 +96,23 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 
 def make_batch(cfg: TrainConfig, pool: CaptionPool, step: int,
-               scene_map: Callable[[Scene], Scene] | None = None
-               ) -> tuple[torch.Tensor, TextBatch, torch.Generator]:
+               scene_map: Callable[[Scene], Scene] | None = None) -> Batch:
     """Captions from the pool and renders of their scenes (`scene_map`: the scene a
     LoRA style draws instead, lora_train.py)."""
     rng = np.random.default_rng([cfg.seed, step])
-    index = rng.integers(len(pool), size=cfg.batch)
+    if cfg.small_share == 0.5:
+        index = rng.integers(len(pool), size=cfg.batch)
+    else:
+        index = rng.choice(len(pool), size=cfg.batch, p=pool.size_weights(cfg.small_share))
     scenes = [sample_scene(rng, **pool.scene_kwargs(int(i))) for i in index]
     if scene_map is not None:
         scenes = [scene_map(s) for s in scenes]
-    x0 = to_tensor(render(scenes, cfg.model.image_size))
+    images, coverage = render_with_coverage(scenes, cfg.model.image_size)
+    x0 = to_tensor(images)
     text = pool.text(index)
+    if cfg.text_noise:
+        text = noisy_text(text, cfg.text_noise, torch.Generator().manual_seed(
+            cfg.seed * 1_000_003 + step + 500_000_000))
     drop = torch.from_numpy(rng.random(cfg.batch) < cfg.caption_dropout)
     if drop.any():
         empty = TextBatch.cat([text, pool.empty])  # pads to a common length
@@ -89,7 +124,29 @@ def make_batch(cfg: TrainConfig, pool: CaptionPool, step: int,
         text.mask[drop] = torch.nn.functional.pad(e.mask, (0, n - e.mask.shape[1]))
         text.pooled[drop] = e.pooled
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-    return x0, text, gen
+    return Batch(x0, text, gen, torch.from_numpy(coverage))
+
+
+def noisy_text(text: TextBatch, sigma: float, gen: torch.Generator) -> TextBatch:
+    """Prompt embeddings with Gaussian noise (sigma times each one's own spread), so
+    nearby phrasings the grammar never wrote land on the same image."""
+    tok_scale = sigma * text.tokens.std(dim=(1, 2), keepdim=True)
+    tokens = text.tokens + tok_scale * torch.randn(text.tokens.shape, generator=gen)
+    pooled_scale = sigma * text.pooled.std(dim=1, keepdim=True)
+    pooled = text.pooled + pooled_scale * torch.randn(text.pooled.shape, generator=gen)
+    return TextBatch(tokens, text.mask, pooled)
+
+
+def pixel_weights(cfg: TrainConfig, coverage: torch.Tensor) -> torch.Tensor | None:
+    """(B, 1, H, W) loss weights, mean 1: more on the shape and on its edges (where
+    patch-wise predictions go ragged), or None for a plain loss."""
+    if not (cfg.shape_weight or cfg.edge_weight):
+        return None
+    cov = coverage[:, None]
+    edge = ((cov > 0.02) & (cov < 0.98)).float()
+    edge = torch.nn.functional.max_pool2d(edge, 3, stride=1, padding=1)
+    w = 1 + cfg.shape_weight * (cov > 0.5).float() + cfg.edge_weight * edge
+    return w / w.mean(dim=(2, 3), keepdim=True)
 
 
 def training_targets(model: torch.nn.Module, cfg: TrainConfig, x0: torch.Tensor, text: TextBatch,
@@ -157,6 +214,16 @@ class RunState:
                                      for k in ("step", "exp_avg", "exp_avg_sq")}
         self.step = int(t["step"])
 
+    def start_from(self, path: Path) -> None:
+        """Weights of an earlier checkpoint; layers it lacks keep their init (the refine
+        stage starts as identity)."""
+        weights = load_file(str(path))
+        missing, unexpected = self.model.load_state_dict(weights, strict=False)
+        if unexpected or any(not k.startswith("refiner.") for k in missing):
+            raise ValueError(f"{path} does not fit this model: missing {missing}, "
+                             f"unexpected {unexpected}")
+        self.ema.load_state_dict(self.model.state_dict())
+
 
 def fit_pooled_stats(model: DiT, pool: CaptionPool) -> None:
     model.pooled_mean.copy_(pool.pooled.mean(0))
@@ -176,6 +243,8 @@ def train(cfg: TrainConfig, run_dir: Path, out: Path | None = None,
     ckpt = run_dir / "state.safetensors"
     if ckpt.exists():
         state.load(ckpt)
+    elif cfg.init_from:
+        state.start_from(Path(cfg.init_from))  # keeps its pooled z-scoring
     else:
         fit_pooled_stats(state.model, pool)
         fit_pooled_stats(state.ema, pool)
@@ -190,11 +259,13 @@ def train(cfg: TrainConfig, run_dir: Path, out: Path | None = None,
         step = state.step
         for g in state.opt.param_groups:
             g["lr"] = lr_at(cfg, step)
-        x0, text, gen = make_batch(cfg, pool, step)
-        x_t, t, d, target = training_targets(state.model, cfg, x0, text, gen)
+        batch = make_batch(cfg, pool, step)
+        x_t, t, d, target = training_targets(state.model, cfg, batch.x0, batch.text, batch.gen)
         with torch.autocast("cpu", torch.bfloat16, enabled=cfg.bf16):
-            pred = state.model(x_t, t, d, text)
-        loss = (pred.float() - target).pow(2).mean()
+            pred = state.model(x_t, t, d, batch.text)
+        err = (pred.float() - target).pow(2)
+        weights = pixel_weights(cfg, batch.coverage)
+        loss = (err if weights is None else err * weights).mean()
         state.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip)

@@ -138,7 +138,7 @@ class LazyDiTConfig(BlockCache):
         rows = [p.rows[i] for i in idx]
         assert all(r is not None for r in rows)
         sub = torch.tensor(idx)
-        sub_inp = DiTInputs(p.inp.c[sub], p.inp.ctx[sub], p.inp.ctx_mask[sub])
+        sub_inp = DiTInputs(p.inp.c[sub], p.inp.ctx[sub], p.inp.ctx_mask[sub])  # blocks only
         dev = p.h0.device
         allow = torch.tensor([not r.forced and r.state.prev is not None for r in rows],
                              device=dev)

@@ -45,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-steps", default="1,4", help="step counts of the LoRA table")
     p.add_argument("--edit-strengths", default="0.5,0.75,0.9",
                    help="strengths of the edit tables")
+    p.add_argument("--reader-check", action="store_true",
+                   help="only validate the strict reader on ground-truth and degraded "
+                        "renders (blur, noise, jitter, ragged edges); no model is loaded")
     add_progress_flag(p)
     add_model_flags(p)
 
@@ -80,6 +83,16 @@ def run(args: argparse.Namespace) -> int:
     from stepserve.models.builtin.yardstick import Yardstick, evaluate, format_table
 
     steps_list, sets = check_args(args)
+    if args.reader_check:
+        from stepserve.models.builtin.degrade import format_rows as reader_rows
+        from stepserve.models.builtin.degrade import validation_rows
+
+        rows_ = validation_rows(n=args.prompts)
+        print(f"strict reader on renders of the contract ({args.prompts} per degraded row)")
+        print(reader_rows(rows_))
+        if args.json:
+            args.json.write_text(json.dumps([{"images": n, **a} for n, a in rows_], indent=2))
+        return 0
     settings = load_settings(args)
     if settings.model != "builtin":
         raise CommandError(f"--model {settings.model}: eval measures the built-in model "

@@ -21,8 +21,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classifier-steps", type=int, default=3000)
     p.add_argument("--eval-every", type=int, default=None,
                    help="quick accuracy check every N steps (0: never)")
-    p.add_argument("--captions", default=None, choices=["v1", "v2"],
-                   help="training-caption grammar (default v2, the shipped checkpoint's)")
+    p.add_argument("--recipe", default="v3", choices=["v2", "v3"],
+                   help="v3 (default, shipped): the v2 run, then a second stage from its "
+                        "weights (in RUN_DIR/v2 unless --init-from); v2: the first stage")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="v3: start the second stage from this dit.safetensors (a v2 "
+                        "checkpoint) instead of training v2 first")
+    p.add_argument("--captions", default=None, choices=["v1", "v2", "v3"],
+                   help="training-caption grammar (default: the recipe's)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--lazydit", action="store_true",
                    help="also train the LazyDiT gates for the trained DiT (base frozen)")
@@ -51,7 +57,9 @@ def quick_evaluator(encoder, classifier, n: int, guidance: float):
         engine = TorchEngine(dit=ema, encoder=encoder, guidance=guidance)
         rows = evaluate(partial(generate_offline, engine), stick, steps_list=(1, 4), n=n,
                         guidance=guidance, with_fd=False)
-        return {f"{r.prompt_set}@{r.steps}": round(r.accuracy["all_five"], 1) for r in rows}
+        scores = {f"{r.prompt_set}@{r.steps}": round(r.accuracy["all_five"], 1) for r in rows}
+        return scores | {f"strict {r.prompt_set}@{r.steps}": round(r.strict["all_five"], 1)
+                         for r in rows if r.strict}
 
     return run
 
@@ -72,6 +80,11 @@ def check_args(args: argparse.Namespace) -> Path:
     for flag, path in (("--run-dir", args.run_dir), ("--out", out)):
         if path.exists() and not path.is_dir():
             raise CommandError(f"{flag} {path}: exists and is not a folder")
+    if args.init_from is not None and not args.init_from.is_file():
+        raise CommandError(f"--init-from {args.init_from}: no such file")
+    if args.init_from is not None and args.recipe != "v3":
+        raise CommandError("--init-from starts recipe v3's second stage; "
+                           f"--recipe {args.recipe} trains from scratch")
     if args.lazydit_only and not (out / "dit.safetensors").is_file():
         raise CommandError(f"--lazydit-only trains gates for the DiT in --out, and "
                            f"{out / 'dit.safetensors'} does not exist; train it first "
@@ -91,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from stepserve.models.builtin.report import plot_training
     from stepserve.models.builtin.text import TextEncoder
-    from stepserve.models.builtin.train import TrainConfig, train
+    from stepserve.models.builtin.train import recipe, train
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -110,11 +123,18 @@ def run(args: argparse.Namespace) -> int:
     classifier = load_classifier(cls_path)
     if args.lazydit_only:
         return train_lazydit(out)
-    cfg = TrainConfig(seed=args.seed)
+    encoder = TextEncoder()
+    init_from = args.init_from
+    if args.recipe == "v3" and init_from is None:  # the first stage, itself resumable
+        first = recipe("v2", args.seed)
+        init_from = args.run_dir / "v2" / "dit.safetensors"
+        train(first, args.run_dir / "v2", out=init_from, encoder=encoder,
+              evaluator=quick_evaluator(encoder, classifier, first.eval_prompts,
+                                        first.eval_guidance))
+    cfg = recipe(args.recipe, args.seed, str(init_from or ""))
     for name in ("steps", "batch", "eval_every", "captions"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
-    encoder = TextEncoder()
     evaluator = (quick_evaluator(encoder, classifier, cfg.eval_prompts, cfg.eval_guidance)
                  if cfg.eval_every else None)
     train(cfg, args.run_dir, out=out / "dit.safetensors", encoder=encoder, evaluator=evaluator)
