@@ -61,3 +61,11 @@ def test_link_finder_sees_relative_links():
     assert "docs/shapes-dataset.md" in readme_links
     assert "docs/cli.md" in readme_links
     assert "docs/openai-api.md" in readme_links
+
+
+def test_the_documented_vocabulary_is_the_models():
+    from stepserve.models.builtin.captions import vocabulary
+
+    text = (ROOT / "docs" / "shapes-dataset.md").read_text()
+    listed = text[text.index("## Vocabulary"):].split("\n\n")[1]
+    assert re.findall(r"`([a-z]+)`", listed) == list(vocabulary())
