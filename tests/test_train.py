@@ -142,8 +142,11 @@ def test_small_share_and_prompt_noise_shape_the_batch(encoder):
     assert all(s > 0.7 for s in sizes), sizes  # 80% small asked; a small shape < 60 px
     assert ATTRIBUTES.index("size") == 3
     text = pool.text(np.arange(4))
-    a = noisy_text(text, 0.1, torch.Generator().manual_seed(1))
-    b = noisy_text(text, 0.1, torch.Generator().manual_seed(1))
+    a = noisy_text(text, 0.1, torch.Generator().manual_seed(1), pool.pooled_spread)
+    b = noisy_text(text, 0.1, torch.Generator().manual_seed(1), pool.pooled_spread)
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.mask, text.mask)
     change = (a.tokens - text.tokens).std() / text.tokens.std()
     assert 0.05 < change < 0.2
+    # in the units the model z-scores the pooled vector by: 0.1, not the vector's own
+    z_change = ((a.pooled - text.pooled) / pool.pooled_spread).std()
+    assert 0.07 < z_change < 0.13

@@ -7,6 +7,7 @@ from this pool; each draw is rendered afresh (new jitter), so images never repea
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,12 @@ class CaptionPool:
         length = int(self.lengths[idx].max())
         mask = torch.arange(length)[None] < self.lengths[idx][:, None]
         return TextBatch(self.tokens[idx, :length].float(), mask, self.pooled[idx])
+
+    @cached_property
+    def pooled_spread(self) -> torch.Tensor:
+        """Each pooled dimension's standard deviation over the pool (the model z-scores
+        the pooled vector by the same)."""
+        return self.pooled.std(dim=0).clamp_min(1e-4)
 
     def size_weights(self, small_share: float) -> np.ndarray:
         """Draw probabilities that give small shapes `small_share` of the draws."""

@@ -112,7 +112,7 @@ def make_batch(cfg: TrainConfig, pool: CaptionPool, step: int,
     text = pool.text(index)
     if cfg.text_noise:
         text = noisy_text(text, cfg.text_noise, torch.Generator().manual_seed(
-            cfg.seed * 1_000_003 + step + 500_000_000))
+            cfg.seed * 1_000_003 + step + 500_000_000), pool.pooled_spread)
     drop = torch.from_numpy(rng.random(cfg.batch) < cfg.caption_dropout)
     if drop.any():
         empty = TextBatch.cat([text, pool.empty])  # pads to a common length
@@ -127,13 +127,16 @@ def make_batch(cfg: TrainConfig, pool: CaptionPool, step: int,
     return Batch(x0, text, gen, torch.from_numpy(coverage))
 
 
-def noisy_text(text: TextBatch, sigma: float, gen: torch.Generator) -> TextBatch:
-    """Prompt embeddings with Gaussian noise (sigma times each one's own spread), so
-    nearby phrasings the grammar never wrote land on the same image."""
-    tok_scale = sigma * text.tokens.std(dim=(1, 2), keepdim=True)
+def noisy_text(text: TextBatch, sigma: float, gen: torch.Generator,
+               pooled_spread: torch.Tensor) -> TextBatch:
+    """Prompt embeddings with Gaussian noise, so that nearby phrasings the grammar never
+    wrote land on the same image: each token state's noise is sigma times its own
+    spread; the pooled vector's is sigma times each dimension's spread over the pool
+    (`pooled_spread`), the units the model z-scores it in (its own spread is ~10x
+    larger and would drown the conditioning)."""
+    tok_scale = sigma * text.tokens.std(dim=-1, keepdim=True)
     tokens = text.tokens + tok_scale * torch.randn(text.tokens.shape, generator=gen)
-    pooled_scale = sigma * text.pooled.std(dim=1, keepdim=True)
-    pooled = text.pooled + pooled_scale * torch.randn(text.pooled.shape, generator=gen)
+    pooled = text.pooled + sigma * pooled_spread * torch.randn(text.pooled.shape, generator=gen)
     return TextBatch(tokens, text.mask, pooled)
 
 
@@ -227,7 +230,7 @@ class RunState:
 
 def fit_pooled_stats(model: DiT, pool: CaptionPool) -> None:
     model.pooled_mean.copy_(pool.pooled.mean(0))
-    model.pooled_std.copy_(pool.pooled.std(0).clamp_min(1e-4))
+    model.pooled_std.copy_(pool.pooled_spread)
 
 
 def train(cfg: TrainConfig, run_dir: Path, out: Path | None = None,
