@@ -37,6 +37,9 @@ def test_training_reduces_loss_and_writes_weights(tmp_path, encoder):
     assert sum(losses[-5:]) < sum(losses[:5])
     loaded = load_dit(tmp_path / "w" / "dit.safetensors")
     assert loaded.cfg == TINY
+    from stepserve.models.builtin.loading import default_guidance
+
+    assert default_guidance(tmp_path / "w" / "dit.safetensors") == 1.0  # not the 3.0 fallback
 
 
 def test_lr_schedule_warms_up_then_decays():

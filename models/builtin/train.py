@@ -57,6 +57,7 @@ class TrainConfig:
     eval_every: int = 500
     eval_prompts: int = 64
     eval_guidance: float = 3.0  # the shipped run's quick evals; the model serves at 1.0
+    default_guidance: float = 1.0  # written to dit.json: what the server uses by default
     checkpoint_every: int = 250
     init_from: str = ""  # a dit.safetensors to start from (new layers start as identity)
     small_share: float = 0.5  # share of small shapes among drawn captions
@@ -292,5 +293,6 @@ def train(cfg: TrainConfig, run_dir: Path, out: Path | None = None,
     bar.close()
     if out is not None:
         save_module(state.ema, out, cfg.model.to_dict(),
-                    {"train_config": {k: v for k, v in asdict(cfg).items() if k != "model"}})
+                    {"train_config": {k: v for k, v in asdict(cfg).items() if k != "model"},
+                     "default_guidance": cfg.default_guidance})
     return state.ema
