@@ -19,6 +19,7 @@ import torch
 
 from stepserve.engines.flow_sampling import FlowSampling
 from stepserve.engines.torch_engine import TorchEngine
+from stepserve.models.builtin import geometry
 from stepserve.models.builtin.yardstick import Yardstick, prompt_set
 from stepserve.models.caches.config import CacheConfig
 from stepserve.server.scheduler.offline import generate_offline
@@ -82,6 +83,7 @@ def quality_rows(engine: CountingEngine, stick: Yardstick, steps_list: list[int]
             base_rows = base_rows or engine.rows
             rows.append({"steps": steps, "policy": label,
                          "compute_saved_x": base_rows / engine.rows,
+                         "strict_all_five": geometry.accuracy(images, ps.labels)["all_five"],
                          "all_five": stick.accuracy(images, ps.labels)["all_five"],
                          "fd": stick.fd(images, ps.scenes), "images_per_s": n / seconds})
             print(rows[-1], flush=True)
@@ -145,7 +147,8 @@ def main(argv: list[str] | None = None) -> None:
                 if engine.gates is not None or (v or {}).get("policy") != "lazydit"}
     rows = quality_rows(engine, Yardstick(), [int(s) for s in args.steps.split(",")],
                         args.prompts, policies)
-    cols = ["steps", "policy", "compute_saved_x", "all_five", "fd", "images_per_s"]
+    cols = ["steps", "policy", "compute_saved_x", "strict_all_five", "all_five", "fd",
+            "images_per_s"]
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c])

@@ -104,11 +104,12 @@ def main(argv: list[str] | None = None) -> None:
             ps = prompt_set(r.prompt_set, args.prompts)
             images = gen(ps.prompts, ps.seeds, steps=r.steps)
             rows.append({"variant": label, "set": r.prompt_set, "steps": r.steps,
+                         "strict_all_five": (r.strict or {}).get("all_five", float("nan")),
                          "all_five": r.accuracy["all_five"], "fd": r.fd,
                          "palette_error": palette_error(images),
                          "forward_images_per_s": ips[label],
                          "speed_vs_torch_fp32": ips[label] / ips.get("torch fp32", ips[label])})
-    cols = ["variant", "set", "steps", "all_five", "fd", "palette_error",
+    cols = ["variant", "set", "steps", "strict_all_five", "all_five", "fd", "palette_error",
             "forward_images_per_s", "speed_vs_torch_fp32"]
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for row in rows:
