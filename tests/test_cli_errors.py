@@ -299,3 +299,29 @@ def test_ctrl_c_stops_generate_with_status_130(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err
+
+
+def test_train_builtin_runs_the_v3_recipe_as_two_stages(tmp_path, monkeypatch):
+    """The default recipe trains v2 in RUN_DIR/v2, then the v3 stage from its weights in
+    RUN_DIR/v3; --init-from skips the first stage."""
+    import stepserve.models.builtin.report as report
+    import stepserve.models.builtin.train as train
+    from stepserve.models.builtin.checkpoint import WEIGHTS_DIR
+
+    calls = []
+    monkeypatch.setattr(train, "train", lambda cfg, run_dir, out=None, **kw: calls.append(
+        (cfg.captions, cfg.init_from, cfg.model.refine, run_dir, out)))
+    monkeypatch.setattr(report, "plot_training", lambda *a: None)
+    out, run = tmp_path / "weights", tmp_path / "run"
+    out.mkdir()
+    for name in ("classifier.safetensors", "classifier.json"):
+        shutil.copy(WEIGHTS_DIR / name, out / name)
+    assert main(["train-builtin", "--run-dir", str(run), "--out", str(out)]) == 0
+    first = run / "v2" / "dit.safetensors"
+    assert calls == [("v2", "", 0, run / "v2", first),
+                     ("v3", str(first), 64, run / "v3", out / "dit.safetensors")]
+    calls.clear()
+    assert main(["train-builtin", "--run-dir", str(run), "--out", str(out),
+                 "--init-from", str(WEIGHTS_DIR / "dit.safetensors")]) == 0
+    assert calls == [("v3", str(WEIGHTS_DIR / "dit.safetensors"), 64, run / "v3",
+                      out / "dit.safetensors")]

@@ -140,9 +140,16 @@ def test_small_share_and_prompt_noise_shape_the_batch(encoder):
     pool = build_pool(encoder, c.pool_size, 0, 0.0, grammar="v3")
     small = VALUES["size"].index("small")
     assert 0.3 < float((pool.labels[:, 3] == small).float().mean()) < 0.7  # about half
-    sizes = [float((make_batch(c, pool, s).coverage.flatten(1).sum(1) < 60).float().mean())
-             for s in range(2)]
-    assert all(s > 0.7 for s in sizes), sizes  # 80% small asked; a small shape < 60 px
+
+    def small_share(share: float) -> float:
+        """Share of small shapes drawn: bounding side under 0.35 of the 16-px width."""
+        c.small_share = share
+        cov = torch.cat([make_batch(c, pool, s).coverage for s in range(2)])
+        side = (cov > 0.5).any(dim=1).sum(dim=1)
+        return float((side < 0.35 * 16).float().mean())
+
+    assert small_share(0.8) > 0.7 and small_share(0.2) < 0.3, (small_share(0.8),
+                                                               small_share(0.2))
     assert ATTRIBUTES.index("size") == 3
     text = pool.text(np.arange(4))
     a = noisy_text(text, 0.1, torch.Generator().manual_seed(1), pool.pooled_spread)

@@ -102,7 +102,10 @@ V2 = Grammar(
 )
 
 # v3: synonyms for every attribute, more clause forms and word orders, filler words,
-# typos and casing; still disjoint from the unseen (held-out) families.
+# typos and casing; still disjoint from the unseen (held-out) families. A dropped
+# attribute can leave stray words or punctuation in some templates ("(, small)", "is and
+# big"): kept as they are, since the shipped v3 checkpoint trained on exactly these
+# captions and a reproduction must draw the same; they read as typing noise.
 V3 = Grammar(
     size={"small": V2.size["small"] + ("mini", "smallish", "wee", "small-sized"),
           "large": V2.size["large"] + ("giant", "enormous", "oversized", "large-sized")},

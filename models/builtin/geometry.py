@@ -158,8 +158,10 @@ def _shape(img: np.ndarray, bg: np.ndarray, fg: np.ndarray, mask: np.ndarray) ->
     half = side / 2
     ideals = _ideal_readings(side, float(np.clip(cx, half, 1 - half)),
                              float(np.clip(cy, half, 1 - half)), c.shape[0])
-    dist = [((fill - f) / FILL_SCALE) ** 2 + ((drop - dr) / DROP_SCALE) ** 2
-            for f, dr in ideals]
+    dist = np.array([((fill - f) / FILL_SCALE) ** 2 + ((drop - dr) / DROP_SCALE) ** 2
+                     for f, dr in ideals])
+    if np.isnan(dist).all():  # too small for any ideal kind to survive the median
+        return -1
     return int(np.nanargmin(dist))
 
 

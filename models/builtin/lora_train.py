@@ -122,8 +122,8 @@ def train_lora(cfg: LoraTrainConfig, dit: DiT, run_dir: Path, out: Path,
     (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     base = replace(cfg.base, batch=cfg.batch, seed=cfg.seed)
     pool = build_pool(encoder or TextEncoder(), base.pool_size, base.seed, base.omit_prob,
-                      cache=run_dir.parent / "caption_pool.safetensors",  # shared by styles
-                      grammar=base.captions)
+                      cache=run_dir.parent / f"caption_pool_{base.captions}.safetensors",
+                      grammar=base.captions)  # the styles share one pool
     dit.requires_grad_(False)
     adapter = new_adapter(dit, cfg)
     params = list(_params(adapter).values())

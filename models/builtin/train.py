@@ -242,7 +242,8 @@ def train(cfg: TrainConfig, run_dir: Path, out: Path | None = None,
     torch.manual_seed(cfg.seed)
     encoder = encoder or TextEncoder()
     pool = build_pool(encoder, cfg.pool_size, cfg.seed, cfg.omit_prob,
-                      cache=run_dir / "caption_pool.safetensors", grammar=cfg.captions)
+                      cache=run_dir / f"caption_pool_{cfg.captions}.safetensors",
+                      grammar=cfg.captions)
     state = RunState(cfg)
     ckpt = run_dir / "state.safetensors"
     if ckpt.exists():

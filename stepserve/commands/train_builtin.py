@@ -132,13 +132,14 @@ def run(args: argparse.Namespace) -> int:
               evaluator=quick_evaluator(encoder, classifier, first.eval_prompts,
                                         first.eval_guidance))
     cfg = recipe(args.recipe, args.seed, str(init_from or ""))
+    stage_dir = args.run_dir / args.recipe  # each stage its own checkpoints and captions
     for name in ("steps", "batch", "eval_every", "captions"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     evaluator = (quick_evaluator(encoder, classifier, cfg.eval_prompts, cfg.eval_guidance)
                  if cfg.eval_every else None)
-    train(cfg, args.run_dir, out=out / "dit.safetensors", encoder=encoder, evaluator=evaluator)
-    plot_training(args.run_dir / "log.jsonl", out / "training.png")
+    train(cfg, stage_dir, out=out / "dit.safetensors", encoder=encoder, evaluator=evaluator)
+    plot_training(stage_dir / "log.jsonl", out / "training.png")
     print(f"weights written to {out}")
     return train_lazydit(out) if args.lazydit else 0
 
