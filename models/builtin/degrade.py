@@ -9,7 +9,7 @@ import dataclasses
 import numpy as np
 
 from . import geometry
-from .shapes import ATTRIBUTES, Scene, render, sample_scene
+from .shapes import ATTRIBUTES, Scene, coverage, paint, render, sample_scene
 
 
 def renders(n: int, seed: int, **fixed: str) -> tuple[list[Scene], np.ndarray]:
@@ -55,8 +55,6 @@ def ragged(scenes: list[Scene], p: float, rng: np.random.Generator,
            resolution: int = 32) -> np.ndarray:
     """Renders whose edge pixels flip with chance p: each pixel on either side of the
     outline takes the other side's colour (ragged, hand-drawn edges)."""
-    from .shapes import PALETTE, coverage
-
     cov = coverage(scenes, resolution) >= 0.5
     padded = np.pad(cov, ((0, 0), (1, 1), (1, 1)), mode="edge")  # no wrap-around
     h, w = cov.shape[1:]
@@ -64,10 +62,7 @@ def ragged(scenes: list[Scene], p: float, rng: np.random.Generator,
     for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
         nb |= padded[:, dy:dy + h, dx:dx + w] != cov
     flip = nb & (rng.random(cov.shape) < p)
-    inside = cov ^ flip
-    fg = np.array([PALETTE[s.colour] for s in scenes], np.float32)[:, None, None]
-    bg = np.array([PALETTE[s.background] for s in scenes], np.float32)[:, None, None]
-    return u8(np.where(inside[..., None], fg, bg))
+    return paint(scenes, (cov ^ flip).astype(np.float32))
 
 
 def validation_rows(n: int = 400, seed: int = 4) -> list[tuple[str, dict[str, float]]]:

@@ -118,7 +118,8 @@ def _reading(c: np.ndarray) -> tuple[float, float, float, float, float] | None:
     drop = ((y * c.sum(axis=1)).sum() / area - (y * rows).sum() / height) / height
     n = c.shape[0]
     cy = ((y + 0.5) * rows).sum() / height / n
-    cx = ((y[:c.shape[1]] + 0.5) * cols).sum() / width / c.shape[1]
+    x = np.arange(c.shape[1], dtype=np.float32)
+    cx = ((x + 0.5) * cols).sum() / width / c.shape[1]
     return area / (height * width), drop, max(height, width) / n, cx, cy
 
 

@@ -122,10 +122,16 @@ def render_with_coverage(scenes: list[Scene], resolution: int = 32
     """The images and each pixel's shape coverage (N, H, W) in 0..1 (training weights
     the shape and its edges by it)."""
     cov = coverage(scenes, resolution)
+    return paint(scenes, cov), cov
+
+
+def paint(scenes: list[Scene], cov: np.ndarray) -> np.ndarray:
+    """uint8 images from each pixel's shape coverage (N, H, W): the scene's background
+    blended toward its shape's colour."""
     fg = np.array([PALETTE[s.colour] for s in scenes], np.float32)[:, None, None, :]
     bg = np.array([PALETTE[s.background] for s in scenes], np.float32)[:, None, None, :]
     img = bg + (fg - bg) * cov[..., None]
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8), cov
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:

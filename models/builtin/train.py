@@ -101,7 +101,7 @@ def make_batch(cfg: TrainConfig, pool: CaptionPool, step: int,
     """Captions from the pool and renders of their scenes (`scene_map`: the scene a
     LoRA style draws instead, lora_train.py)."""
     rng = np.random.default_rng([cfg.seed, step])
-    if cfg.small_share == 0.5:
+    if cfg.small_share == 0.5:  # uniform draws: the v2 recipe's batches, bit for bit
         index = rng.integers(len(pool), size=cfg.batch)
     else:
         index = rng.choice(len(pool), size=cfg.batch, p=pool.size_weights(cfg.small_share))
