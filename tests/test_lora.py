@@ -91,6 +91,33 @@ def test_linear_delta_is_the_low_rank_update_per_row():
             layer(x)
 
 
+# each layout the hook picks: a contiguous slice of adapted rows (uniform or mixed), a
+# few scattered rows (gathered), most rows (dense with zero scales on plain rows)
+@pytest.mark.parametrize("pattern", ["-AA-", "--BB", "A---B-", "AB-ABA", "CCAB", "AAAA"])
+def test_every_row_layout_adds_exactly_its_own_update(pattern):
+    from stepserve.models.lora.format import LoraModule, LoraWeights
+
+    layer = torch.nn.Linear(8, 16)
+    torch.manual_seed(1)
+    mods = {k: LoraModule(torch.randn(r, 8), torch.randn(16, r))
+            for k, r in (("A", 2), ("B", 3))}
+    w = {k: LoraWeights(k, k, {"": m}) for k, m in mods.items()}
+    hooks = apply.LoraHooks(layer)
+    for a in w.values():
+        hooks.attach(a)
+    choice = {"-": None, "A": ((w["A"], 1.0),), "B": ((w["B"], -0.5),),
+              "C": ((w["A"], 0.5), (w["B"], 2.0))}
+    x = torch.randn(len(pattern), 3, 8)
+    with apply.rows([choice[c] for c in pattern]):
+        y = layer(x)
+    for i, c in enumerate(pattern):
+        want = torch.nn.functional.linear(x[i], layer.weight, layer.bias)
+        for a, scale in choice[c] or ():
+            m = a.modules[""]
+            want = want + scale * x[i] @ m.down.T @ m.up.T
+        assert torch.allclose(y[i], want, atol=1e-5), (pattern, i)
+
+
 def test_adapter_files_are_checked(tmp_path, engine):
     bad = tmp_path / "bad"
     bad.mkdir()

@@ -50,13 +50,20 @@ class _Plan:
         for sel in self.rows:
             for adapter, _ in sel or ():
                 seen.setdefault(id(adapter), adapter)
-        self.distinct = list(seen.values())
+        # one order for a set of adapters, whatever the rows' order: the joined weights
+        # of the set are then built once and reused (LoraHooks._joined_weights)
+        self.distinct = sorted(seen.values(), key=lambda a: (a.name, a.digest, id(a)))
 
     def current(self) -> list[Adapters | None]:
         return self.rows if self.index is None else [self.rows[i] for i in self.index]
 
 
 _ACTIVE: ContextVar[_Plan | None] = ContextVar("stepserve_lora_rows", default=None)
+
+
+def adapters_key(adapters: Adapters | None) -> tuple:
+    """Orders rows so that rows with the same adapters and scales lie side by side."""
+    return tuple((a.name, a.digest, scale) for a, scale in adapters or ())
 
 
 @contextmanager
@@ -94,7 +101,8 @@ class _Rows:
     gather, two matmuls and one scatter, however many adapters the batch holds."""
 
     rows: torch.Tensor  # (R,) adapted batch rows, or all of them (see `dense`)
-    dense: bool  # computed for every row (plain rows' mask is 0): no gather or scatter
+    dense: bool  # computed for every row in `span` (plain rows' mask is 0): no gather
+    span: slice  # the batch rows computed when dense
     mask: torch.Tensor  # (R, sum of ranks): each row's scales on its adapters' columns
     adapters: tuple[LoraModule, ...]
     uniform: float | None  # every row, one adapter, one scale: no mask needed
@@ -152,8 +160,8 @@ class LoraHooks:
             plan.prepared[shared] = _layout(current, present, batch)
         layout = plan.prepared[shared]
         found = None if layout is None else _Rows(
-            layout[0], layout[1], layout[2], tuple(a.modules[path] for a in present),
-            layout[3])
+            layout[0], layout[1], layout[2], layout[3],
+            tuple(a.modules[path] for a in present), layout[4])
         plan.prepared[(path, subset)] = found
         return found
 
@@ -187,7 +195,7 @@ class LoraHooks:
         """output + each adapted row's sum of scale * B(A x), in place (the output is
         the layer's own fresh tensor)."""
         down, up = self._joined_weights(path, r.adapters, x)
-        xs = x if r.dense else x.index_select(0, r.rows.to(x.device))
+        xs = x[r.span] if r.dense else x.index_select(0, r.rows.to(x.device))
         mask = r.mask.to(x.device, x.dtype)
         if isinstance(module, nn.Conv2d):
             h = module._conv_forward(xs, down, None).mul_(mask[:, :, None, None])
@@ -197,13 +205,14 @@ class LoraHooks:
             if r.uniform is None:  # in place: h is fresh, and neither matmul's backward
                 h.mul_(mask.view(mask.shape[0], *([1] * (x.dim() - 2)), -1))  # reads it
             if r.dense:  # fused into the output
-                output.view(-1, output.shape[-1]).addmm_(
+                output[r.span].view(-1, output.shape[-1]).addmm_(
                     h.reshape(-1, h.shape[-1]).to(output.dtype), up.to(output.dtype).T,
                     alpha=1.0 if r.uniform is None else r.uniform)
                 return output
             delta = F.linear(h, up)
         if r.dense:
-            return output.add_(delta.to(output.dtype))
+            output[r.span].add_(delta.to(output.dtype))
+            return output
         return output.index_add_(0, r.rows.to(x.device), delta.to(output.dtype))
 
     def detach(self) -> None:
@@ -216,9 +225,9 @@ class LoraHooks:
 
 
 def _layout(current: list[Adapters | None], present: tuple[LoraWeights, ...], batch: int
-            ) -> tuple[torch.Tensor, bool, torch.Tensor, float | None] | None:
-    """(rows, dense, scale mask, uniform scale) for rows carrying `present` adapters,
-    whose ranks lie side by side in that order."""
+            ) -> tuple[torch.Tensor, bool, slice, torch.Tensor, float | None] | None:
+    """(rows, dense, span, scale mask, uniform scale) for rows carrying `present`
+    adapters, whose ranks lie side by side in that order."""
     if not present:
         return None
     starts = [0]
@@ -226,35 +235,38 @@ def _layout(current: list[Adapters | None], present: tuple[LoraWeights, ...], ba
         starts.append(starts[-1] + a.rank)
     slot = {id(a): k for k, a in enumerate(present)}
     picks: list[tuple[int, list[float]]] = []
-    scales: set[float] = set()
-    several = False
+    uses: set[tuple[tuple[int, float], ...]] = set()  # each row's (adapter, scale) pairs
     for i, sel in enumerate(current):
         row = [0.0] * starts[-1]
-        n = 0
+        mine = []
         for adapter, scale in sel or ():
             k = slot.get(id(adapter))
             if k is not None and scale != 0.0:
                 for j in range(starts[k], starts[k + 1]):
                     row[j] += scale
-                scales.add(scale)
-                n += 1
-        if n:
+                mine.append((k, scale))
+        if mine:
             picks.append((i, row))
-            several |= n > 1
+            uses.add(tuple(mine))
     if not picks:
         return None
-    # most rows adapted: compute every row (a plain row's scales are 0), which saves the
-    # gather, the scatter and the delta's memory; only a few: just theirs
-    dense = 2 * len(picks) >= batch
+    # adapted rows side by side (as guided_outputs orders them): compute that slice, no
+    # gather or scatter; most rows adapted: every row (a plain row's scales are 0),
+    # which saves the gather, the scatter and the delta's memory; only a few: just theirs
+    first, last = picks[0][0], picks[-1][0] + 1
+    span = slice(first, last) if last - first == len(picks) else slice(0, batch)
+    dense = span.stop - span.start < batch or 2 * len(picks) >= batch
     zero = [0.0] * starts[-1]
     if dense:
         by_row = dict(picks)
-        rows_, mask = list(range(batch)), [by_row.get(i, zero) for i in range(batch)]
+        rows_ = list(range(span.start, span.stop))
+        mask = [by_row.get(i, zero) for i in rows_]
     else:
         rows_, mask = [i for i, _ in picks], [row for _, row in picks]
-    uniform = (scales.pop() if len(picks) == batch and len(present) == 1
-               and len(scales) == 1 and not several else None)
-    return torch.tensor(rows_), dense, torch.tensor(mask), uniform
+    only = next(iter(uses))
+    uniform = (only[0][1] if len(uses) == 1 and len(only) == 1 and len(present) == 1
+               and len(rows_) == len(picks) else None)
+    return torch.tensor(rows_), dense, span, torch.tensor(mask), uniform
 
 
 _HOOKS: weakref.WeakKeyDictionary[nn.Module, LoraHooks] = weakref.WeakKeyDictionary()

@@ -161,8 +161,7 @@ def guided_outputs(model: StepModel[S], states: Sequence[S]
         return [], []
     guided = [i for i, s in enumerate(states) if model.cfg_rows(s)]
     rows = [Row(s, 0) for s in states] + [Row(states[i], 1) for i in guided]
-    with lora.rows([r.state.lora for r in rows]):  # each row's adapters, one forward
-        out, new_rows = model.forward(rows)
+    out, new_rows = _lora_ordered_forward(model, rows)
     states = list(states)
     uncond_row = {i: len(states) + k for k, i in enumerate(guided)}
     for i, s in enumerate(states):
@@ -175,6 +174,26 @@ def guided_outputs(model: StepModel[S], states: Sequence[S]
         scale = torch.tensor([states[i].guidance for i in guided])
         mixed[guided] = apply_guidance(mixed[guided], out[len(states):], scale)
     return [mixed[k].clone() for k in range(len(states))], states  # not views of the batch
+
+
+def _lora_ordered_forward(model: StepModel[S], rows: list[Row[S]]
+                          ) -> tuple[torch.Tensor, list[Any]]:
+    """model.forward(rows) with each row's LoRA adapters. Rows with adapters go first,
+    those with the same adapters side by side (then put back in order): the low-rank
+    path then runs on one contiguous slice of the batch, which needs no gather and
+    skips the plain rows (lora.apply)."""
+    if not any(r.state.lora for r in rows) or all(r.state.lora for r in rows) and len(
+            {lora.adapters_key(r.state.lora) for r in rows}) == 1:
+        with lora.rows([r.state.lora for r in rows]):
+            return model.forward(rows)
+    order = sorted(range(len(rows)), key=lambda i: (not rows[i].state.lora,
+                                                     lora.adapters_key(rows[i].state.lora)))
+    with lora.rows([rows[i].state.lora for i in order]):
+        out, new = model.forward([rows[i] for i in order])
+    back = [0] * len(order)
+    for k, i in enumerate(order):
+        back[i] = k
+    return out[back], [new[k] for k in back]
 
 
 def step_batch(model: StepModel[S], states: Sequence[S]) -> list[S]:
