@@ -39,6 +39,8 @@ class EngineInfo:
     time_shift: float
     default_guidance: float
     qsched: QSched | None = None  # sampler correction of a quantized build (fixed at load)
+    # text-to-image starts from noise times this (the model card's sampling default)
+    noise_scale: float = 1.0
 
 
 class Engine(Protocol):

@@ -12,7 +12,12 @@ import numpy as np
 import torch
 
 from stepserve.models.builtin.dit import DiT
-from stepserve.models.builtin.loading import DIT_PATH, default_guidance, load_dit
+from stepserve.models.builtin.loading import (
+    DIT_PATH,
+    default_guidance,
+    default_noise_scale,
+    load_dit,
+)
 from stepserve.models.builtin.shapes import to_uint8
 from stepserve.models.builtin.text import TextBatch, TextEncoder
 from stepserve.models.lora.library import LoraTarget
@@ -29,7 +34,7 @@ class BuiltinEngine(FlowSampling):
                  text_cache_size: int = 4096, text_cache_mb: float = 64.0,
                  weights: Path | None = None, dit: DiT | None = None,
                  encoder: TextEncoder | None = None, guidance: float | None = None,
-                 qsched: QSched | None = None) -> None:
+                 qsched: QSched | None = None, noise_scale: float | None = None) -> None:
         self.device = torch.device(device)
         self.weights = Path(weights) if weights else DIT_PATH
         self.dit = (dit if dit is not None else load_dit(self.weights)).eval()
@@ -42,7 +47,9 @@ class BuiltinEngine(FlowSampling):
                                image_shape=(cfg.channels, cfg.image_size, cfg.image_size),
                                time_shift=cfg.time_shift,
                                default_guidance=default_guidance(self.weights)
-                               if guidance is None else guidance, qsched=qsched)
+                               if guidance is None else guidance, qsched=qsched,
+                               noise_scale=default_noise_scale(self.weights)
+                               if noise_scale is None else noise_scale)
 
     # onnxruntime / TensorRT graphs hold the weights; rows with LoRA adapters run through
     # the torch DiT kept beside them (counted: stepserve_lora_fallback_rows_total)

@@ -78,7 +78,8 @@ class FlowSampling:
         return flow.init_state(seed, steps, cond, uncond, shape=info.image_shape,
                                guidance=guidance, sampler=sampler,
                                time_shift=info.time_shift, qsched=info.qsched, cache=cache,
-                               edit=edit, lora=adapters(self, lora))
+                               edit=edit, lora=adapters(self, lora),
+                               noise_scale=info.noise_scale)
 
     @property
     def step_model(self) -> flow.FlowStepModel:

@@ -41,7 +41,8 @@ def result_key(info: EngineInfo, params: GenerationParams) -> str:
     if params.cache is not None:  # two policies may share option names: key on the name too
         fields["cache"] = {"policy": params.cache.policy, **fields["cache"]}
     engine = {"model": info.model, "engine": info.engine, "precision": info.precision,
-              "qsched": dataclasses.asdict(info.qsched) if info.qsched else None}
+              "qsched": dataclasses.asdict(info.qsched) if info.qsched else None,
+              "noise_scale": info.noise_scale}
     blob = json.dumps({"engine": engine, "params": fields}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.slow  # a live server and `stepserve` CLI subprocesses
@@ -59,3 +60,21 @@ def test_lora_and_slo_benches_print_their_tables(tmp_path):
     assert all(r["offered"] > 0 and 0 <= r["goodput"] <= 1 for r in result["rows"])
     served = [r for r in result["rows"] if r["goodput"] > 0]
     assert served and all(0 <= r["all_five"] <= 100 and r["mean_steps"] >= 1 for r in served)
+
+
+def test_noise_bench_reads_variety_of_left_out_attributes(tmp_path):
+    from stepserve.loadtests.noise_scale import evenness, left_out_prompts
+
+    assert evenness(np.array([0, 1, 0, 1, -1]), 2) == pytest.approx(1.0)
+    assert evenness(np.array([3, 3, 3]), 9) == 0.0
+    prompts = left_out_prompts(30, "position")
+    assert not any(" the " in p for p in prompts) and all("background" in p for p in prompts)
+    assert not any(p.split()[1] in ("small", "large") for p in left_out_prompts(30, "size"))
+    out = tmp_path / "noise.json"
+    subprocess.run([sys.executable, "-m", "stepserve.cli", "bench", "noise", "--scales",
+                    "1,0.8", "--prompts", "4", "--left-out", "6", "--steps", "1",
+                    "--json", str(out)], check=True, capture_output=True, timeout=600)
+    rows = json.loads(out.read_text())
+    assert [r["noise_scale"] for r in rows] == [1.0, 0.8]
+    assert all(0 <= r["background left out: evenness"] <= 1 for r in rows)
+    assert rows[0]["seen@1 FD"] != rows[1]["seen@1 FD"]  # the scale reaches the sampler

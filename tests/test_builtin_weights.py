@@ -63,6 +63,29 @@ def test_quality_smoke_four_steps(generate, stick):
     assert acc["all_five"] >= 60, acc
 
 
+def test_the_model_card_noise_scale_is_served_and_measured(engine, generate):
+    """The shipped dit.json declares v3's sampling noise scale (0.8, docs/builtin-eval.md);
+    the engine samples with it, and unscaled noise draws different images."""
+    from dataclasses import replace
+
+    from stepserve.models.builtin.loading import default_noise_scale
+    from stepserve.server.result_cache import result_key
+    from stepserve.server.scheduler.request import GenerationParams
+
+    assert default_noise_scale() == engine.info.noise_scale == 0.8
+    prompt = ["a small red circle in the top left"]
+    scaled = generate(prompt, [5], steps=4)
+    info = engine.info
+    try:
+        engine.info = replace(info, noise_scale=1.0)
+        unit = generate(prompt, [5], steps=4)
+        params = GenerationParams(prompt[0], 4, 5, 1.0)
+        assert result_key(engine.info, params) != result_key(info, params)
+    finally:
+        engine.info = info
+    assert np.abs(scaled.astype(int) - unit.astype(int)).max() > 16
+
+
 def test_generation_is_seeded(generate):
     prompt = ["a big blue square at the right on a yellow background"]
     a, b, c = (generate(prompt, [seed], steps=2) for seed in (3, 3, 4))

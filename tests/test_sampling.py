@@ -1,5 +1,6 @@
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -122,6 +123,18 @@ def test_state_validation():
     s = run_to_completion(lambda x, t, d, txt: torch.zeros_like(x), [state(1, 2)])[0]
     with pytest.raises(ValueError, match="finished"):
         step_batch(lambda x, t, d, txt: torch.zeros_like(x), [s])
+
+
+def test_noise_scale_scales_text_to_image_noise_but_not_an_edits_source_noise():
+    from stepserve.models.sampling.edit import Edit
+
+    a = init_state(1, 4, text(1, 3), text(2, 2), shape=(3, 16, 16))
+    b = init_state(1, 4, text(1, 3), text(2, 2), shape=(3, 16, 16), noise_scale=0.8)
+    assert torch.allclose(b.x, 0.8 * a.x) and b.t == a.t
+    image = np.zeros((16, 16, 3), np.uint8)
+    edits = [init_state(1, 4, text(1, 3), text(2, 2), shape=(3, 16, 16), noise_scale=s,
+                        edit=Edit(image, strength=0.5)) for s in (1.0, 0.8)]
+    assert torch.equal(edits[0].x, edits[1].x)  # the source noised as in training
 
 
 def test_shortcut_step_size_and_flow_euler(model):

@@ -40,6 +40,9 @@ def test_training_reduces_loss_and_writes_weights(tmp_path, encoder):
     from stepserve.models.builtin.loading import default_guidance
 
     assert default_guidance(tmp_path / "w" / "dit.safetensors") == 1.0  # not the 3.0 fallback
+    from stepserve.models.builtin.loading import default_noise_scale
+
+    assert default_noise_scale(tmp_path / "w" / "dit.safetensors") == c.noise_scale == 1.0
 
 
 def test_lr_schedule_warms_up_then_decays():

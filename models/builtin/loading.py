@@ -18,3 +18,8 @@ def load_dit(path: Path = DIT_PATH) -> DiT:
 def default_guidance(path: Path = DIT_PATH) -> float:
     """The guidance scale the model card recommends, stored beside the weights."""
     return float(load_config(path).get("default_guidance", 3.0))
+
+
+def default_noise_scale(path: Path = DIT_PATH) -> float:
+    """The initial noise scale the model card recommends (absent: 1, unscaled noise)."""
+    return float(load_config(path).get("noise_scale", 1.0))

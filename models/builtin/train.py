@@ -58,6 +58,9 @@ class TrainConfig:
     eval_prompts: int = 64
     eval_guidance: float = 3.0  # the shipped run's quick evals; the model serves at 1.0
     default_guidance: float = 1.0  # written to dit.json: what the server uses by default
+    # written to dit.json: the initial noise's scale the server samples with, chosen by
+    # measuring the trained model (v3: docs/builtin-eval.md); training itself uses 1
+    noise_scale: float = 1.0
     checkpoint_every: int = 250
     init_from: str = ""  # a dit.safetensors to start from (new layers start as identity)
     small_share: float = 0.5  # share of small shapes among drawn captions
@@ -84,7 +87,7 @@ def recipe(name: str, seed: int = 0, init_from: str = "") -> TrainConfig:
         return TrainConfig(seed=seed, steps=3500, lr=3e-4, warmup=100, captions="v3",
                            init_from=init_from, small_share=0.65, shape_weight=1.0,
                            edge_weight=3.0, text_noise=0.1, eval_every=500,
-                           eval_guidance=1.0, model=DiTConfig(refine=64))
+                           eval_guidance=1.0, noise_scale=0.8, model=DiTConfig(refine=64))
     raise ValueError(f"unknown recipe {name!r}: v2 or v3")
 
 
@@ -295,5 +298,6 @@ def train(cfg: TrainConfig, run_dir: Path, out: Path | None = None,
     if out is not None:
         save_module(state.ema, out, cfg.model.to_dict(),
                     {"train_config": {k: v for k, v in asdict(cfg).items() if k != "model"},
-                     "default_guidance": cfg.default_guidance})
+                     "default_guidance": cfg.default_guidance,
+                     "noise_scale": cfg.noise_scale})
     return state.ema

@@ -106,15 +106,17 @@ def init_state(seed: int, steps: int, cond: TextBatch, uncond: TextBatch, *,
                shape: Sequence[int], guidance: float = 1.0, sampler: str = "euler",
                time_shift: float = 1.0, qsched: QSched | None = None,
                cache: CacheConfig | None = None, edit: Edit | None = None,
-               lora: Adapters | None = None) -> SamplerState:
+               lora: Adapters | None = None, noise_scale: float = 1.0) -> SamplerState:
     """A request image's state; with an `edit`, it starts at the edit's start step from
     the source noised to that time (img2img), keeping the unmasked region on the
-    source's trajectory (inpainting)."""
+    source's trajectory (inpainting). Text-to-image starts from the seed's noise times
+    `noise_scale` (a lower sampling temperature: the model card's default); an edit's
+    source is noised with the unscaled noise, as in training."""
     cache = cache if cache is not None and cache.enabled else None
     cache_state, row_caches = batch.cache_states(cache)
     times = tuple(flow_timesteps(steps, time_shift))
     noise = initial_noise(seed, shape)
-    x, step, source = noise, 0, None
+    x, step, source = noise * noise_scale if noise_scale != 1.0 else noise, 0, None
     if edit is not None:
         x0 = to_tensor(edit.image[None].copy())[0]  # a writable copy for torch
         if tuple(x0.shape) != tuple(shape):

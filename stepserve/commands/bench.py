@@ -6,7 +6,7 @@ import argparse
 import importlib
 
 HELP = ("benchmarks that print tables: openloop, batching, overhead, soak, engines, caches, "
-        "parallel, faults, scaleout, flood, drain, edits, lora, slo, image")
+        "parallel, faults, scaleout, flood, drain, edits, lora, slo, image, noise")
 
 # bench name -> module under stepserve.loadtests; each has main(argv)
 BENCHES = {
@@ -25,6 +25,7 @@ BENCHES = {
     "lora": "lora",
     "slo": "slo",
     "image": "image",
+    "noise": "noise_scale",
 }
 
 
@@ -41,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "and inpaint quality on the built-in model; lora: mixed-adapter "
                         "batches vs none and vs split by adapter, and adapter quality; slo: "
                         "goodput under overload with and without deadline scheduling; image: the "
-                        "CPU image vs the same server outside it")
+                        "CPU image vs the same server outside it; noise: the built-in model's "
+                        "initial-noise scale, quality vs variety")
     p.add_argument("bench_args", nargs=argparse.REMAINDER,
                    help="the benchmark's own flags (`stepserve bench NAME --help`)")
 

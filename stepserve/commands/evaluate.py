@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -33,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sets", default="seen,unseen", help="comma-separated: seen, unseen")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (default: the model's)")
+    p.add_argument("--noise-scale", type=float, default=None,
+                   help="scale of the initial noise (default: the model's; 1 = unscaled)")
     p.add_argument("--sampler", default=None, help="euler or flow-euler (default: euler)")
     p.add_argument("--weights", type=Path, default=None, help="a dit.safetensors to evaluate")
     p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
@@ -72,6 +75,8 @@ def check_args(args: argparse.Namespace) -> tuple[tuple[int, ...], tuple[str, ..
     if args.prompts < 2:
         raise CommandError(f"--prompts {args.prompts}: the Frechet distance needs at least "
                            "2 prompts per set")
+    if args.noise_scale is not None and not 0.0 < args.noise_scale <= 2.0:
+        raise CommandError(f"--noise-scale {args.noise_scale}: must be in (0, 2]")
     if args.weights is not None and not args.weights.is_file():
         raise CommandError(f"--weights {args.weights}: no such file")
     if args.json is not None and (args.json.is_dir() or not args.json.parent.is_dir()):
@@ -104,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
     sampler = check_sampler(engine, args.sampler)
     engine.warmup((1, settings.max_batch_size))
     guidance = engine.info.default_guidance if args.guidance is None else args.guidance
+    if args.noise_scale is not None:
+        engine.info = dataclasses.replace(engine.info, noise_scale=args.noise_scale)
     # the bar counts image-steps, so its time estimate holds as the step counts grow
     with progress_bar(args.progress, total=len(sets) * sum(steps_list) * args.prompts,
                       desc="eval", bar_format=BAR) as bar:
@@ -117,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
                         sampler=sampler, sets=sets)
     quant = f" quantization={settings.quantization}" if settings.precision == "int8" else ""
     print(f"engine={settings.engine} precision={settings.precision}{quant} "
-          f"guidance={guidance} sampler={sampler} prompts/set={args.prompts}")
+          f"guidance={guidance} noise_scale={engine.info.noise_scale} sampler={sampler} "
+          f"prompts/set={args.prompts}")
     print(format_table(rows))
     out: dict = {"rows": [asdict(r) for r in rows]}
     if args.edits:
