@@ -93,8 +93,11 @@ def test_linear_delta_is_the_low_rank_update_per_row():
 
 # each layout the hook picks: a contiguous slice of adapted rows (uniform or mixed), a
 # few scattered rows (gathered), most rows (dense with zero scales on plain rows)
-@pytest.mark.parametrize("pattern", ["-AA-", "--BB", "A---B-", "AB-ABA", "CCAB", "AAAA"])
-def test_every_row_layout_adds_exactly_its_own_update(pattern):
+@pytest.mark.parametrize("pattern", ["-AA-", "--BB", "A---B-", "AB-ABA", "CCAB", "AAAA",
+                                     "AACB--"])
+@pytest.mark.parametrize("part_cost", [0.0, apply.PART_COST])  # 0: a part per run of rows
+def test_every_row_layout_adds_exactly_its_own_update(pattern, part_cost, monkeypatch):
+    monkeypatch.setattr(apply, "PART_COST", part_cost)
     from stepserve.models.lora.format import LoraModule, LoraWeights
 
     layer = torch.nn.Linear(8, 16)
@@ -116,6 +119,20 @@ def test_every_row_layout_adds_exactly_its_own_update(pattern):
             m = a.modules[""]
             want = want + scale * x[i] @ m.down.T @ m.up.T
         assert torch.allclose(y[i], want, atol=1e-5), (pattern, i)
+
+
+def test_many_adapters_side_by_side_are_cut_into_parts_with_only_their_own():
+    from stepserve.models.lora.format import LoraModule, LoraWeights
+
+    ws = [LoraWeights(f"a{k}", "d", {"": LoraModule(torch.randn(8, 4), torch.randn(4, 8))})
+          for k in range(8)]
+    rows_ = [((ws[k // 4], 1.0),) for k in range(32)] + [None] * 8  # 8 adapters, 4 rows each
+    parts = apply._layout(rows_, tuple(ws), 40)
+    assert len(parts) > 1 and sum(p.span.stop - p.span.start for p in parts) == 32
+    assert all(len(p.slots) < 8 for p in parts)  # not every adapter over every row
+    assert apply._layout(rows_[:4] + [None] * 4, tuple(ws), 8)[0].uniform == 1.0
+    scattered = apply._layout([rows_[0], None, rows_[0], None], tuple(ws), 4)
+    assert len(scattered) == 1 and scattered[0].span == slice(0, 4)
 
 
 def test_adapter_files_are_checked(tmp_path, engine):
