@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from stepserve.engines.torch_engine import TorchEngine
+from stepserve.loadtests.tables import markdown
 from stepserve.models.lora.library import LoraLibrary
 from stepserve.models.lora.testing import random_builtin_adapter
 from stepserve.server.scheduler.core import SchedulerConfig, SchedulerCore
@@ -127,15 +128,6 @@ def quality_rows(engine: TorchEngine, args: argparse.Namespace) -> list[dict]:
                      args.quality_steps, choose=LoraChoice)
 
 
-def table(rows: list[dict]) -> str:
-    keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    for r in rows:
-        lines.append("| " + " | ".join(f"{r[k]:.2f}" if isinstance(r[k], float) else str(r[k])
-                                       for k in keys) + " |")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -170,12 +162,12 @@ def main(argv: list[str] | None = None) -> None:
         engine.loras = LoraLibrary([folder])
         engine.warmup((1, args.max_batch))
         out["speed"] = speed_rows(engine, args)
-        print(table(out["speed"]) + "\n")
+        print(markdown(out["speed"]) + "\n")
         out["rank"] = rank_rows(engine, args)
-        print(table(out["rank"]) + "\n")
+        print(markdown(out["rank"]) + "\n")
     if args.quality:
         out["quality"] = quality_rows(engine, args)
-        print(table(out["quality"]) + "\n")
+        print(markdown(out["quality"]) + "\n")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
 

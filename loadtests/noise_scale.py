@@ -22,39 +22,20 @@ import numpy as np
 import torch
 
 from stepserve.engines.torch_engine import TorchEngine
+from stepserve.loadtests.tables import markdown
 from stepserve.models.builtin import geometry
-from stepserve.models.builtin.shapes import ATTRIBUTES, BACKGROUNDS, SHAPES, VALUES
+from stepserve.models.builtin.captions import canonical_caption
+from stepserve.models.builtin.shapes import ATTRIBUTES, VALUES, sample_scene
 from stepserve.models.builtin.yardstick import Yardstick, evaluate
 from stepserve.server.scheduler.offline import generate_offline
 
 LEFT_OUT = ("size", "colour", "position", "background")  # the shape is always named
-SIDES = ("top", "bottom", "left", "right", "center")
-
-
-def phrase(scene: dict[str, str], drop: str) -> str:
-    """The dataset's plainest wording of `scene`, without the `drop` attribute."""
-    words = ["a"] + [scene[a] for a in ("size", "colour") if a != drop] + [scene["shape"]]
-    if drop != "position":
-        words += ["at the" if scene["position"] in SIDES else "in the", scene["position"]]
-    if drop != "background":
-        words += ["on a", scene["background"], "background"]
-    return " ".join(words)
 
 
 def left_out_prompts(n: int, drop: str, seed: int = 7) -> list[str]:
+    """The spec's plainest wording of n random scenes, without the `drop` attribute."""
     rng = np.random.default_rng([seed, LEFT_OUT.index(drop)])
-
-    def pick(values: tuple[str, ...]) -> str:
-        return values[rng.integers(len(values))]
-
-    prompts = []
-    for i in range(n):
-        colour = pick(VALUES["colour"])
-        scene = {"shape": SHAPES[i % len(SHAPES)], "colour": colour,
-                 "background": pick(tuple(b for b in BACKGROUNDS if b != colour)),
-                 "size": pick(VALUES["size"]), "position": pick(VALUES["position"])}
-        prompts.append(phrase(scene, drop))
-    return prompts
+    return [canonical_caption(sample_scene(rng), omit=drop) for _ in range(n)]
 
 
 def evenness(readings: np.ndarray, values: int) -> float:
@@ -86,16 +67,9 @@ def scale_rows(engine: TorchEngine, args: argparse.Namespace) -> list[dict]:
             readings = geometry.read(images)[:, ATTRIBUTES.index(drop)]
             row[f"{drop} left out: evenness"] = round(evenness(readings, len(VALUES[drop])), 2)
         rows.append(row)
-        print(table(rows[-1:], header=len(rows) == 1), flush=True)
+        print(row, flush=True)
     engine.info = base
     return rows
-
-
-def table(rows: list[dict], header: bool = True) -> str:
-    keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)] if header else []
-    return "\n".join(lines + ["| " + " | ".join(str(r[k]) for k in keys) + " |"
-                              for r in rows])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -118,6 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--prompts must be at least 2 and --left-out at least 1")
     torch.set_num_threads(args.threads)
     rows = scale_rows(TorchEngine(precision="fp32"), args)
+    print(markdown(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

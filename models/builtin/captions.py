@@ -246,10 +246,16 @@ def unseen_caption(scene: Scene, rng: np.random.Generator) -> str:
                                  pos=pos, bg=scene.background))
 
 
-def canonical_caption(scene: Scene) -> str:
-    """The spec's first example phrasing; used as the default prompt form."""
-    return (f"a {scene.size} {scene.colour} {scene.shape} in the {scene.position} "
-            f"on a {scene.background} background")
+def canonical_caption(scene: Scene, omit: str | None = None) -> str:
+    """The spec's first example phrasing; used as the default prompt form. `omit` leaves
+    out one attribute (size, colour, position or background): the model picks it."""
+    words = {"size": scene.size, "colour": scene.colour,
+             "position": f"in the {scene.position}",
+             "background": f"on a {scene.background} background"}
+    if omit is not None:
+        words[omit] = ""
+    return _tidy(f"a {words['size']} {words['colour']} {scene.shape} {words['position']} "
+                 f"{words['background']}")
 
 
 def vocabulary() -> tuple[str, ...]:

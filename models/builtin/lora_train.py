@@ -27,7 +27,7 @@ from tqdm import tqdm
 from ..lora import apply
 from ..lora.format import LoraModule, LoraWeights
 from .dit import DiT
-from .pool import build_pool
+from .pool import build_pool, pool_file
 from .shapes import POSITIONS, Scene
 from .text import TextBatch, TextEncoder
 from .train import TrainConfig, make_batch, training_targets
@@ -122,8 +122,8 @@ def train_lora(cfg: LoraTrainConfig, dit: DiT, run_dir: Path, out: Path,
     (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     base = replace(cfg.base, batch=cfg.batch, seed=cfg.seed)
     pool = build_pool(encoder or TextEncoder(), base.pool_size, base.seed, base.omit_prob,
-                      cache=run_dir.parent / f"caption_pool_{base.captions}.safetensors",
-                      grammar=base.captions)  # the styles share one pool
+                      cache=pool_file(run_dir.parent, base.captions),  # the styles share it
+                      grammar=base.captions)
     dit.requires_grad_(False)
     adapter = new_adapter(dit, cfg)
     params = list(_params(adapter).values())

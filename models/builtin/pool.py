@@ -55,6 +55,12 @@ class CaptionPool:
         return {a: VALUES[a][int(v)] for a, v in zip(ATTRIBUTES, self.labels[i])}
 
 
+def pool_file(folder: Path, grammar: str) -> Path:
+    """Where a run keeps its encoded caption pool: one per grammar, so a stage with
+    another grammar never reads the previous stage's pool."""
+    return folder / f"caption_pool_{grammar}.safetensors"
+
+
 def build_pool(encoder: TextEncoder, size: int, seed: int, omit_prob: float,
                cache: Path | None = None, grammar: str = "v2") -> CaptionPool:
     if cache is not None and cache.exists():

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from ..sampling.schedules import shift_time
 from .checkpoint import save_module
 from .dit import DiT, DiTConfig
-from .pool import CaptionPool, build_pool
+from .pool import CaptionPool, build_pool, pool_file
 from .shapes import Scene, render_with_coverage, sample_scene, to_tensor
 from .text import TextBatch, TextEncoder
 
@@ -245,8 +245,7 @@ def train(cfg: TrainConfig, run_dir: Path, out: Path | None = None,
     torch.manual_seed(cfg.seed)
     encoder = encoder or TextEncoder()
     pool = build_pool(encoder, cfg.pool_size, cfg.seed, cfg.omit_prob,
-                      cache=run_dir / f"caption_pool_{cfg.captions}.safetensors",
-                      grammar=cfg.captions)
+                      cache=pool_file(run_dir, cfg.captions), grammar=cfg.captions)
     state = RunState(cfg)
     ckpt = run_dir / "state.safetensors"
     if ckpt.exists():

@@ -99,21 +99,6 @@ def subset(index: Sequence[int]) -> Iterator[None]:
         plan.index = outer
 
 
-@dataclass
-class _Rows:
-    """One module's rows of one part in one forward: the part's distinct adapters side
-    by side (their ranks concatenated) and, per row, its scale on each adapter's
-    columns (0 elsewhere). Any mix of adapters, scales and several adapters per row is
-    then two matmuls on a slice (or a gather and a scatter around them)."""
-
-    rows: torch.Tensor  # (R,) adapted batch rows, or all of them (see `dense`)
-    dense: bool  # computed for every row in `span` (plain rows' mask is 0): no gather
-    span: slice  # the batch rows computed when dense
-    mask: torch.Tensor  # (R, sum of ranks): each row's scales on its adapters' columns
-    adapters: tuple[LoraModule, ...]
-    uniform: float | None  # every row, one adapter, one scale: no mask needed
-
-
 class LoraHooks:
     """The forward hooks on one denoiser: one per adapted Linear / Conv2d, installed
     once per module path (any adapter for that module reuses it)."""
@@ -146,12 +131,12 @@ class LoraHooks:
             parts = self._rows(plan, path, output.shape[0])
             if parts is None:
                 return None
-            for part in parts:
-                output = self._add(module, path, args[0], output, part)
+            for part, adapters in parts:
+                output = self._add(module, path, args[0], output, part, adapters)
             return output
         return hook
 
-    def _rows(self, plan: _Plan, path: str, batch: int) -> list[_Rows] | None:
+    def _rows(self, plan: _Plan, path: str, batch: int) -> list[Work] | None:
         subset = None if plan.index is None else tuple(plan.index)
         if (path, subset) in plan.prepared:
             return plan.prepared[(path, subset)]
@@ -168,9 +153,7 @@ class LoraHooks:
             plan.prepared[shared] = _layout(current, present, batch)
         layout = plan.prepared[shared]
         found = None if layout is None else [
-            _Rows(p.rows, p.dense, p.span, p.mask,
-                  tuple(present[k].modules[path] for k in p.slots), p.uniform)
-            for p in layout]
+            (p, tuple(present[k].modules[path] for k in p.slots)) for p in layout]
         plan.prepared[(path, subset)] = found
         return found
 
@@ -200,10 +183,10 @@ class LoraHooks:
         return down, up
 
     def _add(self, module: nn.Module, path: str, x: torch.Tensor, output: torch.Tensor,
-             r: _Rows) -> torch.Tensor:
+             r: _Part, adapters: tuple[LoraModule, ...]) -> torch.Tensor:
         """output + each adapted row's sum of scale * B(A x), in place (the output is
         the layer's own fresh tensor)."""
-        down, up = self._joined_weights(path, r.adapters, x)
+        down, up = self._joined_weights(path, adapters, x)
         xs = x[r.span] if r.dense else x.index_select(0, r.rows.to(x.device))
         mask = r.mask.to(x.device, x.dtype)
         if isinstance(module, nn.Conv2d):
@@ -235,14 +218,20 @@ class LoraHooks:
 
 @dataclass(frozen=True)
 class _Part:
-    """Rows of one forward that share one joined low-rank product (see _Rows)."""
+    """Rows of one forward that share one joined low-rank product: the part's adapters
+    side by side (their ranks concatenated) and, per row, its scale on each adapter's
+    columns (0 elsewhere). Any mix of adapters, scales and several adapters per row is
+    then two matmuls on a slice (or a gather and a scatter around them)."""
 
-    rows: torch.Tensor
-    dense: bool
-    span: slice
-    mask: torch.Tensor
-    uniform: float | None
+    rows: torch.Tensor  # (R,) the part's rows: those in `span` when dense
+    dense: bool  # computed for every row in `span` (plain rows' mask is 0): no gather
+    span: slice  # the batch rows computed when dense
+    mask: torch.Tensor  # (R, sum of ranks): each row's scales on its adapters' columns
+    uniform: float | None  # every row, one adapter, one scale: no mask needed
     slots: tuple[int, ...]  # which of the batch's adapters (positions in `present`)
+
+
+Work = tuple[_Part, tuple[LoraModule, ...]]  # a part and its adapters' modules at a layer
 
 
 Picks = list[tuple[int, tuple[tuple[int, float], ...]]]  # (row, its (slot, scale) pairs)

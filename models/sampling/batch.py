@@ -182,17 +182,16 @@ def _lora_ordered_forward(model: StepModel[S], rows: list[Row[S]]
     those with the same adapters side by side (then put back in order): the low-rank
     path then runs on one contiguous slice of the batch, which needs no gather and
     skips the plain rows (lora.apply)."""
-    if not any(r.state.lora for r in rows) or all(r.state.lora for r in rows) and len(
-            {lora.adapters_key(r.state.lora) for r in rows}) == 1:
+    same = list(range(len(rows)))
+    order = sorted(same, key=lambda i: (not rows[i].state.lora,
+                                        lora.adapters_key(rows[i].state.lora))
+                   ) if any(r.state.lora for r in rows) else same
+    if order == same:  # already in that order (no adapters, or one set)
         with lora.rows([r.state.lora for r in rows]):
             return model.forward(rows)
-    order = sorted(range(len(rows)), key=lambda i: (not rows[i].state.lora,
-                                                     lora.adapters_key(rows[i].state.lora)))
     with lora.rows([rows[i].state.lora for i in order]):
         out, new = model.forward([rows[i] for i in order])
-    back = [0] * len(order)
-    for k, i in enumerate(order):
-        back[i] = k
+    back = sorted(same, key=order.__getitem__)  # each row's place in `order`
     return out[back], [new[k] for k in back]
 
 
